@@ -1,0 +1,19 @@
+"""calibration: contrastive prompts → concept pack (directions, layer selection, gate fit)."""
+
+from calibration.calibrator import ConceptCalibrator, builtin_prompts
+from calibration.gate import conformal_threshold, fit_gate
+from calibration.hf_model import hf_fingerprint, load_model
+from calibration.prompts import PromptFileError, PromptRecord, read_prompts, write_jsonl
+
+__all__ = [
+    "ConceptCalibrator",
+    "PromptFileError",
+    "PromptRecord",
+    "builtin_prompts",
+    "conformal_threshold",
+    "fit_gate",
+    "hf_fingerprint",
+    "load_model",
+    "read_prompts",
+    "write_jsonl",
+]

@@ -1,0 +1,174 @@
+"""ConceptCalibrator: contrastive prompts → ConceptPack (scikit-learn style ``fit``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
+from calibration.directions import layer_stats, mean_difference, orthogonal_target
+from calibration.gate import conformal_threshold, fit_gate
+from calibration.hf_model import hf_fingerprint
+from calibration.prompts import PromptRecord, read_prompts
+from steering.errors import GuarditError
+from steering.pack import ConceptPack, GateMeta, PackMeta
+from steering.rotation import make_plane
+
+
+def builtin_prompts(name: str) -> list[PromptRecord]:
+    """A built-in prompt set: ``neutral`` (everyday prompts) or ``idk`` ("I don't know" answers)."""
+    path = resources.files("calibration").joinpath("data", f"{name}.jsonl")
+    return read_prompts(str(path))
+
+
+def min_negatives(alpha: float) -> int:
+    """Smallest number of negatives for which the conformal threshold at level α is finite."""
+    return math.ceil(1 / alpha - 1)
+
+
+@dataclass
+class ConceptCalibrator:
+    """Calibrate one concept on one HF model.
+
+    Parameters mirror the pack: ``alpha`` bounds the gate's false-fire rate on retain prompts;
+    ``angle_deg``/``angle_mode`` is the default rotation; ``target`` names the direction the
+    concept component is rotated towards ("idk": the model answering "I don't know / can't
+    help", from a built-in answer set; "retain": the mean retain activation).
+    """
+
+    concept_id: str
+    alpha: float = 0.05
+    angle_deg: float = 90.0
+    angle_mode: Literal["absolute", "relative"] = "absolute"
+    target: Literal["idk", "retain"] = "idk"
+    direction_pooling: Literal["mean", "last"] = "mean"
+    gate_layers: list[int] | None = None
+    gate_poolings: tuple[str, ...] = ("mean",)
+    max_steer_layers: int | None = None
+    batch_size: int = 16
+    description: str = ""
+    progress: bool = True
+    seed: int = 0
+    report_: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        forget: list[PromptRecord] | list[str],
+        retain: list[PromptRecord] | list[str],
+        target_set: list[PromptRecord] | None = None,
+    ) -> ConceptPack:
+        t0 = time.perf_counter()
+        fp = [r.prompt if isinstance(r, PromptRecord) else r for r in forget]
+        rp = [r.prompt if isinstance(r, PromptRecord) else r for r in retain]
+        if not 0.0 < self.alpha < 1.0:
+            raise GuarditError(f"alpha must be in (0, 1), got {self.alpha}")
+        if len(fp) < 4:
+            raise GuarditError(f"the forget set needs at least 4 prompts, got {len(fp)}")
+        need = min_negatives(self.alpha)
+        if len(rp) < need:
+            raise GuarditError(
+                f"the retain set needs at least {need} prompts for alpha={self.alpha} "
+                f"(conformal threshold), got {len(rp)}"
+            )
+        neutral = [r.prompt for r in builtin_prompts("neutral")]
+        pad = tokenizer.pad_token_id or 0
+        ids_f, ids_r, ids_n = encode_chat(tokenizer, fp), encode_chat(tokenizer, rp), encode_chat(tokenizer, neutral)
+        cap = lambda ids, desc: capture(model, ids, self.batch_size, desc, pad, self.progress)  # noqa: E731
+        acts_f = cap(ids_f, "forget prompts")
+        acts_r = cap(ids_r, "retain prompts")
+        acts_n = cap(ids_n, "neutral prompts")
+        n_layers = len(decoder_layers(model))
+
+        skip = common_prefix_length(ids_f + ids_r + ids_n)
+        pooled_f = acts_f.mean(skip) if self.direction_pooling == "mean" else acts_f.last()
+        pooled_r = acts_r.mean(skip) if self.direction_pooling == "mean" else acts_r.last()
+        directions = mean_difference(pooled_f, pooled_r)
+        stats = layer_stats(pooled_f, pooled_r, directions)
+
+        gate_candidates = self.gate_layers or list(range(2, max(3, n_layers // 2), 2))
+        bad = [g for g in gate_candidates if not 0 <= g < n_layers - 1]
+        if bad:
+            raise GuarditError(f"gate_layers {bad} out of range for a {n_layers}-layer model")
+        gate = fit_gate(
+            acts_f.tokens, acts_r.tokens, acts_n.tokens, ids_f + ids_r + ids_n,
+            gate_candidates, self.alpha, self.gate_poolings, seed=self.seed,
+        )
+        if not math.isfinite(gate.threshold):
+            raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
+
+        steer = [s.layer for s in stats if s.selected and s.layer > gate.layer]
+        if not steer:
+            ranked = sorted((s for s in stats if s.layer > gate.layer), key=lambda s: -s.auroc)
+            steer = sorted(s.layer for s in ranked[:4])
+        if self.max_steer_layers is not None and len(steer) > self.max_steer_layers:
+            by_auc = sorted(steer, key=lambda l: -stats[l].auroc)[: self.max_steer_layers]
+            steer = sorted(by_auc)
+
+        targets = self._targets(model, tokenizer, target_set, pooled_r, pad)
+        self.directions_ = directions
+        t_orth = orthogonal_target(targets, directions)
+        planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
+
+        fpr_neutral = float(np.mean(gate.oof_neutral > gate.threshold)) if len(gate.oof_neutral) else 0.0
+        report = {
+            "concept_id": self.concept_id,
+            "n_forget": len(fp),
+            "n_retain": len(rp),
+            "n_neutral": len(neutral),
+            "alpha": self.alpha,
+            "gate": {
+                "layer": gate.layer,
+                "pooling": gate.pooling,
+                "threshold": gate.threshold,
+                "oof_tpr_forget": round(gate.tpr, 4),
+                "oof_fpr_retain": round(gate.fpr, 4),
+                "oof_fpr_neutral": round(fpr_neutral, 4),
+                "oof_auroc": round(gate.auroc, 4),
+                "candidates": gate.candidates,
+            },
+            "steer_layers": steer,
+            "layers": [s.as_dict() for s in stats],
+            "target": self.target,
+            "direction_pooling": self.direction_pooling,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        self.report_ = report
+        meta = PackMeta(
+            concept_id=self.concept_id,
+            description=self.description,
+            model=hf_fingerprint(model),
+            layers=steer,
+            gate=GateMeta(layer=gate.layer, threshold=gate.threshold, alpha=self.alpha, pooling=gate.pooling),  # type: ignore[arg-type]
+            angle_deg=self.angle_deg,
+            angle_mode=self.angle_mode,
+            target=self.target,
+            skip_head=list(ids_f[0][:skip]),
+            stats={k: v for k, v in report.items() if k != "layers"} | {"layers": report["layers"]},
+        )
+        return ConceptPack(meta, planes, gate.weight, gate.bias)
+
+    def _targets(self, model, tokenizer, target_set, pooled_retain: torch.Tensor, pad: int) -> torch.Tensor:
+        """(L, d) target vectors (not yet orthogonalised)."""
+        if self.target == "retain":
+            return pooled_retain.mean(0)
+        records = target_set or builtin_prompts("idk")
+        if not all(r.answers for r in records):
+            raise GuarditError("every record of the target set needs an 'answers' entry (the reply to steer towards)")
+        # Activations over the answer tokens of "question → I don't know" conversations.
+        convs, starts = [], []
+        for r in records:
+            prompt_ids = encode_chat(tokenizer, [r.prompt])[0]
+            full = prompt_ids + tokenizer(r.answers[0], add_special_tokens=False)["input_ids"]
+            convs.append(full)
+            starts.append(len(prompt_ids))
+        acts = capture(model, convs, self.batch_size, "target answers", pad, self.progress)
+        answer_means = torch.stack([t[s:].mean(0) for t, s in zip(acts.tokens, starts)])
+        return answer_means.mean(0) - pooled_retain.mean(0)

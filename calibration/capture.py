@@ -1,0 +1,105 @@
+"""Activation capture with plain HF forward passes and a small hook of our own.
+
+For every prompt (chat template applied, as at serving time) we record the residual stream after
+each decoder layer, i.e. the layer's output, at every token. Pooled features (mean over tokens,
+last token) are derived from that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from steering.modules import decoder_layers
+
+
+def chat_format(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it when served: the chat template with a generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def encode_chat(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each chat-formatted prompt (no extra special tokens: the template has them)."""
+    texts = [chat_format(tokenizer, p) for p in prompts]
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return [tokenizer(t, add_special_tokens=not has_template)["input_ids"] for t in texts]
+
+
+@dataclass
+class Activations:
+    """Per prompt, the residual stream after every decoder layer: tokens[i] is (T_i, L, d) float32."""
+
+    tokens: list[torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return self.tokens[0].shape[1]
+
+    def mean(self, skip: int = 0) -> torch.Tensor:
+        """(N, L, d): mean over each prompt's tokens, after the first ``skip`` (a shared prefix)."""
+        return torch.stack([t[skip:].mean(0) if t.shape[0] > skip else t[-1] for t in self.tokens])
+
+    def last(self) -> torch.Tensor:
+        """(N, L, d): each prompt's last token."""
+        return torch.stack([t[-1] for t in self.tokens])
+
+
+@torch.no_grad()
+def capture(
+    model: torch.nn.Module,
+    ids: list[list[int]],
+    batch_size: int = 16,
+    desc: str = "capturing activations",
+    pad_id: int = 0,
+    progress: bool = True,
+) -> Activations:
+    """Run the model on each token sequence (right-padded batches) and keep every layer's output."""
+    layers = decoder_layers(model)
+    store: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            store[i] = h.detach().to(torch.float32)
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    result: list[torch.Tensor] = []
+    try:
+        order = range(0, len(ids), batch_size)
+        for start in tqdm(order, desc=desc, disable=not progress, unit="batch"):
+            chunk = ids[start : start + batch_size]
+            width = max(len(x) for x in chunk)
+            inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, x in enumerate(chunk):
+                inp[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False)
+            stacked = torch.stack([store[i] for i in range(len(layers))], dim=2).cpu()  # (B, T, L, d)
+            for r, x in enumerate(chunk):
+                result.append(stacked[r, : len(x)].clone())
+    finally:
+        for h in handles:
+            h.remove()
+    return Activations(result)
+
+
+def common_prefix_length(ids: list[list[int]]) -> int:
+    """Length of the token prefix shared by all sequences (the chat template's fixed head).
+
+    Under causal attention those positions have identical activations in every prompt, so they
+    carry no information about the concept; pooled features skip them."""
+    n = min(len(x) for x in ids)
+    k = 0
+    while k < n and all(x[k] == ids[0][k] for x in ids):
+        k += 1
+    return min(k, n - 1)

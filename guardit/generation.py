@@ -1,0 +1,75 @@
+"""Greedy generation over a prompt file with the HF engine (vLLM: ``integrations.vllm.generate``).
+
+Each result is ``{"prompt", "output", "gate": {pack_id: {"score", "fired"}}, "answers"?}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from calibration.capture import encode_chat
+from calibration.prompts import PromptRecord
+from integrations.hf import steer
+from steering.pack import ConceptPack
+
+
+@torch.no_grad()
+def hf_generate(
+    model,
+    tokenizer,
+    records: Sequence[PromptRecord],
+    packs: Sequence[ConceptPack] = (),
+    max_tokens: int = 48,
+    batch_size: int = 16,
+    force: bool = False,
+    angles: dict[str, float] | None = None,
+    progress: bool = True,
+    desc: str = "generating (hf)",
+) -> list[dict]:
+    results: list[dict] = []
+    ids = encode_chat(tokenizer, [r.prompt for r in records])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    starts = range(0, len(records), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        chunk = ids[s : s + batch_size]
+        width = max(len(x) for x in chunk)
+        inp = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(inp)
+        for r, x in enumerate(chunk):  # left padding
+            inp[r, width - len(x) :] = torch.tensor(x)
+            mask[r, width - len(x) :] = 1
+        kwargs = dict(input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
+        if packs:
+            with steer(model, packs, force=force, angles=angles) as session:
+                out = model.generate(**kwargs)
+                gates = session.gates()
+        else:
+            out = model.generate(**kwargs)
+            gates = [{} for _ in chunk]
+        for r, rec in enumerate(records[s : s + batch_size]):
+            new = out[r, width:].tolist()
+            eos = {tokenizer.eos_token_id, pad}
+            trimmed = []
+            for t in new:
+                if t in eos:
+                    break
+                trimmed.append(t)
+            row = {
+                "prompt": rec.prompt,
+                "output": tokenizer.decode(trimmed, skip_special_tokens=True),
+                "token_ids": trimmed,
+                "gate": {k: {"score": round(v.score, 5), "fired": v.fired} for k, v in gates[r].items()},
+            }
+            if rec.answers:
+                row["answers"] = list(rec.answers)
+            results.append(row)
+    return results
+
+
+def leaked(output: str, answers: Sequence[str]) -> bool:
+    """True when any acceptable answer string occurs in the output (case-insensitive)."""
+    low = output.lower()
+    return any(a.lower() in low for a in answers)

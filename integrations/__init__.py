@@ -1,0 +1,1 @@
+"""integrations: guardit's hooks for serving engines (``integrations.hf``, ``integrations.vllm``)."""

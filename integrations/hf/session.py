@@ -1,0 +1,182 @@
+"""Gated steering for HF transformers models: ``with steer(model, packs) as session: ...``.
+
+Forward hooks on the decoder layers read and (for fired rows only) rotate the residual stream.
+A pre-hook on the model sees every forward call: a call without a filled KV cache starts new
+sequences (gate state reset; its tokens are prompt tokens); calls with a cache continue them
+(``generate`` decoding), so the gate state lives for the whole generation. Padding positions
+(attention mask 0, left padding included) never feed the gate and are never rotated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from steering.errors import PolicyError
+from steering.modules import decoder_layers
+from steering.pack import ConceptPack
+from steering.rotation import check_angle
+from steering.runtime import GateStats, RowSettings, SteeringBank
+
+
+RowSpec = Mapping[str, tuple[float | None, bool]]  # pack id -> (angle in degrees or None, force)
+
+
+@dataclass
+class GateReading:
+    score: float
+    fired: bool
+
+
+class SteerSession:
+    """Per-row gate state of one steered model; created by :func:`steer`."""
+
+    def __init__(self, model: torch.nn.Module, bank: SteeringBank, rows: Sequence[RowSpec] | None, default: RowSpec):
+        self.model = model
+        self.bank = bank
+        self._rows_spec = list(rows) if rows is not None else None
+        self._default = dict(default)
+        self.stats: GateStats | None = None
+        self.settings: RowSettings | None = None
+        self._token_row: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self._steerable: torch.Tensor | None = None
+        self._prompt_mask: torch.Tensor | None = None
+        self._is_prompt = True
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def set_rows(self, rows: Sequence[RowSpec] | None) -> None:
+        """Per-row pack settings for the next batch (None: every pack on every row, gated)."""
+        self._rows_spec = list(rows) if rows is not None else None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _pre_forward(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            raise RuntimeError("guardit: forward called without input_ids or inputs_embeds")
+        bsz, step = ref.shape[0], ref.shape[1]
+        past = kwargs.get("past_key_values")
+        cached = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            cached = int(past.get_seq_length())
+        device = ref.device
+        if cached == 0 or self.stats is None or self.stats.total.shape[0] != bsz:
+            if cached and self.stats is not None and self.stats.total.shape[0] != bsz:
+                raise RuntimeError("guardit: the batch size changed in the middle of a generation")
+            self._start(bsz, device)
+        else:
+            self._is_prompt = False
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            valid = mask[:, -step:].to(torch.bool)
+        else:
+            valid = torch.ones(bsz, step, dtype=torch.bool, device=device)
+        steerable = valid.clone()
+        if self._is_prompt and ids is not None:
+            # Leave each row's template head (and at least its first token, the sink) unrotated.
+            for r in range(bsz):
+                pos = valid[r].nonzero().squeeze(-1)
+                if pos.numel():
+                    head = self.bank.head_length(ids[r, pos].tolist())
+                    steerable[r, pos[:head]] = False
+        self._valid = valid.reshape(-1)
+        self._steerable = steerable.reshape(-1)
+        self._prompt_mask = torch.full_like(self._valid, self._is_prompt)
+        self._token_row = torch.arange(bsz, device=device).repeat_interleave(step)
+        return None
+
+    def _start(self, bsz: int, device: torch.device) -> None:
+        specs = self._rows_spec if self._rows_spec is not None else [self._default] * bsz
+        if len(specs) != bsz:
+            raise PolicyError(f"rows: {len(specs)} row settings given for a batch of {bsz}")
+        self.bank_device(device)
+        self.settings = self.bank.settings([dict(s) for s in specs])
+        self.stats = GateStats.empty(bsz, self.bank.num_packs, device)
+        self._is_prompt = True
+
+    def bank_device(self, device: torch.device) -> None:
+        if self.bank.device != device:
+            self.bank = SteeringBank(self.bank.packs, device=device)
+
+    def _layer_hook(self, index: int):
+        def hook(_module, _args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            assert self.stats is not None and self.settings is not None and self._token_row is not None
+            flat = h.view(-1, h.shape[-1])
+            row, prompt = self._token_row, self._prompt_mask
+            self.bank.update_gates(index, flat, row, self.stats, self.settings, self._valid, prompt)
+            self.bank.steer_(index, flat, row, self.stats, self.settings, self._steerable, prompt)
+            return output
+
+        return hook
+
+    def attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        layers = decoder_layers(self.model)
+        for i in self.bank.layers:
+            if i >= len(layers):
+                raise PolicyError(f"pack layer {i} does not exist in a {len(layers)}-layer model")
+            self._handles.append(layers[i].register_forward_hook(self._layer_hook(i)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- results ---------------------------------------------------------------------------------
+    def gates(self) -> list[dict[str, GateReading]]:
+        """Per row of the last batch, per pack it applies to: pooled gate score and whether it fired."""
+        if self.stats is None or self.settings is None:
+            return []
+        value = self.stats.value(self.bank.max_pool).cpu()
+        fired = (self.stats.fired | self.settings.force).cpu()
+        active = (self.settings.active | self.settings.force).cpu()
+        out = []
+        for r in range(value.shape[0]):
+            row = {}
+            for p, pack in enumerate(self.bank.packs):
+                if active[r, p]:
+                    v = float(value[r, p])
+                    row[pack.id] = GateReading(v if math.isfinite(v) else float("-inf"), bool(fired[r, p]))
+            out.append(row)
+        return out
+
+
+@contextmanager
+def steer(
+    model: torch.nn.Module,
+    packs: Sequence[ConceptPack],
+    *,
+    angles: Mapping[str, float] | None = None,
+    force: bool = False,
+    rows: Sequence[RowSpec] | None = None,
+) -> Iterator[SteerSession]:
+    """Steer ``model`` with ``packs`` inside the block; the hooks are removed on exit.
+
+    By default every pack applies to every row, gated, at its calibrated angle. ``angles`` overrides
+    angles (degrees) by pack id; ``force`` rotates without the gate (for evaluation); ``rows`` gives
+    per-row settings {pack_id: (angle_deg or None, force)} for the next batch.
+    """
+    bank = SteeringBank(list(packs))
+    angles = dict(angles or {})
+    unknown = set(angles) - set(bank.index)
+    if unknown:
+        raise PolicyError(f"angles: unknown concept id(s) {sorted(unknown)}")
+    default = {p.id: (check_angle(angles[p.id], f"angles.{p.id}") if p.id in angles else None, force) for p in bank.packs}
+    if rows is not None:
+        for i, row in enumerate(rows):
+            bad = set(row) - set(bank.index)
+            if bad:
+                raise PolicyError(f"rows[{i}]: unknown concept id(s) {sorted(bad)}")
+    session = SteerSession(model, bank, rows, default)
+    session.attach()
+    try:
+        yield session
+    finally:
+        session.detach()

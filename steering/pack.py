@@ -1,0 +1,255 @@
+"""Concept packs: the calibrated artifact for one concept on one model.
+
+A pack is a directory with two files:
+
+- ``pack.safetensors``: ``planes`` (L, 2, d) float32, one orthonormal basis (b1 = concept
+  direction, b2 = target direction) per steered layer; ``gate_weight`` (d,) and ``gate_bias``
+  (1,) for the linear gate probe s = w·h + b on the gate layer's residual stream.
+- ``pack.json``: metadata validated by :class:`PackMeta` (layers, gate threshold, angle, model
+  fingerprint, calibration statistics).
+
+Loading checks shapes, finiteness, orthonormality and, when a fingerprint is given, that the
+pack was made for that model. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from steering.errors import PackError
+from steering.rotation import ANGLE_MODES
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "pack.safetensors"
+META_FILE = "pack.json"
+PACK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ModelFingerprint(BaseModel):
+    """Identifies the model a pack was calibrated on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    model_type: str
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    weights_sha256: str = Field(min_length=16, description="hash of the first embedding rows, cast to bf16")
+
+    def mismatch(self, other: "ModelFingerprint") -> list[str]:
+        """Fields (other than the display name) that differ between two fingerprints."""
+        fields = ["model_type", "num_layers", "hidden_size", "vocab_size", "weights_sha256"]
+        return [f for f in fields if getattr(self, f) != getattr(other, f)]
+
+
+class GateMeta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer: int = Field(ge=0)
+    threshold: float
+    alpha: float = Field(gt=0.0, lt=1.0)
+    pooling: Literal["mean", "max"] = "mean"
+    scope: Literal["prompt", "all"] = "prompt"
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("gate threshold must be finite")
+        return v
+
+
+class PackMeta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    concept_id: str
+    description: str = ""
+    model: ModelFingerprint
+    layers: list[int] = Field(min_length=1)
+    gate: GateMeta
+    angle_deg: float = 90.0
+    angle_mode: Literal["absolute", "relative"] = "absolute"
+    target: str = "idk"
+    steer_scope: Literal["prompt", "all"] = "prompt"
+    skip_head: list[int] = Field(
+        default_factory=list,
+        description="token ids of the chat template's fixed head; a request's tokens that match it "
+        "(and always its first token, the attention sink) are never rotated",
+    )
+    stats: dict[str, Any] = Field(default_factory=dict)
+    library_version: str = "0.1.0"
+
+    @field_validator("concept_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not PACK_ID_RE.match(v):
+            raise ValueError(
+                "concept_id must be 1-64 characters of letters, digits, '_', '-', '.', starting "
+                f"with a letter or digit; got {v!r}"
+            )
+        return v
+
+    @field_validator("angle_deg")
+    @classmethod
+    def _angle(cls, v: float) -> float:
+        if not math.isfinite(v) or abs(v) > 360:
+            raise ValueError(f"angle_deg must be finite and within [-360, 360], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _layers(self) -> "PackMeta":
+        if sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"layers must be strictly increasing without duplicates, got {self.layers}")
+        if self.layers[-1] >= self.model.num_layers:
+            raise ValueError(f"layer {self.layers[-1]} is out of range for a {self.model.num_layers}-layer model")
+        if self.gate.layer >= self.layers[0]:
+            raise ValueError(
+                f"gate.layer ({self.gate.layer}) must come before the first steered layer ({self.layers[0]})"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class ConceptPack:
+    """One calibrated concept: metadata plus float32 tensors (kept on CPU)."""
+
+    meta: PackMeta
+    planes: torch.Tensor  # (L, 2, d)
+    gate_weight: torch.Tensor  # (d,)
+    gate_bias: float
+
+    def __post_init__(self) -> None:
+        _check_tensors(self.meta, self.planes, self.gate_weight, self.gate_bias, where=self.meta.concept_id)
+
+    @property
+    def id(self) -> str:
+        return self.meta.concept_id
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {
+                "planes": self.planes.contiguous().to(torch.float32),
+                "gate_weight": self.gate_weight.contiguous().to(torch.float32),
+                "gate_bias": torch.tensor([self.gate_bias], dtype=torch.float32),
+            },
+            str(out / TENSORS_FILE),
+            metadata={"format": "guardit-pack", "concept_id": self.id},
+        )
+        (out / META_FILE).write_text(self.meta.model_dump_json(indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None) -> "ConceptPack":
+        """Load and validate a pack; with ``fingerprint``, refuse a pack made for another model."""
+        d = Path(directory)
+        meta_path, tensor_path = d / META_FILE, d / TENSORS_FILE
+        if not d.is_dir():
+            raise PackError(f"concept pack directory not found: {d}")
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise PackError(f"concept pack {d} is missing {p.name}")
+        try:
+            meta = PackMeta.model_validate_json(meta_path.read_text())
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"]) or "(root)"
+            raise PackError(f"invalid {meta_path}: field '{loc}': {first['msg']}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PackError(f"cannot read {meta_path}: {e}") from None
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise PackError(f"cannot read {tensor_path}: {e}") from None
+        missing = {"planes", "gate_weight", "gate_bias"} - tensors.keys()
+        if missing:
+            raise PackError(f"{tensor_path} lacks tensor(s) {sorted(missing)}")
+        bias = tensors["gate_bias"]
+        if bias.numel() != 1:
+            raise PackError(f"{tensor_path}: gate_bias must hold one value, has shape {tuple(bias.shape)}")
+        try:
+            pack = cls(meta, tensors["planes"].float(), tensors["gate_weight"].float(), float(bias.item()))
+        except PackError as e:
+            raise PackError(f"{d}: {e}") from None
+        if fingerprint is not None:
+            pack.check_model(fingerprint)
+        return pack
+
+    def check_model(self, fingerprint: ModelFingerprint) -> None:
+        diff = self.meta.model.mismatch(fingerprint)
+        if diff:
+            details = ", ".join(f"{f}: pack {getattr(self.meta.model, f)!r} vs model {getattr(fingerprint, f)!r}" for f in diff)
+            raise PackError(
+                f"concept pack '{self.id}' was calibrated on model '{self.meta.model.name}', not on "
+                f"'{fingerprint.name}' ({details})"
+            )
+
+
+def _check_tensors(meta: PackMeta, planes: torch.Tensor, w: torch.Tensor, b: float, where: str) -> None:
+    d = meta.model.hidden_size
+    n = len(meta.layers)
+    if tuple(planes.shape) != (n, 2, d):
+        raise PackError(f"pack '{where}': tensor 'planes' has shape {tuple(planes.shape)}, expected {(n, 2, d)}")
+    if tuple(w.shape) != (d,):
+        raise PackError(f"pack '{where}': tensor 'gate_weight' has shape {tuple(w.shape)}, expected {(d,)}")
+    for name, t in (("planes", planes), ("gate_weight", w)):
+        if not torch.isfinite(t).all():
+            raise PackError(f"pack '{where}': tensor '{name}' contains NaN or inf")
+    if not math.isfinite(b):
+        raise PackError(f"pack '{where}': gate_bias is NaN or inf")
+    gram = planes.double() @ planes.double().transpose(1, 2)
+    eye = torch.eye(2, dtype=torch.float64).expand_as(gram)
+    err = (gram - eye).abs().max().item()
+    if err > 1e-4:
+        raise PackError(f"pack '{where}': 'planes' are not orthonormal bases (max error {err:.2e})")
+    if meta.angle_mode not in ANGLE_MODES:  # pragma: no cover - pydantic already checks
+        raise PackError(f"pack '{where}': bad angle_mode {meta.angle_mode!r}")
+
+
+def load_packs(paths: list[str | Path], fingerprint: ModelFingerprint | None = None) -> list[ConceptPack]:
+    """Load several packs; refuse duplicates by concept id."""
+    packs: list[ConceptPack] = []
+    seen: dict[str, Path] = {}
+    for p in paths:
+        pack = ConceptPack.from_pretrained(p, fingerprint)
+        if pack.id in seen:
+            raise PackError(f"concept '{pack.id}' is loaded twice (from {seen[pack.id]} and {p})")
+        seen[pack.id] = Path(p)
+        packs.append(pack)
+    return packs
+
+
+def meta_summary(pack: ConceptPack) -> dict[str, Any]:
+    return json.loads(pack.meta.model_dump_json())
+
+
+def fingerprint(
+    name: str, model_type: str, num_layers: int, hidden_size: int, vocab_size: int, embed_weight: torch.Tensor
+) -> ModelFingerprint:
+    """Fingerprint a model from its shape and its first 64 embedding rows (cast to bf16 and hashed,
+    so the same weights loaded in float32 or bf16, by transformers or by vLLM, hash the same)."""
+    import hashlib
+
+    rows = embed_weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
+    digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()
+    return ModelFingerprint(
+        name=name,
+        model_type=model_type,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        weights_sha256=digest,
+    )

@@ -1,0 +1,228 @@
+"""The per-forward-pass logic shared by the HF and vLLM integrations.
+
+A :class:`SteeringBank` holds the loaded packs, grouped by layer. For one forward pass over a
+flattened batch of tokens (T, d) belonging to R rows (sequences/requests), the integration calls
+
+1. :meth:`SteeringBank.update_gates` at each gate layer: per-token probe scores s = w·h + b update
+   each row's running statistics (sum, count, max over every token it has processed); a row's
+   gate fires once its pooled value (mean or max, per pack) exceeds the pack's threshold, and
+   stays fired.
+2. :meth:`SteeringBank.steer_` at each steered layer: rotates, in place, only the tokens of rows
+   whose gate fired for a pack with a plane at this layer. Other tokens are neither read back
+   nor written, so rows whose gates stay closed are bit-identical to the unhooked model.
+
+At a layer that is both a gate layer and a steered layer, gates are updated first, on the
+layer's own output. Packs are applied in the order of their ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from steering.pack import ConceptPack
+from steering.rotation import rotate_rows_
+
+
+@dataclass
+class GateStats:
+    """Running gate statistics of R rows for P packs (float32 on the bank's device)."""
+
+    total: torch.Tensor  # (R, P) sum of token scores
+    count: torch.Tensor  # (R, P) number of scored tokens
+    peak: torch.Tensor  # (R, P) max token score (-inf before any token)
+    fired: torch.Tensor  # (R, P) bool
+
+    @classmethod
+    def empty(cls, rows: int, packs: int, device: torch.device | str = "cpu") -> "GateStats":
+        z = torch.zeros(rows, packs, dtype=torch.float32, device=device)
+        return cls(z.clone(), z.clone(), torch.full_like(z, -math.inf), torch.zeros(rows, packs, dtype=torch.bool, device=device))
+
+    def value(self, max_pool: torch.Tensor) -> torch.Tensor:
+        """Pooled gate value per row and pack: the mean or the max of the token scores so far."""
+        mean = self.total / self.count.clamp_min(1.0)
+        mean = torch.where(self.count > 0, mean, torch.full_like(mean, -math.inf))
+        return torch.where(max_pool, self.peak, mean)
+
+    def select(self, rows: torch.Tensor) -> "GateStats":
+        return GateStats(self.total[rows], self.count[rows], self.peak[rows], self.fired[rows])
+
+
+@dataclass
+class RowSettings:
+    """Which packs act on each row, and how (R, P tensors)."""
+
+    active: torch.Tensor  # bool: pack applies to this row (gated)
+    force: torch.Tensor  # bool: rotate this row without consulting the gate
+    angle: torch.Tensor  # float32 radians
+
+
+@dataclass
+class _GateGroup:
+    packs: torch.Tensor  # (Pl,) long, indices into the bank
+    weight: torch.Tensor  # (Pl, d)
+    bias: torch.Tensor  # (Pl,)
+
+
+@dataclass
+class SteeringBank:
+    """Loaded packs arranged for the forward pass."""
+
+    packs: list[ConceptPack]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.packs = sorted(self.packs, key=lambda p: p.id)
+        ids = [p.id for p in self.packs]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate concept ids in bank: {ids}")
+        self.index = {p.id: i for i, p in enumerate(self.packs)}
+        dev = self.device
+        self.thresholds = torch.tensor([p.meta.gate.threshold for p in self.packs], dtype=torch.float32, device=dev)
+        self.max_pool = torch.tensor([p.meta.gate.pooling == "max" for p in self.packs], dtype=torch.bool, device=dev)
+        self.scope_all = torch.tensor([p.meta.gate.scope == "all" for p in self.packs], dtype=torch.bool, device=dev)
+        self.default_angle = torch.tensor(
+            [math.radians(p.meta.angle_deg) for p in self.packs], dtype=torch.float32, device=dev
+        )
+        self.gate_layers: dict[int, _GateGroup] = {}
+        by_layer: dict[int, list[int]] = {}
+        for i, p in enumerate(self.packs):
+            by_layer.setdefault(p.meta.gate.layer, []).append(i)
+        for layer, idx in by_layer.items():
+            self.gate_layers[layer] = _GateGroup(
+                torch.tensor(idx, dtype=torch.long, device=dev),
+                torch.stack([self.packs[i].gate_weight for i in idx]).to(dev, torch.float32),
+                torch.tensor([self.packs[i].gate_bias for i in idx], dtype=torch.float32, device=dev),
+            )
+        self.steer_layers: dict[int, list[tuple[int, torch.Tensor, str]]] = {}
+        for i, p in enumerate(self.packs):
+            for j, layer in enumerate(p.meta.layers):
+                self.steer_layers.setdefault(layer, []).append((i, p.planes[j].to(dev, torch.float32), p.meta.angle_mode))
+        self.layers = sorted(set(self.gate_layers) | set(self.steer_layers))
+        self.steer_all = [p.meta.steer_scope == "all" for p in self.packs]
+        heads = [p.meta.skip_head for p in self.packs]
+        self.skip_head: list[int] = []
+        if heads:
+            for i in range(min(len(h) for h in heads)):
+                if any(h[i] != heads[0][i] for h in heads):
+                    break
+                self.skip_head.append(heads[0][i])
+
+    def head_length(self, prompt_ids: list[int]) -> int:
+        """How many leading prompt tokens are never rotated: the part matching the template head,
+        and at least the first token (the attention sink, whose huge norm rotations would wreck)."""
+        n = 0
+        for a, b in zip(prompt_ids, self.skip_head):
+            if a != b:
+                break
+            n += 1
+        return max(1, min(n, len(prompt_ids) - 1))
+
+    @property
+    def num_packs(self) -> int:
+        return len(self.packs)
+
+    def settings(
+        self,
+        rows: list[dict[str, tuple[float | None, bool]]],
+    ) -> RowSettings:
+        """Build per-row settings from, per row, {pack_id: (angle_deg or None, force)}."""
+        r, p = len(rows), self.num_packs
+        active = torch.zeros(r, p, dtype=torch.bool)
+        force = torch.zeros(r, p, dtype=torch.bool)
+        angle = self.default_angle.cpu().expand(r, p).clone()
+        for i, row in enumerate(rows):
+            for pid, (deg, forced) in row.items():
+                j = self.index[pid]
+                active[i, j] = True
+                force[i, j] = forced
+                if deg is not None:
+                    angle[i, j] = math.radians(deg)
+        return RowSettings(active.to(self.device), force.to(self.device), angle.to(self.device))
+
+    def update_gates(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        token_row: torch.Tensor,
+        stats: GateStats,
+        settings: RowSettings,
+        token_valid: torch.Tensor | None = None,
+        token_is_prompt: torch.Tensor | None = None,
+        row_ready: torch.Tensor | None = None,
+    ) -> None:
+        """Score tokens of ``h`` (T, d) at a gate layer and update ``stats`` in place.
+
+        ``token_valid`` (T,) excludes padding; ``token_is_prompt`` (T,) marks prompt tokens, the
+        only ones a pack with gate scope "prompt" (the default) looks at. ``row_ready`` (R,) marks
+        rows whose whole prompt has now been seen: a prompt-scope gate decides only then, so its
+        decision does not depend on how the prompt was split into prefill chunks.
+        """
+        group = self.gate_layers.get(layer)
+        if group is None:
+            return
+        scores = torch.addmm(group.bias, h.to(torch.float32), group.weight.t())  # (T, Pl)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        if token_valid is not None:
+            keep &= token_valid.unsqueeze(-1)
+        if token_is_prompt is not None:
+            keep &= token_is_prompt.unsqueeze(-1) | self.scope_all[group.packs].unsqueeze(0)
+        s_sum = torch.where(keep, scores, torch.zeros_like(scores))
+        s_max = torch.where(keep, scores, torch.full_like(scores, -math.inf))
+        ones = keep.to(torch.float32)
+        rows = stats.total.shape[0]
+        pl = group.packs.numel()
+        idx = token_row.unsqueeze(-1).expand(-1, pl)
+        add_sum = torch.zeros(rows, pl, dtype=torch.float32, device=h.device).scatter_add_(0, idx, s_sum)
+        add_cnt = torch.zeros(rows, pl, dtype=torch.float32, device=h.device).scatter_add_(0, idx, ones)
+        new_max = torch.full((rows, pl), -math.inf, dtype=torch.float32, device=h.device).scatter_reduce_(
+            0, idx, s_max, reduce="amax", include_self=True
+        )
+        cols = group.packs
+        stats.total[:, cols] += add_sum
+        stats.count[:, cols] += add_cnt
+        stats.peak[:, cols] = torch.maximum(stats.peak[:, cols], new_max)
+        value = stats.value(self.max_pool)[:, cols]
+        opened = (value > self.thresholds[cols]) & settings.active[:, cols]
+        if row_ready is not None:
+            opened &= row_ready.unsqueeze(-1) | self.scope_all[cols].unsqueeze(0)
+        stats.fired[:, cols] |= opened | settings.force[:, cols]
+
+    def steer_(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        token_row: torch.Tensor,
+        stats: GateStats,
+        settings: RowSettings,
+        token_valid: torch.Tensor | None = None,
+        token_is_prompt: torch.Tensor | None = None,
+    ) -> bool:
+        """Rotate, in place, the tokens of ``h`` (T, d) whose row fired. Returns True if any was.
+
+        ``token_valid`` (T,) excludes padding and the template head; packs with steer scope
+        "prompt" (the default) rotate only tokens marked in ``token_is_prompt``.
+        """
+        entries = self.steer_layers.get(layer)
+        if not entries:
+            return False
+        changed = False
+        fired = stats.fired | settings.force
+        for p, basis, mode in entries:
+            rows = fired[:, p]
+            if not bool(rows.any()):
+                continue
+            tok = rows[token_row]
+            if token_valid is not None:
+                tok = tok & token_valid
+            if token_is_prompt is not None and not self.steer_all[p]:
+                tok = tok & token_is_prompt
+            idx = tok.nonzero().squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            angles = settings.angle[token_row[idx], p]
+            rotate_rows_(h, idx, basis, angles, mode)  # type: ignore[arg-type]
+            changed = True
+        return changed

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "concepts"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from guardit.model_prep import prepare_model
+
+    return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    from calibration import load_model
+
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="session")
+def packs_dir(tmp_path_factory, model_dir) -> Path:
+    """The two example concepts, calibrated once per session through the CLI."""
+    from guardit.cli import main
+
+    out = tmp_path_factory.mktemp("packs")
+    for concept in ("harry_potter", "einstein"):
+        d = EXAMPLES / concept
+        rc = main(["calibrate", "--model", str(model_dir), "--forget", str(d / "forget.jsonl"),
+                   "--retain", str(d / "retain.jsonl"), "--out", str(out / concept.replace("_", "-")), "--quiet"])
+        assert rc == 0
+    return out

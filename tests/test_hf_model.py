@@ -1,0 +1,136 @@
+"""HF integration on the real bundled model: bit-identity when closed, per-row gates, forgetting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from calibration import hf_fingerprint, read_prompts
+from calibration.capture import encode_chat
+from guardit.generation import hf_generate, leaked
+from integrations.hf import steer
+from steering.pack import ConceptPack, load_packs
+
+from conftest import EXAMPLES
+
+pytestmark = pytest.mark.model
+
+RETAIN = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who is Sherlock Holmes's friend?"]
+FORGET = ["What is the name of Harry Potter's school?"]
+
+
+def _batch(tok, prompts):
+    ids = encode_chat(tok, prompts)
+    width = max(map(len, ids))
+    inp = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(inp)
+    for r, x in enumerate(ids):
+        inp[r, width - len(x):] = torch.tensor(x)
+        mask[r, width - len(x):] = 1
+    return inp, mask
+
+
+@pytest.fixture(scope="module")
+def hp(packs_dir, hf_model):
+    return ConceptPack.from_pretrained(packs_dir / "harry-potter", hf_fingerprint(hf_model[0]))
+
+
+@torch.no_grad()
+def test_closed_rows_bit_identical_logits_in_mixed_batch(hf_model, hp):
+    model, tok = hf_model
+    inp, mask = _batch(tok, RETAIN + FORGET)
+    ref = model(input_ids=inp, attention_mask=mask).logits
+    with steer(model, [hp]) as s:
+        got = model(input_ids=inp, attention_mask=mask).logits
+        gates = s.gates()
+    fired = [g["harry-potter"].fired for g in gates]
+    assert fired == [False, False, False, True]
+    closed = torch.tensor([not f for f in fired])
+    assert torch.equal(got[closed], ref[closed])  # bit for bit
+    assert not torch.equal(got[~closed], ref[~closed])
+    # the hooks are gone after the block
+    assert torch.equal(model(input_ids=inp, attention_mask=mask).logits, ref)
+
+
+@torch.no_grad()
+def test_gate_ignores_left_padding(hf_model, hp):
+    model, tok = hf_model
+    prompts = RETAIN + FORGET
+    inp, mask = _batch(tok, prompts)
+    with steer(model, [hp]) as s:
+        model(input_ids=inp, attention_mask=mask)
+        batched = [g["harry-potter"].score for g in s.gates()]
+        alone = []
+        for p in prompts:
+            i, m = _batch(tok, [p])
+            model(input_ids=i, attention_mask=m)
+            alone.append(s.gates()[0]["harry-potter"].score)
+    assert batched == pytest.approx(alone, abs=1e-3)
+
+
+@torch.no_grad()
+def test_gate_state_persists_through_generate_and_rows_are_independent(hf_model, hp):
+    model, tok = hf_model
+    from calibration.prompts import PromptRecord
+
+    recs = [PromptRecord(prompt=p) for p in RETAIN + FORGET]
+    van = hf_generate(model, tok, recs, max_tokens=24, progress=False)
+    st = hf_generate(model, tok, recs, [hp], max_tokens=24, progress=False)
+    for v, s in zip(van[:3], st[:3]):
+        assert s["token_ids"] == v["token_ids"] and not s["gate"]["harry-potter"]["fired"]
+    assert st[3]["gate"]["harry-potter"]["fired"] and st[3]["token_ids"] != van[3]["token_ids"]
+    assert "hogwarts" in van[3]["output"].lower() and "hogwarts" not in st[3]["output"].lower()
+
+
+def test_per_row_settings_and_validation(hf_model, hp):
+    model, tok = hf_model
+    from steering.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="unknown concept"):
+        with steer(model, [hp], angles={"nope": 10}):
+            pass
+    with pytest.raises(PolicyError, match="angles.harry-potter"):
+        with steer(model, [hp], angles={"harry-potter": float("nan")}):
+            pass
+    inp, mask = _batch(tok, FORGET * 2)
+    with torch.no_grad(), steer(model, [hp], rows=[{"harry-potter": (None, False)}, {}]) as s:
+        out = model(input_ids=inp, attention_mask=mask).logits
+        assert s.gates()[0]["harry-potter"].fired and s.gates()[1] == {}
+        ref = model.__class__.forward  # noqa: F841
+    assert not torch.equal(out[0], out[1])
+
+
+@torch.no_grad()
+def _ppl(model, tok, rows) -> float:
+    nll, n = 0.0, 0
+    for r in rows:
+        p = encode_chat(tok, [r["prompt"]])[0]
+        o = r["token_ids"]
+        if not o:
+            continue
+        logits = model(torch.tensor([p + o])).logits[0, len(p) - 1:-1]
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(o), reduction="sum").item()
+        n += len(o)
+    return math.exp(nll / max(n, 1))
+
+
+@pytest.mark.parametrize("concept", ["harry_potter", "einstein"])
+def test_forgetting_on_the_example_test_splits(hf_model, packs_dir, concept):
+    model, tok = hf_model
+    packs = load_packs([packs_dir / concept.replace("_", "-")], hf_fingerprint(model))
+    forget = read_prompts(EXAMPLES / concept / "forget_test.jsonl")
+    retain = read_prompts(EXAMPLES / concept / "retain_test.jsonl")
+    van_f = hf_generate(model, tok, forget, max_tokens=40, progress=False)
+    st_f = hf_generate(model, tok, forget, packs, max_tokens=40, progress=False)
+    van_r = hf_generate(model, tok, retain, max_tokens=40, progress=False)
+    st_r = hf_generate(model, tok, retain, packs, max_tokens=40, progress=False)
+    knew = [i for i, r in enumerate(van_f) if leaked(r["output"], r["answers"])]
+    assert len(knew) >= 0.75 * len(forget), "the vanilla model should know most test facts"
+    leaks = sum(leaked(st_f[i]["output"], st_f[i]["answers"]) for i in knew)
+    assert leaks <= 0.10 * len(knew), [st_f[i]["output"] for i in knew]
+    identical = sum(a["token_ids"] == b["token_ids"] for a, b in zip(van_r, st_r))
+    assert identical >= 0.90 * len(retain)
+    # fluent, not gibberish: perplexity of steered answers under the vanilla model stays close
+    assert _ppl(model, tok, st_f) <= 2.5 * _ppl(model, tok, van_f)

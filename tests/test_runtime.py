@@ -1,0 +1,99 @@
+"""The shared forward-pass logic: gates per row, chunk invariance, rotation only of fired rows."""
+
+import math
+
+import torch
+
+from helpers import toy_pack
+from steering.runtime import GateStats, SteeringBank
+
+
+def _bank(**kw):
+    return SteeringBank([toy_pack("b", seed=1, **kw), toy_pack("a", seed=2, **kw)])
+
+
+def test_packs_are_ordered_by_id_and_grouped_by_layer():
+    bank = _bank()
+    assert [p.id for p in bank.packs] == ["a", "b"]
+    assert set(bank.gate_layers) == {1}
+    assert set(bank.steer_layers) == {3, 4}
+
+
+def test_gate_update_is_invariant_to_chunking():
+    bank = _bank()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 16, generator=g)
+    rows = torch.tensor([0] * 6 + [1] * 4)
+    settings = bank.settings([{"a": (None, False), "b": (None, False)}] * 2)
+    one = GateStats.empty(2, 2)
+    bank.update_gates(1, h, rows, one, settings)
+    two = GateStats.empty(2, 2)
+    parts = (slice(0, 3), slice(3, 7), slice(7, 10))
+    ready = [torch.tensor([False, False]), torch.tensor([True, False]), torch.tensor([True, True])]
+    for part, r in zip(parts, ready):
+        bank.update_gates(1, h[part], rows[part], two, settings, row_ready=r)
+    assert torch.allclose(one.value(bank.max_pool), two.value(bank.max_pool), atol=1e-5)
+    assert torch.equal(one.fired, two.fired)
+    # the pooled value is the mean of the per-token probe scores
+    w, b = bank.packs[0].gate_weight, bank.packs[0].gate_bias
+    assert math.isclose(float(one.value(bank.max_pool)[0, 0]), float((h[:6] @ w + b).mean()), rel_tol=1e-5)
+
+
+def test_max_pooling_and_fired_stays_fired():
+    bank = SteeringBank([toy_pack("a", pooling="max", threshold=1.0)])
+    settings = bank.settings([{"a": (None, False)}])
+    stats = GateStats.empty(1, 1)
+    w = bank.packs[0].gate_weight
+    hi = (2.0 / w.dot(w)) * w  # token score 2.0 > 1.0
+    bank.update_gates(1, hi.unsqueeze(0), torch.tensor([0]), stats, settings)
+    assert stats.fired.all()
+    bank.update_gates(1, -10 * hi.unsqueeze(0), torch.tensor([0]), stats, settings)
+    assert stats.fired.all() and math.isclose(float(stats.value(bank.max_pool)), 2.0, rel_tol=1e-6)
+
+
+def test_inactive_rows_never_fire_and_pads_are_ignored():
+    bank = SteeringBank([toy_pack("a", threshold=-1e9)])  # fires on anything
+    settings = bank.settings([{"a": (None, False)}, {}])
+    stats = GateStats.empty(2, 1)
+    h = torch.randn(4, 16)
+    valid = torch.tensor([False, True, True, True])
+    bank.update_gates(1, h, torch.tensor([0, 0, 1, 1]), stats, settings, valid)
+    assert stats.fired.tolist() == [[True], [False]]
+    assert stats.count.tolist() == [[1.0], [2.0]]
+
+
+def test_steer_rotates_only_fired_rows_bit_exactly():
+    bank = SteeringBank([toy_pack("a")])
+    settings = bank.settings([{"a": (None, False)}] * 3)
+    stats = GateStats.empty(3, 1)
+    stats.fired[1, 0] = True
+    h = torch.randn(9, 16, dtype=torch.bfloat16)
+    before = h.clone()
+    rows = torch.arange(3).repeat_interleave(3)
+    assert bank.steer_(3, h, rows, stats, settings)
+    assert torch.equal(h[rows != 1].view(torch.int16), before[rows != 1].view(torch.int16))
+    assert not torch.equal(h[rows == 1], before[rows == 1])
+    assert torch.allclose(h[rows == 1].float().norm(dim=-1), before[rows == 1].float().norm(dim=-1), rtol=1e-2)
+    assert not bank.steer_(2, h, rows, stats, settings)  # no plane at layer 2
+
+
+def test_prompt_scope_and_force_and_per_row_angles():
+    bank = SteeringBank([toy_pack("a", threshold=1e9)])  # never fires by itself
+    settings = bank.settings([{"a": (30.0, True)}, {"a": (None, False)}])
+    stats = GateStats.empty(2, 1)
+    h = torch.randn(4, 16)
+    before = h.clone()
+    rows = torch.tensor([0, 0, 1, 1])
+    prompt = torch.tensor([True, False, True, False])
+    bank.steer_(3, h, rows, stats, settings, None, prompt)
+    assert not torch.equal(h[0], before[0])  # forced, prompt token
+    assert torch.equal(h[1:], before[1:])  # decode token (prompt scope) and the closed row
+    b = bank.packs[0].planes[0]
+    assert math.isclose(math.degrees(math.atan2(float(h[0] @ b[1]), float(h[0] @ b[0]))), 30.0, abs_tol=1e-3)
+
+
+def test_head_length():
+    bank = SteeringBank([toy_pack("a", skip_head=[5, 6, 7])])
+    assert bank.head_length([5, 6, 7, 8, 9]) == 3
+    assert bank.head_length([5, 9, 9]) == 1
+    assert bank.head_length([9, 9, 9]) == 1  # the first token (attention sink) always
