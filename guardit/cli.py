@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         rows = hf_generate(model, tok, records, packs, max_tokens=args.max_tokens, force=args.force,
                            batch_size=args.batch_size)
     else:
-        from integrations.vllm.offline import vllm_generate
+        from guardit.vllm_generation import vllm_generate
 
         rows = vllm_generate(model_dir, records, args.pack, max_tokens=args.max_tokens, force=args.force)
     for r in rows:

@@ -48,7 +48,7 @@ def run_demo(engine: str = "vllm", workdir: str | None = None) -> int:
     print(f"concept pack: {pack_dir}")
     if engine == "vllm":
         del model
-        from integrations.vllm.offline import vllm_generate_pair
+        from guardit.vllm_generation import vllm_generate_pair
 
         before, after = vllm_generate_pair(model_dir, QUESTIONS, [pack_dir], max_tokens=48)
     else:

@@ -199,16 +199,17 @@ class SteeringBank:
         settings: RowSettings,
         token_valid: torch.Tensor | None = None,
         token_is_prompt: torch.Tensor | None = None,
-    ) -> bool:
-        """Rotate, in place, the tokens of ``h`` (T, d) whose row fired. Returns True if any was.
+    ) -> torch.Tensor | None:
+        """Rotate, in place, the tokens of ``h`` (T, d) whose row fired. Returns the indices of the
+        rotated tokens (None when none was).
 
         ``token_valid`` (T,) excludes padding and the template head; packs with steer scope
         "prompt" (the default) rotate only tokens marked in ``token_is_prompt``.
         """
         entries = self.steer_layers.get(layer)
         if not entries:
-            return False
-        changed = False
+            return None
+        changed: list[torch.Tensor] = []
         fired = stats.fired | settings.force
         for p, basis, mode in entries:
             rows = fired[:, p]
@@ -224,5 +225,15 @@ class SteeringBank:
                 continue
             angles = settings.angle[token_row[idx], p]
             rotate_rows_(h, idx, basis, angles, mode)  # type: ignore[arg-type]
-            changed = True
-        return changed
+            changed.append(idx)
+        if not changed:
+            return None
+        return changed[0] if len(changed) == 1 else torch.unique(torch.cat(changed))
+
+    def needs_steer(self, layer: int, stats: GateStats, settings: RowSettings) -> bool:
+        """Cheap check: does any row have a fired (or forced) pack with a plane at this layer?"""
+        entries = self.steer_layers.get(layer)
+        if not entries:
+            return False
+        cols = [p for p, _, _ in entries]
+        return bool((stats.fired[:, cols] | settings.force[:, cols]).any())

@@ -70,11 +70,11 @@ def test_steer_rotates_only_fired_rows_bit_exactly():
     h = torch.randn(9, 16, dtype=torch.bfloat16)
     before = h.clone()
     rows = torch.arange(3).repeat_interleave(3)
-    assert bank.steer_(3, h, rows, stats, settings)
+    assert bank.steer_(3, h, rows, stats, settings).tolist() == [3, 4, 5]
     assert torch.equal(h[rows != 1].view(torch.int16), before[rows != 1].view(torch.int16))
     assert not torch.equal(h[rows == 1], before[rows == 1])
     assert torch.allclose(h[rows == 1].float().norm(dim=-1), before[rows == 1].float().norm(dim=-1), rtol=1e-2)
-    assert not bank.steer_(2, h, rows, stats, settings)  # no plane at layer 2
+    assert bank.steer_(2, h, rows, stats, settings) is None  # no plane at layer 2
 
 
 def test_prompt_scope_and_force_and_per_row_angles():

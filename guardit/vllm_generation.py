@@ -1,0 +1,96 @@
+"""Greedy generation with the real vLLM engine and the guardit plugin (offline ``LLM``).
+
+Packs are handed to the engine processes through the environment (``GUARDIT_PACKS``); gate
+results come back through the engine's event log (``GUARDIT_RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from calibration.capture import encode_chat
+from calibration.prompts import PromptRecord
+from integrations.vllm import config as vcfg
+from steering.pack import load_packs
+from steering.policy import KEY_ANGLE, KEY_FORCE, KEY_PACKS, KEY_RID
+
+
+def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_dir: str | Path | None = None, **kw):
+    """A vLLM engine with the given packs loaded (CPU-friendly defaults)."""
+    load_packs(list(pack_dirs))  # validate before the engine starts: clear errors, fail fast
+    os.environ[vcfg.ENV_PACKS] = os.pathsep.join(str(Path(p).resolve()) for p in pack_dirs)
+    os.environ.pop(vcfg.ENV_CONFIG, None)
+    os.environ[vcfg.ENV_RUN_DIR] = str(run_dir or tempfile.mkdtemp(prefix="guardit-run-"))
+    from vllm import LLM
+
+    args = dict(model=str(model_dir), enforce_eager=True, dtype="float32", gpu_memory_utilization=0.5,
+                max_model_len=1024, seed=0)
+    args.update(kw)
+    return LLM(**args)
+
+
+def engine_generate(
+    llm,
+    records: Sequence[PromptRecord],
+    packs: Sequence[str] = (),
+    max_tokens: int = 48,
+    force: bool = False,
+    angle: float | None = None,
+) -> list[dict]:
+    """Generate for each record on a running engine; packs named by concept id."""
+    from vllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    ids = encode_chat(tok, [r.prompt for r in records])
+    tag = os.urandom(4).hex()
+    params = []
+    for i in range(len(records)):
+        extra = {}
+        if packs:
+            extra = {KEY_PACKS: ",".join(packs), KEY_RID: f"{tag}-{i}"}
+            if force:
+                extra[KEY_FORCE] = True
+            if angle is not None:
+                extra[KEY_ANGLE] = angle
+        params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None))
+    path = vcfg.events_path()
+    offset = path.stat().st_size if path is not None and path.is_file() else 0
+    outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+    events, _ = vcfg.read_events(path, offset) if path is not None else ([], 0)
+    gates: dict[str, dict] = {}
+    for e in events:
+        if e.get("rid"):
+            gates[e["rid"]] = {p: {"score": e["scores"].get(p), "fired": p in e["fired"]} for p in e["evaluated"]}
+    rows = []
+    for i, (rec, out) in enumerate(zip(records, outs)):
+        comp = out.outputs[0]
+        token_ids = [t for t in comp.token_ids if t != tok.eos_token_id]
+        row = {
+            "prompt": rec.prompt,
+            "output": tok.decode(token_ids, skip_special_tokens=True),
+            "token_ids": token_ids,
+            "gate": gates.get(f"{tag}-{i}", {}) if packs else {},
+        }
+        if rec.answers:
+            row["answers"] = list(rec.answers)
+        rows.append(row)
+    return rows
+
+
+def vllm_generate(model_dir, records, pack_dirs=(), max_tokens: int = 48, force: bool = False) -> list[dict]:
+    """One-shot: start an engine with ``pack_dirs`` and generate (all packs apply to every prompt)."""
+    packs = load_packs(list(pack_dirs))
+    llm = make_llm(model_dir, pack_dirs)
+    return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force)
+
+
+def vllm_generate_pair(model_dir, records, pack_dirs, max_tokens: int = 48) -> tuple[list[dict], list[dict]]:
+    """Vanilla and steered outputs from one engine (requests without packs are untouched)."""
+    packs = load_packs(list(pack_dirs))
+    llm = make_llm(model_dir, pack_dirs)
+    before = engine_generate(llm, records, (), max_tokens)
+    after = engine_generate(llm, records, [p.id for p in packs], max_tokens)
+    return before, after

@@ -1,0 +1,69 @@
+"""What the engine loads: concept packs named by the environment (set by ``guardit serve`` or by
+:func:`integrations.vllm.offline.vllm_generate`), so every vLLM process sees the same set.
+
+- ``GUARDIT_CONFIG``: a policies YAML (its ``packs`` section), or
+- ``GUARDIT_PACKS``: pack directories separated by ``os.pathsep`` (``:``).
+- ``GUARDIT_RUN_DIR``: where the engine appends gate events (``events.jsonl``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from steering.errors import PackError
+from steering.pack import META_FILE, PackMeta
+from steering.policy import DEFAULT_MAX_PACKS, PolicyConfig
+
+ENV_CONFIG = "GUARDIT_CONFIG"
+ENV_PACKS = "GUARDIT_PACKS"
+ENV_RUN_DIR = "GUARDIT_RUN_DIR"
+
+
+def pack_dirs() -> dict[str, Path]:
+    """Concept id -> pack directory, from the environment (empty when nothing is configured)."""
+    if os.environ.get(ENV_CONFIG):
+        cfg = PolicyConfig.load(os.environ[ENV_CONFIG])
+        return {k: Path(v) for k, v in cfg.packs.items()}
+    out: dict[str, Path] = {}
+    for raw in filter(None, os.environ.get(ENV_PACKS, "").split(os.pathsep)):
+        d = Path(raw)
+        meta_path = d / META_FILE
+        if not meta_path.is_file():
+            raise PackError(f"{ENV_PACKS}: concept pack {d} has no {META_FILE}")
+        meta = PackMeta.model_validate_json(meta_path.read_text())
+        if meta.concept_id in out:
+            raise PackError(f"{ENV_PACKS}: concept '{meta.concept_id}' is given twice")
+        out[meta.concept_id] = d
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _known(config: str, packs: str) -> tuple[frozenset[str], int]:
+    ids = frozenset(pack_dirs())
+    limit = PolicyConfig.load(config).max_packs_per_request if config else DEFAULT_MAX_PACKS
+    return ids, limit
+
+
+def known_packs() -> tuple[frozenset[str], int]:
+    """(loaded concept ids, max packs per request), cached per environment."""
+    return _known(os.environ.get(ENV_CONFIG, ""), os.environ.get(ENV_PACKS, ""))
+
+
+def events_path() -> Path | None:
+    d = os.environ.get(ENV_RUN_DIR)
+    return Path(d) / "events.jsonl" if d else None
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """New complete event lines after byte ``offset``; returns (events, new offset)."""
+    if not path.is_file():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return events, offset + end

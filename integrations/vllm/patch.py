@@ -1,0 +1,303 @@
+"""All of guardit's changes to vLLM, in one place (vLLM 0.32, V1 engine).
+
+1. ``GPUModelRunner._model_forward`` (the CPU runner inherits it): before each forward, build the
+   per-token request map of the flattened batch (``input_batch.req_ids`` + ``query_start_loc``),
+   each request's spec (parsed once from ``sampling_params.extra_args``) and gate state; forward
+   hooks on the decoder layers then update the gates and rotate fired requests' tokens.
+   vLLM's layers return ``(hidden_states, residual)`` with the residual add fused into the next
+   RMSNorm; the residual stream is their sum. For a rotated token we write ``hidden = h'`` and
+   ``residual = 0``; other tokens are not touched at all (bit-identical).
+2. ``InputProcessor.process_inputs``: a request that names packs gets a unique ``cache_salt``, so
+   KV computed under a rotation is never reused by another request and the gate always sees the
+   whole prompt (prefix caching stays on for everything else).
+
+Gate results are appended as JSON lines to ``$GUARDIT_RUN_DIR/events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from steering.pack import ConceptPack, ModelFingerprint, fingerprint, load_packs
+from steering.policy import RequestSpec, parse_request
+from steering.runtime import GateStats, RowSettings, SteeringBank
+
+from integrations.vllm import config
+
+log = logging.getLogger("guardit.vllm")
+_installed = False
+_lock = threading.Lock()
+
+
+@dataclass
+class _Request:
+    spec: RequestSpec | None
+    head: int = 1
+    seen: int = 0  # prompt+output positions already scored by the gate
+    total: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+    peak: torch.Tensor | None = None
+    fired: torch.Tensor | None = None
+    reported: set[str] = field(default_factory=set)
+    evaluated: bool = False
+
+
+@dataclass
+class _Step:
+    token_row: torch.Tensor
+    valid: torch.Tensor  # tokens the gate counts (not padding, not already counted)
+    steerable: torch.Tensor  # tokens a rotation may touch (not padding, not the template head)
+    is_prompt: torch.Tensor
+    ready: torch.Tensor  # (R,) rows whose prompt is complete after this step
+    stats: GateStats
+    settings: RowSettings
+
+
+class EngineState:
+    """Per-worker state: the bank of packs and every live request's gate state."""
+
+    def __init__(self) -> None:
+        self.bank: SteeringBank | None = None
+        self.loaded = False
+        self.requests: dict[str, _Request] = {}
+        self.step: _Step | None = None
+        self.hooked: set[int] = set()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def ensure(self, runner) -> None:
+        if not self.loaded:
+            self.loaded = True
+            dirs = config.pack_dirs()
+            if dirs:
+                fp = _vllm_fingerprint(runner)
+                packs = load_packs(list(dirs.values()), fp)
+                for cid, pack in zip(dirs, packs):
+                    if pack.id != cid:
+                        raise ValueError(f"guardit: pack at {dirs[cid]} has id '{pack.id}', config names it '{cid}'")
+                self.bank = SteeringBank(packs, device=runner.device)
+                log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
+        model = runner.model
+        if self.bank is not None and id(model) not in self.hooked:
+            layers = _decoder_layers(model)
+            for i in self.bank.layers:
+                layers[i].register_forward_hook(self._hook(i))
+            self.hooked.add(id(model))
+
+    # -- per step --------------------------------------------------------------------------------
+    def begin(self, runner, num_tokens: int) -> None:
+        self.step = None
+        bank = self.bank
+        assert bank is not None
+        live = runner.requests
+        for rid in [r for r in self.requests if r not in live]:
+            del self.requests[rid]
+        n = runner.input_batch.num_reqs
+        req_ids = runner.input_batch.req_ids[:n]
+        states = []
+        any_active = False
+        for rid in req_ids:
+            st = self.requests.get(rid)
+            if st is None:
+                st = self._new_request(rid, live[rid])
+            states.append(st)
+            any_active |= st.spec is not None
+        if not any_active:
+            return
+        qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
+        counts = np.diff(qsl)
+        p = bank.num_packs
+        token_row = np.zeros(num_tokens, dtype=np.int64)
+        valid = np.zeros(num_tokens, dtype=bool)
+        steerable = np.zeros(num_tokens, dtype=bool)
+        is_prompt = np.zeros(num_tokens, dtype=bool)
+        ready = np.zeros(n, dtype=bool)
+        rows: list[dict] = []
+        for i, (rid, st) in enumerate(zip(req_ids, states)):
+            cached = live[rid]
+            start = int(cached.num_computed_tokens)
+            a, b = int(qsl[i]), int(qsl[i + 1])
+            pos = np.arange(start, start + (b - a))
+            token_row[a:b] = i
+            if st.spec is None:
+                rows.append({})
+                continue
+            if start > st.seen:
+                # Tokens we never scored (a cache hit we did not expect): fail closed.
+                log.warning("guardit: request %s skipped %d unscored tokens; steering it", rid, start - st.seen)
+                st.fired[:] = True
+            num_prompt = int(cached.num_prompt_tokens)
+            valid[a:b] = pos >= st.seen
+            steerable[a:b] = pos >= st.head
+            is_prompt[a:b] = pos < num_prompt
+            ready[i] = start + (b - a) >= num_prompt
+            st.seen = max(st.seen, start + (b - a))
+            rows.append({pid: (st.spec.angle, st.spec.force) for pid in st.spec.packs})
+        dev = runner.device
+        stats = GateStats(
+            torch.stack([s.total if s.total is not None else torch.zeros(p) for s in states]).to(dev),
+            torch.stack([s.count if s.count is not None else torch.zeros(p) for s in states]).to(dev),
+            torch.stack([s.peak if s.peak is not None else torch.full((p,), -math.inf) for s in states]).to(dev),
+            torch.stack([s.fired if s.fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]).to(dev),
+        )
+        t = lambda x: torch.from_numpy(x).to(dev)  # noqa: E731
+        self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats, bank.settings(rows))
+        self._states = states
+        self._req_ids = req_ids
+
+    def end(self) -> None:
+        step, self.step = self.step, None
+        if step is None:
+            return
+        bank = self.bank
+        assert bank is not None
+        stats = step.stats
+        fired_all = (stats.fired | step.settings.force).cpu()
+        value = stats.value(bank.max_pool).cpu()
+        ready = step.ready.cpu()
+        events = []
+        for i, (rid, st) in enumerate(zip(self._req_ids, self._states)):
+            if st.spec is None:
+                continue
+            st.total, st.count = stats.total[i].cpu(), stats.count[i].cpu()
+            st.peak, st.fired = stats.peak[i].cpu(), stats.fired[i].cpu()
+            fired = {bank.packs[j].id for j in range(bank.num_packs) if fired_all[i, j] and bank.packs[j].id in st.spec.packs}
+            if (ready[i] and not st.evaluated) or (fired - st.reported):
+                st.evaluated = True
+                st.reported |= fired
+                events.append({
+                    "req_id": rid,
+                    "rid": st.spec.rid,
+                    "tenant": st.spec.tenant,
+                    "evaluated": list(st.spec.packs),
+                    "fired": sorted(fired),
+                    "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
+                })
+        if events:
+            _write_events(events)
+
+    def _new_request(self, rid: str, cached) -> _Request:
+        bank = self.bank
+        assert bank is not None
+        sp = getattr(cached, "sampling_params", None)
+        known, limit = frozenset(bank.index), 10**6
+        try:
+            spec = parse_request(getattr(sp, "extra_args", None), known, limit)
+        except ValueError as e:  # validated at admission already; never let one request break a batch
+            log.error("guardit: request %s has an invalid spec (%s); steering all its packs", rid, e)
+            spec = RequestSpec(packs=tuple(bank.index), force=True)
+        st = _Request(spec)
+        if spec is not None:
+            p = bank.num_packs
+            st.total, st.count = torch.zeros(p), torch.zeros(p)
+            st.peak, st.fired = torch.full((p,), -math.inf), torch.zeros(p, dtype=torch.bool)
+            st.head = bank.head_length(list(cached.prompt_token_ids or []))
+        self.requests[rid] = st
+        return st
+
+    def _hook(self, index: int):
+        def hook(_module, _args, output):
+            step = self.step
+            if step is None:
+                return None
+            bank = self.bank
+            hidden, residual = output
+            n = step.token_row.shape[0]
+            if index in bank.gate_layers:
+                full = hidden[:n] + residual[:n]
+                bank.update_gates(index, full, step.token_row, step.stats, step.settings, step.valid,
+                                  step.is_prompt, step.ready)
+            if bank.needs_steer(index, step.stats, step.settings):
+                full = hidden[:n] + residual[:n]
+                idx = bank.steer_(index, full, step.token_row, step.stats, step.settings, step.steerable,
+                                  step.is_prompt)
+                if idx is not None:
+                    hidden[idx] = full[idx]
+                    residual[idx] = 0
+            return None
+
+        return hook
+
+
+STATE = EngineState()
+
+
+def _write_events(events: list[dict]) -> None:
+    path = config.events_path()
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _lock, path.open("a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in events))
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None) or getattr(model, "language_model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None and inner is not None:
+        layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"guardit: cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def _vllm_fingerprint(runner) -> ModelFingerprint:
+    from pathlib import Path
+
+    model = runner.model
+    hf = runner.model_config.hf_config
+    text = getattr(hf, "text_config", None) or hf
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
+    weight = getattr(embed, "weight", embed)
+    return fingerprint(
+        name=Path(str(runner.model_config.model)).name,
+        model_type=str(text.model_type),
+        num_layers=len(_decoder_layers(model)),
+        hidden_size=int(text.hidden_size),
+        vocab_size=int(text.vocab_size),
+        embed_weight=weight,
+    )
+
+
+def install() -> None:
+    """Patch vLLM (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original_forward = GPUModelRunner._model_forward
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kw):
+        STATE.ensure(self)
+        if STATE.bank is None:
+            return original_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        STATE.begin(self, int(ref.shape[0]))
+        try:
+            return original_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
+        finally:
+            STATE.end()
+
+    GPUModelRunner._model_forward = _model_forward
+
+    original_process = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        request = original_process(self, request_id, prompt, params, *args, **kwargs)
+        extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+        packs = extra.get("guardit_packs")
+        if packs and str(packs).strip().lower() not in ("none", "off"):
+            request.cache_salt = f"{request.cache_salt or ''}|guardit:{uuid.uuid4().hex}"
+        return request
+
+    InputProcessor.process_inputs = process_inputs

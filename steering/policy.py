@@ -1,0 +1,232 @@
+"""Policies: which concept packs apply to a request, with what angle, and what a client may change.
+
+- :class:`RequestSpec` is the per-request steering spec, parsed and validated once, when the
+  request arrives (flat JSON scalars, as ``vllm_xargs`` on the OpenAI server allows).
+- :class:`PolicyConfig` is the operator's file (YAML): packs to load, tenants keyed by API key
+  (hashes or env vars, never the key itself), per-tenant default and mandatory packs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from steering.errors import PolicyError
+from steering.pack import PACK_ID_RE
+
+# Keys a client may send in SamplingParams.extra_args / vllm_xargs.
+KEY_PACKS = "guardit_packs"  # "id1,id2" (or a list offline); "none" or "" = no packs
+KEY_ANGLE = "guardit_angle"  # degrees, overrides the packs' calibrated angle
+KEY_FORCE = "guardit_force"  # rotate without the gate (evaluation)
+# Keys only the server middleware sets (any client value is removed before it).
+KEY_TENANT = "guardit_tenant"
+KEY_RID = "guardit_rid"
+CLIENT_KEYS = (KEY_PACKS, KEY_ANGLE, KEY_FORCE)
+SERVER_KEYS = (KEY_TENANT, KEY_RID)
+DEFAULT_MAX_PACKS = 16
+
+
+class RequestSpec(BaseModel):
+    """What one request asked for (already resolved against tenant policy by the server)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    packs: tuple[str, ...] = ()
+    angle: float | None = None
+    force: bool = False
+    tenant: str | None = None
+    rid: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.packs)
+
+    def to_extra_args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {KEY_PACKS: ",".join(self.packs) if self.packs else "none"}
+        if self.angle is not None:
+            out[KEY_ANGLE] = self.angle
+        if self.force:
+            out[KEY_FORCE] = True
+        if self.tenant is not None:
+            out[KEY_TENANT] = self.tenant
+        if self.rid is not None:
+            out[KEY_RID] = self.rid
+        return out
+
+
+def _split_packs(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lower() in ("", "none", "off"):
+            return ()
+        items = [x.strip() for x in v.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+        items = [x.strip() for x in value]
+    else:
+        raise PolicyError(f"{KEY_PACKS} must be a comma-separated string of concept ids, got {type(value).__name__}")
+    for x in items:
+        if not PACK_ID_RE.match(x):
+            raise PolicyError(f"{KEY_PACKS}: {x!r} is not a valid concept id")
+    if len(set(items)) != len(items):
+        raise PolicyError(f"{KEY_PACKS}: duplicated concept id in {value!r}")
+    return tuple(items)
+
+
+def parse_request(
+    extra_args: dict[str, Any] | None,
+    known: set[str] | frozenset[str],
+    max_packs: int = DEFAULT_MAX_PACKS,
+) -> RequestSpec | None:
+    """Parse the guardit fields of a request's extra_args. None when it names no packs.
+
+    Raises :class:`PolicyError` (a ValueError) naming the offending field.
+    """
+    if not extra_args:
+        return None
+    fields = {k: v for k, v in extra_args.items() if k.startswith("guardit")}
+    if not fields:
+        return None
+    unknown = set(fields) - set(CLIENT_KEYS) - set(SERVER_KEYS)
+    if unknown:
+        raise PolicyError(f"unknown field(s) {sorted(unknown)}; expected some of {list(CLIENT_KEYS)}")
+    packs = _split_packs(fields.get(KEY_PACKS, "none"))
+    missing = [p for p in packs if p not in known]
+    if missing:
+        raise PolicyError(f"{KEY_PACKS}: unknown concept id(s) {missing}; loaded: {sorted(known)}")
+    if len(packs) > max_packs:
+        raise PolicyError(f"{KEY_PACKS}: {len(packs)} packs requested, at most {max_packs} allowed")
+    angle = fields.get(KEY_ANGLE)
+    if angle is not None:
+        if isinstance(angle, bool) or not isinstance(angle, (int, float, str)):
+            raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {type(angle).__name__}")
+        try:
+            angle = float(angle)
+        except ValueError:
+            raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {angle!r}") from None
+        if not math.isfinite(angle) or abs(angle) > 360:
+            raise PolicyError(f"{KEY_ANGLE} must be finite and within [-360, 360], got {angle}")
+    force = fields.get(KEY_FORCE, False)
+    if not isinstance(force, bool):
+        raise PolicyError(f"{KEY_FORCE} must be true or false, got {force!r}")
+    tenant, rid = fields.get(KEY_TENANT), fields.get(KEY_RID)
+    for key, val in ((KEY_TENANT, tenant), (KEY_RID, rid)):
+        if val is not None and not isinstance(val, str):
+            raise PolicyError(f"{key} must be a string")
+    spec = RequestSpec(packs=packs, angle=angle, force=force, tenant=tenant, rid=rid)
+    return spec if spec.active else None
+
+
+# -- operator config -------------------------------------------------------------------------
+
+
+class TenantPolicy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+    api_key_sha256: str | None = Field(default=None, description="hex SHA-256 of the API key")
+    packs: list[str] = Field(default_factory=list, description="applied unless the client chooses others")
+    mandatory: list[str] = Field(default_factory=list, description="always applied; the client cannot switch them off")
+    allow_client_packs: bool = Field(default=True, description="may the client choose packs (beyond mandatory)")
+    angle: float | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> "TenantPolicy":
+        if (self.api_key_env is None) == (self.api_key_sha256 is None):
+            raise ValueError("give exactly one of api_key_env or api_key_sha256")
+        if self.api_key_sha256 is not None and len(self.api_key_sha256) != 64:
+            raise ValueError("api_key_sha256 must be 64 hex digits")
+        return self
+
+    @field_validator("angle")
+    @classmethod
+    def _angle(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or abs(v) > 360):
+            raise ValueError("angle must be finite and within [-360, 360]")
+        return v
+
+
+class PolicyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    packs: dict[str, str] = Field(description="concept id -> pack directory (relative to the config file)")
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    max_packs_per_request: int = Field(default=DEFAULT_MAX_PACKS, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _refs(self) -> "PolicyConfig":
+        for name, t in self.tenants.items():
+            for field in ("packs", "mandatory"):
+                missing = [p for p in getattr(t, field) if p not in self.packs]
+                if missing:
+                    raise ValueError(f"tenants.{name}.{field} references unknown pack(s) {missing}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PolicyConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise PolicyError(f"policy config not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise PolicyError(f"{p}: not valid YAML ({e})") from None
+        try:
+            cfg = cls.model_validate(raw or {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"]) or "(root)"
+            raise PolicyError(f"{p}: field '{loc}': {first['msg']}") from None
+        base = p.resolve().parent
+        return cfg.model_copy(update={"packs": {k: str((base / v).resolve()) for k, v in cfg.packs.items()}})
+
+    def tenant_for_key(self, api_key: str) -> str | None:
+        """The tenant whose key this is (constant-time comparison of hashes), or None."""
+        import hmac
+
+        digest = hashlib.sha256(api_key.encode()).hexdigest()
+        found = None
+        for name, t in self.tenants.items():
+            if t.api_key_sha256 is not None:
+                expected = t.api_key_sha256.lower()
+            else:
+                env = os.environ.get(t.api_key_env or "")
+                if not env:
+                    continue
+                expected = hashlib.sha256(env.encode()).hexdigest()
+            if hmac.compare_digest(digest, expected):
+                found = name
+        return found
+
+    def resolve(self, tenant: str, client: dict[str, Any]) -> RequestSpec:
+        """Combine the tenant's policy with the client's guardit fields.
+
+        Mandatory packs always apply; a client naming "none" or leaving out a mandatory pack does
+        not remove it, and a client that explicitly tries to is refused (PermissionError).
+        """
+        t = self.tenants[tenant]
+        known = set(self.packs)
+        spec = parse_request(client, known, self.max_packs_per_request) if client else None
+        asked_packs = KEY_PACKS in client
+        if asked_packs:
+            chosen = list(spec.packs) if spec else []
+            if not t.allow_client_packs and set(chosen) - set(t.mandatory) - set(t.packs):
+                raise PermissionError(f"{KEY_PACKS}: tenant '{tenant}' may not choose packs")
+            dropped = [p for p in t.mandatory if p not in chosen]
+            if dropped:
+                raise PermissionError(
+                    f"{KEY_PACKS}: pack(s) {dropped} are mandatory for this tenant and cannot be switched off"
+                )
+        else:
+            chosen = list(t.packs)
+        if t.mandatory and spec is not None and spec.angle is not None:
+            raise PermissionError(f"{KEY_ANGLE}: cannot be set while mandatory packs {t.mandatory} apply")
+        packs = tuple(dict.fromkeys(list(t.mandatory) + chosen))
+        angle = spec.angle if spec and spec.angle is not None else t.angle
+        force = bool(spec.force) if spec else False
+        return RequestSpec(packs=packs, angle=angle, force=force, tenant=tenant)
