@@ -82,8 +82,10 @@ def parse_request(
     extra_args: dict[str, Any] | None,
     known: set[str] | frozenset[str],
     max_packs: int = DEFAULT_MAX_PACKS,
+    keep_empty: bool = False,
 ) -> RequestSpec | None:
-    """Parse the guardit fields of a request's extra_args. None when it names no packs.
+    """Parse the guardit fields of a request's extra_args. None when it names no packs (unless
+    ``keep_empty``, used when a tenant policy still has to be combined with it).
 
     Raises :class:`PolicyError` (a ValueError) naming the offending field.
     """
@@ -119,7 +121,7 @@ def parse_request(
         if val is not None and not isinstance(val, str):
             raise PolicyError(f"{key} must be a string")
     spec = RequestSpec(packs=packs, angle=angle, force=force, tenant=tenant, rid=rid)
-    return spec if spec.active else None
+    return spec if spec.active or keep_empty else None
 
 
 # -- operator config -------------------------------------------------------------------------
@@ -211,7 +213,7 @@ class PolicyConfig(BaseModel):
         """
         t = self.tenants[tenant]
         known = set(self.packs)
-        spec = parse_request(client, known, self.max_packs_per_request) if client else None
+        spec = parse_request(client, known, self.max_packs_per_request, keep_empty=True) if client else None
         asked_packs = KEY_PACKS in client
         if asked_packs:
             chosen = list(spec.packs) if spec else []

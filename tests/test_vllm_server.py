@@ -1,0 +1,218 @@
+"""The real OpenAI-compatible vLLM server with the guardit plugin and middleware (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.model]
+
+KEYS = {"kids": "kids-key", "open": "open-key", "privacy": "privacy-key", "research": "research-key"}
+HP_Q = "What is the name of the wizarding school in Harry Potter?"
+AE_Q = "Who developed the theory of relativity?"
+RETAIN_Q = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who discovered gravity?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, packs_dir, model_dir):
+    d = tmp_path_factory.mktemp("serve")
+    cfg = {
+        "packs": {"harry-potter": str(packs_dir / "harry-potter"), "einstein": str(packs_dir / "einstein")},
+        "tenants": {
+            "kids": {"api_key_env": "GUARDIT_TEST_KEY_KIDS", "mandatory": ["harry-potter"]},
+            "open": {"api_key_env": "GUARDIT_TEST_KEY_OPEN"},
+            "privacy": {"api_key_sha256": hashlib.sha256(KEYS["privacy"].encode()).hexdigest(), "packs": ["einstein"]},
+            "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH"},
+        },
+        "max_packs_per_request": 1,
+    }
+    (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    port = _free_port()
+    env = dict(os.environ, GUARDIT_TEST_KEY_KIDS=KEYS["kids"], GUARDIT_TEST_KEY_OPEN=KEYS["open"],
+               GUARDIT_TEST_KEY_RESEARCH=KEYS["research"], GUARDIT_RUN_DIR=str(d / "run"))
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "guardit.cli", "serve", "--config", str(d / "policies.yaml"),
+                             str(model_dir), "--port", str(port), "--host", "127.0.0.1", "--max-num-seqs", "32"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    import urllib.request
+
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 420
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + (d / "server.log").read_text()[-3000:])
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except Exception:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("server did not start:\n" + (d / "server.log").read_text()[-3000:])
+            time.sleep(2)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _client(base, tenant):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key=KEYS[tenant], max_retries=0)
+
+
+def _chat(base, tenant, question, xargs=None, max_tokens=32, system=None):
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    extra = {"vllm_xargs": xargs} if xargs is not None else None
+    raw = _client(base, tenant).chat.completions.with_raw_response.create(
+        model=_model_name(base), messages=msgs, max_tokens=max_tokens, temperature=0.0, extra_body=extra)
+    resp = raw.parse()
+    return resp.choices[0].message.content, raw.headers
+
+
+_MODEL = {}
+
+
+def _model_name(base):
+    if base not in _MODEL:
+        _MODEL[base] = _client(base, "open").models.list().data[0].id
+    return _MODEL[base]
+
+
+def _status(base, tenant, xargs):
+    import openai
+
+    try:
+        _chat(base, tenant, HP_Q, xargs, max_tokens=4)
+    except openai.APIStatusError as e:
+        return e.status_code, e.response.json()["error"]["message"]
+    return 200, ""
+
+
+def test_unknown_or_missing_key_is_401(server):
+    import urllib.error
+    import urllib.request
+
+    for key in (None, "wrong"):
+        req = urllib.request.Request(server + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 401
+
+
+def test_mandatory_policy_forgets_and_leaves_retain_vanilla(server):
+    out, h = _chat(server, "kids", HP_Q)
+    assert h["x-guardit-fired"] == "harry-potter" and h["x-guardit-tenant"] == "kids"
+    assert "hogwarts" not in out.lower()
+    van, h0 = _chat(server, "open", HP_Q)
+    assert "hogwarts" in van.lower() and "x-guardit-fired" not in h0
+    for q in RETAIN_Q:
+        steered, h = _chat(server, "kids", q)
+        assert h["x-guardit-fired"] == "" and steered == _chat(server, "open", q)[0]
+
+
+def test_mandatory_policy_cannot_be_disabled(server):
+    assert _status(server, "kids", {"guardit_packs": "none"})[0] == 403
+    assert _status(server, "kids", {"guardit_angle": 0})[0] == 403
+    out, h = _chat(server, "kids", HP_Q, {"guardit_packs": "harry-potter"})
+    assert h["x-guardit-fired"] == "harry-potter"
+
+
+@pytest.mark.parametrize("xargs,field", [
+    ({"guardit_packs": "no-such-pack"}, "guardit_packs"),
+    ({"guardit_packs": "harry-potter,einstein"}, "guardit_packs"),  # more than max_packs_per_request
+    ({"guardit_packs": "harry-potter", "guardit_angle": "abc"}, "guardit_angle"),
+    ({"guardit_packs": "harry-potter", "guardit_angle": "nan"}, "guardit_angle"),
+    ({"guardit_packs": "harry-potter", "guardit_force": "yes"}, "guardit_force"),
+    ({"guardit_packz": "harry-potter"}, "guardit_packz"),
+    ({"guardit_tenant": "kids"}, "guardit_tenant"),
+])
+def test_bad_xargs_is_400_and_server_keeps_serving(server, xargs, field):
+    code, msg = _status(server, "research", xargs)
+    assert code == 400 and field in msg
+    assert _status(server, "research", {"guardit_packs": "einstein"})[0] == 200
+
+
+def test_bad_xargs_rejected_by_engine_validation_too(server):
+    """The engine validates at admission even without the middleware's own check (defence in depth)."""
+    from integrations.vllm.logits import GuarditValidator
+    from vllm import SamplingParams
+
+    os.environ["GUARDIT_PACKS"] = ""
+    with pytest.raises(ValueError, match="guardit_packs"):
+        GuarditValidator.validate_params(SamplingParams(extra_args={"guardit_packs": "nope"}))
+
+
+def test_per_request_toggle_and_tenant_default(server):
+    out, h = _chat(server, "research", HP_Q, {"guardit_packs": "harry-potter"})
+    assert h["x-guardit-fired"] == "harry-potter" and "hogwarts" not in out.lower()
+    out, h = _chat(server, "research", HP_Q)
+    assert "x-guardit-fired" not in h and "hogwarts" in out.lower()
+    out, h = _chat(server, "privacy", AE_Q)
+    assert h["x-guardit-fired"] == "einstein" and "einstein" not in out.lower()
+    out, h = _chat(server, "privacy", AE_Q, {"guardit_packs": "none"})
+    assert "einstein" in out.lower()
+
+
+def test_prefix_cache_same_forget_prompt_fires_twice_and_retain_stays_vanilla(server):
+    system = " ".join(["You are a careful assistant for a library; answer briefly and accurately."] * 12)
+    for _ in range(2):
+        out, h = _chat(server, "research", HP_Q, {"guardit_packs": "harry-potter"}, system=system)
+        assert h["x-guardit-fired"] == "harry-potter" and "hogwarts" not in out.lower()
+    for q in RETAIN_Q:
+        steered_ctx, h = _chat(server, "research", q, {"guardit_packs": "harry-potter"}, system=system)
+        vanilla, _ = _chat(server, "open", q, system=system)
+        assert h["x-guardit-fired"] == "" and steered_ctx == vanilla
+
+
+def test_mixed_concurrent_batch_equals_each_request_alone(server):
+    jobs = []
+    for i in range(20):
+        tenant = ["kids", "privacy", "research", "open"][i % 4]
+        q = [HP_Q, AE_Q, RETAIN_Q[0], RETAIN_Q[1], RETAIN_Q[2]][i % 5]
+        xargs = {"guardit_packs": "harry-potter"} if tenant == "research" else None
+        jobs.append((tenant, q, xargs))
+    alone = [_chat(server, t, q, x, max_tokens=24)[0] for t, q, x in jobs]
+    with ThreadPoolExecutor(20) as pool:
+        together = list(pool.map(lambda j: _chat(server, *j, max_tokens=24)[0], jobs))
+    assert together == alone
+
+
+def test_metrics_count_gates_by_pack_and_tenant(server):
+    import urllib.request
+
+    _chat(server, "kids", HP_Q, max_tokens=4)
+    text = urllib.request.urlopen(server + "/metrics").read().decode()
+    fired = [l for l in text.splitlines() if l.startswith("guardit_gate_fired_total")]
+    evaluated = [l for l in text.splitlines() if l.startswith("guardit_gate_evaluated_total")]
+    assert any('pack="harry-potter"' in l and 'tenant="kids"' in l for l in fired), text[-2000:]
+    assert any('tenant="research"' in l for l in evaluated)
+
+
+def test_config_with_missing_or_wrong_pack_fails_at_start(tmp_path, packs_dir, model_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("packs:\n  ghost: /nowhere/ghost\n")
+    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "packs.ghost" in proc.stderr and "not found" in proc.stderr
+    bad.write_text("packs:\n  hp: " + str(packs_dir / "harry-potter") + "\ntenants:\n  t:\n    api_key_env: X\n    packs: [nope]\n")
+    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "tenants.t.packs references unknown pack(s) ['nope']" in proc.stderr
