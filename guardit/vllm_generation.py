@@ -32,6 +32,16 @@ def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_di
     return LLM(**args)
 
 
+def shutdown(llm) -> None:
+    """Stop an engine's background processes now (instead of at garbage collection)."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    gc.collect()
+
+
 def engine_generate(
     llm,
     records: Sequence[PromptRecord],
@@ -84,13 +94,19 @@ def vllm_generate(model_dir, records, pack_dirs=(), max_tokens: int = 48, force:
     """One-shot: start an engine with ``pack_dirs`` and generate (all packs apply to every prompt)."""
     packs = load_packs(list(pack_dirs))
     llm = make_llm(model_dir, pack_dirs)
-    return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force)
+    try:
+        return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force)
+    finally:
+        shutdown(llm)
 
 
 def vllm_generate_pair(model_dir, records, pack_dirs, max_tokens: int = 48) -> tuple[list[dict], list[dict]]:
     """Vanilla and steered outputs from one engine (requests without packs are untouched)."""
     packs = load_packs(list(pack_dirs))
     llm = make_llm(model_dir, pack_dirs)
-    before = engine_generate(llm, records, (), max_tokens)
-    after = engine_generate(llm, records, [p.id for p in packs], max_tokens)
+    try:
+        before = engine_generate(llm, records, (), max_tokens)
+        after = engine_generate(llm, records, [p.id for p in packs], max_tokens)
+    finally:
+        shutdown(llm)
     return before, after

@@ -48,6 +48,9 @@ class _Request:
     fired: torch.Tensor | None = None
     reported: set[str] = field(default_factory=set)
     evaluated: bool = False
+    # The prompt was split into prefill chunks and the gate decided after the first one: those
+    # chunks' tokens were not rotated, so this request's generated tokens are rotated as well.
+    compensate: bool = False
 
 
 @dataclass
@@ -120,6 +123,7 @@ class EngineState:
         is_prompt = np.zeros(num_tokens, dtype=bool)
         ready = np.zeros(n, dtype=bool)
         rows: list[dict] = []
+        self._split: set[int] = set()
         for i, (rid, st) in enumerate(zip(req_ids, states)):
             cached = live[rid]
             start = int(cached.num_computed_tokens)
@@ -136,8 +140,10 @@ class EngineState:
             num_prompt = int(cached.num_prompt_tokens)
             valid[a:b] = pos >= st.seen
             steerable[a:b] = pos >= st.head
-            is_prompt[a:b] = pos < num_prompt
+            is_prompt[a:b] = (pos < num_prompt) | st.compensate
             ready[i] = start + (b - a) >= num_prompt
+            if ready[i] and not st.evaluated and start > st.head:
+                self._split.add(i)
             st.seen = max(st.seen, start + (b - a))
             rows.append({pid: (st.spec.angle, st.spec.force) for pid in st.spec.packs})
         dev = runner.device
@@ -169,6 +175,8 @@ class EngineState:
             st.total, st.count = stats.total[i].cpu(), stats.count[i].cpu()
             st.peak, st.fired = stats.peak[i].cpu(), stats.fired[i].cpu()
             fired = {bank.packs[j].id for j in range(bank.num_packs) if fired_all[i, j] and bank.packs[j].id in st.spec.packs}
+            if fired and i in self._split:
+                st.compensate = True
             if (ready[i] and not st.evaluated) or (fired - st.reported):
                 st.evaluated = True
                 st.reported |= fired

@@ -1,0 +1,112 @@
+"""The real vLLM engine (offline LLM) with the plugin: vanilla parity, HF agreement, chunked prefill."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from calibration import hf_fingerprint, read_prompts
+from calibration.capture import encode_chat
+from guardit.generation import hf_generate, leaked
+from steering.pack import load_packs
+
+from conftest import EXAMPLES
+
+pytestmark = [pytest.mark.vllm, pytest.mark.model]
+CONCEPTS = ("harry_potter", "einstein")
+# Small token budget per step: prompts (~35-45 tokens) are split over several prefill chunks.
+ENGINE_KW = {"max_num_batched_tokens": 32, "max_num_seqs": 32, "enable_chunked_prefill": True,
+             "gpu_memory_utilization": 0.25}
+MAX_TOKENS = 32
+
+
+def _records():
+    recs = {}
+    for c in CONCEPTS:
+        for split in ("forget_test", "retain_test"):
+            recs[(c, split)] = read_prompts(EXAMPLES / c / f"{split}.jsonl")
+    return recs
+
+
+@pytest.fixture(scope="module")
+def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens):
+    """The plugin engine; started after the vanilla reference so two engines never share memory."""
+    from guardit.vllm_generation import make_llm, shutdown
+
+    llm = make_llm(model_dir, [packs_dir / "harry-potter", packs_dir / "einstein"],
+                   run_dir=tmp_path_factory.mktemp("run"), **ENGINE_KW)
+    yield llm
+    shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def vanilla_tokens(model_dir, hf_model, tmp_path_factory):
+    """Token ids from vanilla vLLM (separate process, plugin off) for every example test prompt."""
+    _, tok = hf_model
+    recs = [r for rs in _records().values() for r in rs]
+    ids = encode_chat(tok, [r.prompt for r in recs])
+    f = tmp_path_factory.mktemp("ref") / "prompts.json"
+    f.write_text(json.dumps(ids))
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_reference.py"), str(model_dir), str(f),
+                           str(MAX_TOKENS), json.dumps(ENGINE_KW)], capture_output=True, text=True, timeout=900)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, proc.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    eos = tok.eos_token_id
+    return {r.prompt: [t for t in o if t != eos] for r, o in zip(recs, out)}
+
+
+def test_no_policy_and_closed_gates_give_vanilla_tokens(engine, vanilla_tokens):
+    from guardit.vllm_generation import engine_generate
+
+    recs = _records()
+    retain = recs[("harry_potter", "retain_test")] + recs[("einstein", "retain_test")]
+    forget = recs[("harry_potter", "forget_test")] + recs[("einstein", "forget_test")]
+    plain = engine_generate(engine, retain + forget, (), MAX_TOKENS)
+    assert all(r["token_ids"] == vanilla_tokens[r["prompt"]] for r in plain)
+    gated = engine_generate(engine, retain, ["einstein", "harry-potter"], MAX_TOKENS)
+    closed = [r for r in gated if not any(g["fired"] for g in r["gate"].values())]
+    assert len(closed) >= 0.9 * len(retain)
+    assert all(r["token_ids"] == vanilla_tokens[r["prompt"]] for r in closed)
+
+
+@pytest.mark.parametrize("concept", CONCEPTS)
+def test_vllm_and_hf_agree_on_gates_and_vllm_forgets(engine, hf_model, packs_dir, concept):
+    from guardit.vllm_generation import engine_generate
+
+    model, tok = hf_model
+    pack_id = concept.replace("_", "-")
+    packs = load_packs([packs_dir / pack_id], hf_fingerprint(model))
+    recs = _records()
+    for split in ("forget_test", "retain_test"):
+        hf_rows = hf_generate(model, tok, recs[(concept, split)], packs, max_tokens=4, progress=False)
+        v_rows = engine_generate(engine, recs[(concept, split)], [pack_id], MAX_TOKENS)
+        assert [r["gate"][pack_id]["fired"] for r in v_rows] == [r["gate"][pack_id]["fired"] for r in hf_rows]
+        for a, b in zip(v_rows, hf_rows):
+            assert a["gate"][pack_id]["score"] == pytest.approx(b["gate"][pack_id]["score"], abs=2e-2)
+        if split == "forget_test":
+            leaks = sum(leaked(r["output"], r["answers"]) for r in v_rows)
+            assert leaks <= 0.10 * len(v_rows), [r["output"] for r in v_rows]
+
+
+def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, capsys):
+    """`guardit generate --engine vllm` writes the same record format as --engine hf."""
+    import os
+
+    from guardit.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]}) + "\n")
+    # A second engine in this process would double memory use; run the CLI in a subprocess.
+    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
+                           "--pack", str(packs_dir / "harry-potter"), "--prompts", str(prompts),
+                           "--out", str(tmp_path / "o.jsonl"), "--max-tokens", "16"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
+    assert set(row) >= {"prompt", "output", "gate", "answers"}
+    assert row["gate"]["harry-potter"]["fired"] is True and isinstance(row["gate"]["harry-potter"]["score"], float)
