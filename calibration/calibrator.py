@@ -51,6 +51,7 @@ class ConceptCalibrator:
     gate_layers: list[int] | None = None
     gate_poolings: tuple[str, ...] = ("mean",)
     max_steer_layers: int | None = None
+    min_steer_layers: int = 4
     batch_size: int = 16
     description: str = ""
     progress: bool = True
@@ -105,9 +106,10 @@ class ConceptCalibrator:
             raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
 
         steer = [s.layer for s in stats if s.selected and s.layer > gate.layer]
-        if not steer:
-            ranked = sorted((s for s in stats if s.layer > gate.layer), key=lambda s: -s.auroc)
-            steer = sorted(s.layer for s in ranked[:4])
+        if len(steer) < self.min_steer_layers:
+            # Too few opposite-sign layers after the gate: top up with the most separating ones.
+            ranked = sorted((s for s in stats if s.layer > gate.layer and s.layer not in steer), key=lambda s: -s.auroc)
+            steer = sorted(steer + [s.layer for s in ranked[: self.min_steer_layers - len(steer)]])
         if self.max_steer_layers is not None and len(steer) > self.max_steer_layers:
             by_auc = sorted(steer, key=lambda l: -stats[l].auroc)[: self.max_steer_layers]
             steer = sorted(by_auc)

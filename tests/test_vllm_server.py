@@ -216,3 +216,19 @@ def test_config_with_missing_or_wrong_pack_fails_at_start(tmp_path, packs_dir, m
     proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "tenants.t.packs references unknown pack(s) ['nope']" in proc.stderr
+
+
+def test_config_with_wrong_model_pack_fails_at_start(tmp_path, packs_dir, model_dir):
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(packs_dir / "harry-potter", wrong)
+    meta = json.loads((wrong / "pack.json").read_text())
+    meta["model"]["weights_sha256"] = "e" * 64
+    (wrong / "pack.json").write_text(json.dumps(meta))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"packs:\n  harry-potter: {wrong}\n")
+    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(cfg), str(model_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "packs.harry-potter" in proc.stderr and "weights_sha256" in proc.stderr
+    assert "Traceback" not in proc.stderr
