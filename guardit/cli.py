@@ -111,8 +111,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from guardit.evaluate import run_eval
 
-    run_eval(_model_dir(args.model), args.pack, args.suite, args.out, engine=args.engine,
-             max_tokens=args.max_tokens, baselines=not args.no_baselines)
+    report = run_eval(_model_dir(args.model), args.pack, args.suite, args.out, engine=args.engine,
+                      max_tokens=args.max_tokens, baselines=not args.no_baselines)
+    g = report["methods"]["guardit"]
+    print(f"report: {Path(args.out) / 'report.md'}  (guardit: forget leak {g['forget_test.leak_rate']:.0%}, "
+          f"retain bit-identical {g['retain.bit_identical']:.0%})")
     return 0
 
 
