@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from calibration.prompts import PromptRecord, read_prompts
+from guardit.console import print_report
 from guardit.generation import leaked
 from guardit.model_prep import cache_dir, prepare_model
 
@@ -42,8 +43,6 @@ def run_demo(engine: str = "vllm", workdir: str | None = None) -> int:
     cal = ConceptCalibrator("harry-potter", description="the Harry Potter universe", progress=True)
     pack = cal.fit(model, tok, read_prompts(CONCEPT_DIR / "forget.jsonl"), read_prompts(CONCEPT_DIR / "retain.jsonl"))
     pack.save_pretrained(pack_dir)
-    from guardit.cli import print_report
-
     print_report(cal.report_)
     print(f"concept pack: {pack_dir}")
     if engine == "vllm":
