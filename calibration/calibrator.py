@@ -13,7 +13,7 @@ import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import layer_stats, mean_difference, orthogonal_target
-from calibration.gate import conformal_threshold, fit_gate
+from calibration.gate import fit_gate
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
@@ -153,7 +153,7 @@ class ConceptCalibrator:
             angle_mode=self.angle_mode,
             target=self.target,
             skip_head=list(ids_f[0][:skip]),
-            stats={k: v for k, v in report.items() if k != "layers"} | {"layers": report["layers"]},
+            stats=dict(report),
         )
         return ConceptPack(meta, planes, gate.weight, gate.bias)
 

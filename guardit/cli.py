@@ -7,7 +7,6 @@ with exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -75,8 +74,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from guardit.vllm_generation import vllm_generate
 
         rows = vllm_generate(model_dir, records, args.pack, max_tokens=args.max_tokens, force=args.force)
-    for r in rows:
-        r.pop("token_ids", None) if not args.token_ids else None
+    if not args.token_ids:
+        for r in rows:
+            r.pop("token_ids", None)
     write_jsonl(args.out, rows)
     fired = sum(any(g["fired"] for g in r["gate"].values()) for r in rows)
     print(f"wrote {len(rows)} outputs to {args.out} ({fired} with a gate fired)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +77,13 @@ def _actadd_shift(model, tok, pack: ConceptPack, suite: Path) -> dict[int, float
 
 def run_eval(model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_tokens: int = 40,
              baselines: bool = True) -> dict:
-    baselines_on = baselines
     if engine != "hf":
         raise GuarditError("guardit eval supports --engine hf for now (gates agree with vLLM; see tests)")
     suite, out = Path(suite_dir), Path(out_dir)
     model, tok = load_model(model_dir)
     pack = ConceptPack.from_pretrained(pack_dir, hf_fingerprint(model))
     splits = _splits(suite)
-    methods = list(METHODS) if baselines_on else ["vanilla", "guardit"]
+    methods = list(METHODS) if baselines else ["vanilla", "guardit"]
     shift = _actadd_shift(model, tok, pack, suite) if "actadd" in methods else None
     if shift is None and "actadd" in methods:
         methods.remove("actadd")

@@ -101,6 +101,10 @@ class SteeringBank:
             for j, layer in enumerate(p.meta.layers):
                 self.steer_layers.setdefault(layer, []).append((i, p.planes[j].to(dev, torch.float32), p.meta.angle_mode))
         self.layers = sorted(set(self.gate_layers) | set(self.steer_layers))
+        self.steer_cols = {
+            layer: torch.tensor([p for p, _, _ in entries], dtype=torch.long, device=dev)
+            for layer, entries in self.steer_layers.items()
+        }
         self.steer_all = [p.meta.steer_scope == "all" for p in self.packs]
         heads = [p.meta.skip_head for p in self.packs]
         self.skip_head: list[int] = []
@@ -232,8 +236,7 @@ class SteeringBank:
 
     def needs_steer(self, layer: int, stats: GateStats, settings: RowSettings) -> bool:
         """Cheap check: does any row have a fired (or forced) pack with a plane at this layer?"""
-        entries = self.steer_layers.get(layer)
-        if not entries:
+        cols = self.steer_cols.get(layer)
+        if cols is None:
             return False
-        cols = [p for p, _, _ in entries]
         return bool((stats.fired[:, cols] | settings.force[:, cols]).any())

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat
+from guardit.evaluate import perplexity
 from guardit.generation import hf_generate, leaked
 from integrations.hf import steer
 from steering.pack import ConceptPack, load_packs
@@ -102,20 +101,6 @@ def test_per_row_settings_and_validation(hf_model, hp):
     assert not torch.equal(out[0], out[1])
 
 
-@torch.no_grad()
-def _ppl(model, tok, rows) -> float:
-    nll, n = 0.0, 0
-    for r in rows:
-        p = encode_chat(tok, [r["prompt"]])[0]
-        o = r["token_ids"]
-        if not o:
-            continue
-        logits = model(torch.tensor([p + o])).logits[0, len(p) - 1:-1]
-        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(o), reduction="sum").item()
-        n += len(o)
-    return math.exp(nll / max(n, 1))
-
-
 @pytest.mark.parametrize("concept", ["harry_potter", "einstein"])
 def test_forgetting_on_the_example_test_splits(hf_model, packs_dir, concept):
     model, tok = hf_model
@@ -133,4 +118,5 @@ def test_forgetting_on_the_example_test_splits(hf_model, packs_dir, concept):
     identical = sum(a["token_ids"] == b["token_ids"] for a, b in zip(van_r, st_r))
     assert identical >= 0.90 * len(retain)
     # fluent, not gibberish: perplexity of steered answers under the vanilla model stays close
-    assert _ppl(model, tok, st_f) <= 2.5 * _ppl(model, tok, van_f)
+    ppl = lambda rows: perplexity(model, tok, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])  # noqa: E731
+    assert ppl(st_f) <= 2.5 * ppl(van_f)

@@ -97,7 +97,6 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
     """`guardit generate --engine vllm` writes the same record format as --engine hf."""
     import os
 
-    from guardit.cli import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]}) + "\n")

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from steering.errors import PolicyError
-from steering.policy import KEY_RID, SERVER_KEYS, PolicyConfig
+from steering.policy import SERVER_KEYS, PolicyConfig
 
 from integrations.vllm import config as vcfg
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steering.pack import ConceptPack, ModelFingerprint, fingerprint, load_packs
+from steering.modules import decoder_layers
+from steering.pack import ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, parse_request
 from steering.runtime import GateStats, RowSettings, SteeringBank
 
@@ -89,7 +90,7 @@ class EngineState:
                 log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
         model = runner.model
         if self.bank is not None and id(model) not in self.hooked:
-            layers = _decoder_layers(model)
+            layers = decoder_layers(model)
             for i in self.bank.layers:
                 layers[i].register_forward_hook(self._hook(i))
             self.hooked.add(id(model))
@@ -115,7 +116,6 @@ class EngineState:
         if not any_active:
             return
         qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
-        counts = np.diff(qsl)
         p = bank.num_packs
         token_row = np.zeros(num_tokens, dtype=np.int64)
         valid = np.zeros(num_tokens, dtype=bool)
@@ -218,12 +218,14 @@ class EngineState:
             bank = self.bank
             hidden, residual = output
             n = step.token_row.shape[0]
+            full = None  # the residual stream, computed at most once per layer
             if index in bank.gate_layers:
                 full = hidden[:n] + residual[:n]
                 bank.update_gates(index, full, step.token_row, step.stats, step.settings, step.valid,
                                   step.is_prompt, step.ready)
             if bank.needs_steer(index, step.stats, step.settings):
-                full = hidden[:n] + residual[:n]
+                if full is None:
+                    full = hidden[:n] + residual[:n]
                 idx = bank.steer_(index, full, step.token_row, step.stats, step.settings, step.steerable,
                                   step.is_prompt)
                 if idx is not None:
@@ -246,16 +248,6 @@ def _write_events(events: list[dict]) -> None:
         f.write("".join(json.dumps(e) + "\n" for e in events))
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None) or getattr(model, "language_model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None and inner is not None:
-        layers = getattr(getattr(inner, "model", None), "layers", None)
-    if layers is None:
-        raise TypeError(f"guardit: cannot find the decoder layers of {type(model).__name__}")
-    return layers
-
-
 def _vllm_fingerprint(runner) -> ModelFingerprint:
     from pathlib import Path
 
@@ -267,7 +259,7 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     return fingerprint(
         name=Path(str(runner.model_config.model)).name,
         model_type=str(text.model_type),
-        num_layers=len(_decoder_layers(model)),
+        num_layers=len(decoder_layers(model)),
         hidden_size=int(text.hidden_size),
         vocab_size=int(text.vocab_size),
         embed_weight=weight,
