@@ -18,6 +18,7 @@ layer's own output. Packs are applied in the order of their ids.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +102,7 @@ class SteeringBank:
             for j, layer in enumerate(p.meta.layers):
                 self.steer_layers.setdefault(layer, []).append((i, p.planes[j].to(dev, torch.float32), p.meta.angle_mode))
         self.layers = sorted(set(self.gate_layers) | set(self.steer_layers))
+        self._needed: dict[tuple[frozenset[str], bool, bool], frozenset[int]] = {}
         self.steer_cols = {
             layer: torch.tensor([p for p, _, _ in entries], dtype=torch.long, device=dev)
             for layer, entries in self.steer_layers.items()
@@ -233,6 +235,25 @@ class SteeringBank:
         if not changed:
             return None
         return changed[0] if len(changed) == 1 else torch.unique(torch.cat(changed))
+
+    def layers_needed(self, pack_ids: Iterable[str], prompt_pending: bool, compensate: bool = False) -> frozenset[int]:
+        """The layers whose hooks can do anything for a request using ``pack_ids``. While its prompt
+        is being read: every gate and steered layer. After it: only gates with scope "all", and
+        steered layers of packs with steer scope "all" (or all of them when ``compensate``: a
+        prompt whose first chunks went unrotated), since prompt-scope gates never change their
+        decision and prompt-scope rotations touch prompt tokens only."""
+        key = (frozenset(pack_ids), prompt_pending, compensate)
+        found = self._needed.get(key)
+        if found is None:
+            layers: set[int] = set()
+            for pid in key[0]:
+                meta = self.packs[self.index[pid]].meta
+                if prompt_pending or compensate or meta.steer_scope == "all":
+                    layers.update(meta.layers)
+                if prompt_pending or meta.gate.scope == "all":
+                    layers.add(meta.gate.layer)
+            found = self._needed[key] = frozenset(layers)
+        return found
 
     def needs_steer(self, layer: int, stats: GateStats, settings: RowSettings) -> bool:
         """Cheap check: does any row have a fired (or forced) pack with a plane at this layer?"""

@@ -97,3 +97,23 @@ def test_head_length():
     assert bank.head_length([5, 6, 7, 8, 9]) == 3
     assert bank.head_length([5, 9, 9]) == 1
     assert bank.head_length([9, 9, 9]) == 1  # the first token (attention sink) always
+
+
+def test_layers_needed_after_the_prompt_only_where_work_remains():
+    from steering.pack import ConceptPack
+
+    a = toy_pack("a", layers=(3, 4), gate_layer=1)
+    b = toy_pack("b", layers=(4, 5), gate_layer=2, seed=3)
+    c = toy_pack("c", layers=(3,), gate_layer=2, seed=4, steer_scope="all")
+    d0 = toy_pack("d", layers=(5,), gate_layer=1, seed=5)
+    d = ConceptPack(d0.meta.model_copy(update={"gate": d0.meta.gate.model_copy(update={"scope": "all"})}),
+                    d0.planes, d0.gate_weight, d0.gate_bias)
+    bank = SteeringBank([a, b, c, d])
+    assert bank.layers_needed(["a", "b"], prompt_pending=True) == {1, 2, 3, 4, 5}
+    assert bank.layers_needed(["a"], prompt_pending=True) == {1, 3, 4}
+    # prompt-scope gates and rotations have nothing left to do once the prompt is read
+    assert bank.layers_needed(["a", "b"], prompt_pending=False) == frozenset()
+    assert bank.layers_needed(["a"], prompt_pending=False, compensate=True) == {3, 4}
+    # a steer-scope "all" pack keeps rotating generated tokens; a gate-scope "all" pack keeps scoring
+    assert bank.layers_needed(["a", "c"], prompt_pending=False) == {3}
+    assert bank.layers_needed(["d"], prompt_pending=False) == {1}

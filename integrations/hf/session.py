@@ -47,6 +47,7 @@ class SteerSession:
         self._steerable: torch.Tensor | None = None
         self._prompt_mask: torch.Tensor | None = None
         self._is_prompt = True
+        self._layers: frozenset[int] = frozenset()  # layers whose hooks have work in this forward
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def set_rows(self, rows: Sequence[RowSpec] | None) -> None:
@@ -70,8 +71,9 @@ class SteerSession:
             if cached and self.stats is not None and self.stats.total.shape[0] != bsz:
                 raise RuntimeError("guardit: the batch size changed in the middle of a generation")
             self._start(bsz, device)
-        else:
+        elif self._is_prompt:  # first decode step: only scope-"all" gates and rotations still matter
             self._is_prompt = False
+            self._layers = self.bank.layers_needed(self._used, prompt_pending=False)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 2:
             valid = mask[:, -step:].to(torch.bool)
@@ -99,6 +101,8 @@ class SteerSession:
         self.settings = self.bank.settings([dict(s) for s in specs])
         self.stats = GateStats.empty(bsz, self.bank.num_packs, device)
         self._is_prompt = True
+        self._used = {pid for s in specs for pid in s}
+        self._layers = self.bank.layers_needed(self._used, prompt_pending=True)
 
     def bank_device(self, device: torch.device) -> None:
         if self.bank.device != device:
@@ -106,6 +110,8 @@ class SteerSession:
 
     def _layer_hook(self, index: int):
         def hook(_module, _args, output):
+            if index not in self._layers:
+                return output
             h = output[0] if isinstance(output, tuple) else output
             assert self.stats is not None and self.settings is not None and self._token_row is not None
             flat = h.view(-1, h.shape[-1])

@@ -52,6 +52,14 @@ class _Request:
     # The prompt was split into prefill chunks and the gate decided after the first one: those
     # chunks' tokens were not rotated, so this request's generated tokens are rotated as well.
     compensate: bool = False
+    # The gates decided on the whole prompt, none can change its mind (prompt-scope gates) and no
+    # later token will be rotated (prompt-scope rotations, no compensation): from now on the request
+    # costs nothing, like one without packs.
+    settled: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.spec is not None and not self.settled
 
 
 @dataclass
@@ -63,6 +71,7 @@ class _Step:
     ready: torch.Tensor  # (R,) rows whose prompt is complete after this step
     stats: GateStats
     settings: RowSettings
+    layers: frozenset[int]  # layers whose hooks have work this step (the others return at once)
 
 
 class EngineState:
@@ -111,8 +120,10 @@ class EngineState:
             st = self.requests.get(rid)
             if st is None:
                 st = self._new_request(rid, live[rid])
+            if st.settled and st.reported and live[rid].num_computed_tokens < live[rid].num_prompt_tokens:
+                st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
             states.append(st)
-            any_active |= st.spec is not None
+            any_active |= st.active
         if not any_active:
             return
         qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
@@ -124,13 +135,14 @@ class EngineState:
         ready = np.zeros(n, dtype=bool)
         rows: list[dict] = []
         self._split: set[int] = set()
+        layers: frozenset[int] = frozenset()
         for i, (rid, st) in enumerate(zip(req_ids, states)):
             cached = live[rid]
             start = int(cached.num_computed_tokens)
             a, b = int(qsl[i]), int(qsl[i + 1])
             pos = np.arange(start, start + (b - a))
             token_row[a:b] = i
-            if st.spec is None:
+            if not st.active:
                 rows.append({})
                 continue
             if start > st.seen:
@@ -146,6 +158,7 @@ class EngineState:
                 self._split.add(i)
             st.seen = max(st.seen, start + (b - a))
             rows.append({pid: (st.spec.angle, st.spec.force) for pid in st.spec.packs})
+            layers |= bank.layers_needed(st.spec.packs, start < num_prompt or not st.evaluated, st.compensate)
         dev = runner.device
         stats = GateStats(
             torch.stack([s.total if s.total is not None else torch.zeros(p) for s in states]).to(dev),
@@ -154,7 +167,8 @@ class EngineState:
             torch.stack([s.fired if s.fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]).to(dev),
         )
         t = lambda x: torch.from_numpy(x).to(dev)  # noqa: E731
-        self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats, bank.settings(rows))
+        self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats, bank.settings(rows),
+                          layers)
         self._states = states
         self._req_ids = req_ids
 
@@ -170,11 +184,11 @@ class EngineState:
         ready = step.ready.cpu()
         events = []
         for i, (rid, st) in enumerate(zip(self._req_ids, self._states)):
-            if st.spec is None:
+            if not st.active:
                 continue
             st.total, st.count = stats.total[i].cpu(), stats.count[i].cpu()
             st.peak, st.fired = stats.peak[i].cpu(), stats.fired[i].cpu()
-            fired = {bank.packs[j].id for j in range(bank.num_packs) if fired_all[i, j] and bank.packs[j].id in st.spec.packs}
+            fired = {pid for pid in st.spec.packs if fired_all[i, bank.index[pid]]}
             if fired and i in self._split:
                 st.compensate = True
             if (ready[i] and not st.evaluated) or (fired - st.reported):
@@ -188,6 +202,11 @@ class EngineState:
                     "fired": sorted(fired),
                     "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
                 })
+            if st.evaluated and not st.compensate and all(
+                bank.packs[bank.index[p]].meta.gate.scope == "prompt" and bank.packs[bank.index[p]].meta.steer_scope == "prompt"
+                for p in st.spec.packs
+            ):
+                st.settled = True
         if events:
             _write_events(events)
 
@@ -213,7 +232,7 @@ class EngineState:
     def _hook(self, index: int):
         def hook(_module, _args, output):
             step = self.step
-            if step is None:
+            if step is None or index not in step.layers:
                 return None
             bank = self.bank
             hidden, residual = output
