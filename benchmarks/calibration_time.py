@@ -1,0 +1,56 @@
+"""Calibration wall time for one concept: ``guardit calibrate`` end to end (process start, model
+load, capture, gate, pack written), and the ``ConceptCalibrator.fit`` step alone, per example concept.
+
+Usage: python benchmarks/calibration_time.py [--concepts harry_potter einstein lord_of_the_rings] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import EXAMPLES, machine, median, save  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--concepts", nargs="+", default=["harry_potter", "einstein", "lord_of_the_rings"])
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+
+    from calibration import ConceptCalibrator, load_model, read_prompts
+    from guardit.model_prep import prepare_model
+
+    model_dir = Path(args.model) if args.model else prepare_model()
+    model, tok = load_model(model_dir)
+    rows = []
+    for concept in args.concepts:
+        d = EXAMPLES / concept
+        forget, retain = read_prompts(d / "forget.jsonl"), read_prompts(d / "retain.jsonl")
+        cli, fit = [], []
+        for _ in range(args.reps):
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "guardit.cli", "calibrate", "--model", str(model_dir),
+                                "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
+                                "--out", str(Path(tmp) / "pack"), "--quiet"], check=True, capture_output=True)
+                cli.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            ConceptCalibrator(concept.replace("_", "-"), progress=False).fit(model, tok, forget, retain)
+            fit.append(time.perf_counter() - start)
+        rows.append({"concept": concept, "forget": len(forget), "retain": len(retain),
+                     "cli_seconds": round(median(cli), 1), "fit_seconds": round(median(fit), 1)})
+        print(rows[-1], flush=True)
+    path = save("calibration_time", {"machine": machine(), "settings": vars(args), "rows": rows})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Time spent inside guardit's vLLM code, as a share of the model forward time, in one process.
+
+End-to-end tokens/s ratios on a shared 2-core CPU move by ±15 % between identical runs, which
+hides a few-percent overhead. This benchmark measures the overhead directly: the engine runs in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and every piece of guardit code that runs per
+step (the request map before the forward, the gate and rotation hooks, the bookkeeping after it)
+is wrapped with a timer. overhead = guardit time / (forward time − guardit time), i.e. the slowdown
+of the forward pass; tokens/s with the plugin ≈ 1 / (1 + overhead) of vanilla at most.
+
+Usage: python benchmarks/plugin_overhead.py [--batches 1 8 32] [--tokens 32] [--packs 1 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bench_prompts, calibrated_pack, machine, save, synthetic_packs  # noqa: E402
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.parts = {"begin": 0.0, "hooks": 0.0, "end": 0.0}
+        self.forward = 0.0
+        self.steps = 0
+
+    @property
+    def guardit(self) -> float:
+        return sum(self.parts.values())
+
+    def wrap(self, fn, part: str | None):
+        def timed(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if part is None:
+                    self.forward += time.perf_counter() - start
+                else:
+                    self.parts[part] += time.perf_counter() - start
+        return timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--packs", type=int, default=1, help="packs loaded (1 or more; extra ones are synthetic)")
+    args = ap.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+    from guardit.model_prep import prepare_model
+
+    model_dir = Path(args.model) if args.model else prepare_model()
+    hp = calibrated_pack(model_dir)
+    dirs = [hp, *synthetic_packs(hp, args.packs - 1)] if args.packs > 1 else [hp]
+
+    from integrations.vllm import patch
+
+    timer = Timer()
+    state = patch.STATE
+    state.begin = timer.wrap(state.begin, "begin")
+    state.end = timer.wrap(state.end, "end")
+    original_hook = patch.EngineState._hook
+    patch.EngineState._hook = lambda self, index: timer.wrap(original_hook(self, index), "hooks")
+
+    from vllm import SamplingParams
+
+    from calibration.capture import encode_chat
+    from guardit.vllm_generation import make_llm
+
+    llm = make_llm(model_dir, dirs, enforce_eager=True, enable_prefix_caching=False)
+    runner_cls = __import__("vllm.v1.worker.gpu_model_runner", fromlist=["GPUModelRunner"]).GPUModelRunner
+    patched_forward = runner_cls._model_forward
+
+    def counted_forward(self, *a, **kw):
+        timer.steps += 1
+        return patched_forward(self, *a, **kw)
+
+    runner_cls._model_forward = timer.wrap(counted_forward, None)
+    ids = encode_chat(llm.get_tokenizer(), bench_prompts(max(args.batches)))
+    rows = []
+    for b in args.batches:
+        for mode in ("no_policy", "closed", "open"):
+            extra = None if mode == "no_policy" else {"guardit_packs": "harry-potter", **({"guardit_force": True} if mode == "open" else {})}
+            sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, min_tokens=args.tokens, ignore_eos=True, extra_args=extra)
+            llm.generate([{"prompt_token_ids": x} for x in ids[:b]], sp, use_tqdm=False)  # warm-up
+            timer.reset()
+            llm.generate([{"prompt_token_ids": x} for x in ids[:b]], sp, use_tqdm=False)
+            base = timer.forward - timer.guardit
+            rows.append({"packs_loaded": args.packs, "batch": b, "mode": mode, "steps": timer.steps,
+                         "forward_ms_per_step": round(1e3 * timer.forward / timer.steps, 2),
+                         "guardit_ms_per_step": round(1e3 * timer.guardit / timer.steps, 3),
+                         **{f"{k}_ms": round(1e3 * v / timer.steps, 3) for k, v in timer.parts.items()},
+                         "overhead": round(timer.guardit / base, 4),
+                         "est_throughput_ratio": round(base / timer.forward, 4)})
+            print(rows[-1], flush=True)
+    path = save(f"plugin_overhead_{args.packs}", {"machine": machine(), "settings": vars(args), "rows": rows})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
