@@ -44,7 +44,7 @@ class ConceptCalibrator:
 
     concept_id: str
     alpha: float = 0.05
-    angle_deg: float = 90.0
+    angle_deg: float = 60.0  # chosen on the example concepts: 0 leaks, answer perplexity ≤ 1.5× vanilla
     angle_mode: Literal["absolute", "relative"] = "absolute"
     target: Literal["idk", "retain"] = "idk"
     direction_pooling: Literal["mean", "last"] = "mean"

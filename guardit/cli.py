@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="concept pack directory to write")
     c.add_argument("--alpha", type=float, default=0.05, help="bound on the gate's false-fire rate (default 0.05)")
     c.add_argument("--id", default=None, help="concept id (default: the --out folder name)")
-    c.add_argument("--angle", type=float, default=90.0, help="default rotation angle in degrees (default 90)")
+    c.add_argument("--angle", type=float, default=60.0, help="default rotation angle in degrees (default 60)")
     c.add_argument("--target", default="idk", help="'idk' (built-in), 'retain', or a JSONL file of prompts+answers")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)
