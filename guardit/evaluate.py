@@ -31,7 +31,10 @@ from steering.errors import GuarditError
 from steering.pack import ConceptPack
 
 FORGET_PREFIXES = ("forget_test", "paraphrase", "language", "adversarial")
-METHODS = ("vanilla", "guardit", "rotation_no_gate", "ablation", "actadd")
+METHODS = ("vanilla", "guardit", "rotation_no_gate", "ablation", "actadd", "guard_it", "guard_it_s0.5")
+UNGATED = ("rotation_no_gate", "ablation", "actadd")  # edits applied to every request
+GUARD_IT = {"guard_it": 0.2, "guard_it_s0.5": 0.5}  # the published strength, and a stronger one
+VLLM_METHODS = ("vanilla", "guardit", "rotation_no_gate")  # what runs on the vLLM engine with --engine vllm
 
 
 def _splits(suite: Path) -> dict[str, list[PromptRecord]]:
@@ -49,8 +52,7 @@ def is_forget(split: str) -> bool:
 
 
 @torch.no_grad()
-def perplexity(model, tok, prompts: list[str], outputs: list[list[int]]) -> float:
-    """Perplexity of ``outputs`` (token ids) given their chat-formatted prompts, under ``model``."""
+def _nll(model, tok, prompts: list[str], outputs: list[list[int]]) -> tuple[float, int]:
     nll, n = 0.0, 0
     for p, o in zip(encode_chat(tok, prompts), outputs):
         if not o:
@@ -58,14 +60,24 @@ def perplexity(model, tok, prompts: list[str], outputs: list[list[int]]) -> floa
         logits = model(torch.tensor([p + o])).logits[0, len(p) - 1 : -1]
         nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(o), reduction="sum").item()
         n += len(o)
+    return nll, n
+
+
+def perplexity(model, tok, prompts: list[str], outputs: list[list[int]]) -> float:
+    """Perplexity of ``outputs`` (token ids) given their chat-formatted prompts, under ``model``."""
+    nll, n = _nll(model, tok, prompts, outputs)
     return math.exp(nll / n) if n else float("nan")
 
 
-def _actadd_shift(model, tok, pack: ConceptPack, suite: Path) -> dict[int, float] | None:
+def _calibration_sets(suite: Path) -> tuple[list[PromptRecord], list[PromptRecord]] | None:
     if not ((suite / "forget.jsonl").is_file() and (suite / "retain.jsonl").is_file()):
         return None
-    f = capture(model, encode_chat(tok, [r.prompt for r in read_prompts(suite / "forget.jsonl")]), progress=False)
-    r = capture(model, encode_chat(tok, [r.prompt for r in read_prompts(suite / "retain.jsonl")]), progress=False)
+    return read_prompts(suite / "forget.jsonl"), read_prompts(suite / "retain.jsonl")
+
+
+def _actadd_shift(model, tok, pack: ConceptPack, forget, retain) -> dict[int, float]:
+    f = capture(model, encode_chat(tok, [r.prompt for r in forget]), progress=False)
+    r = capture(model, encode_chat(tok, [r.prompt for r in retain]), progress=False)
     shift = {}
     for j, layer in enumerate(pack.meta.layers):
         d = pack.planes[j, 0]
@@ -75,61 +87,143 @@ def _actadd_shift(model, tok, pack: ConceptPack, suite: Path) -> dict[int, float
     return shift
 
 
+class _Methods:
+    """How each method generates and how it scores text (for perplexity), on one model."""
+
+    def __init__(self, model, tok, pack: ConceptPack, calib, methods: list[str], max_tokens: int) -> None:
+        self.model, self.tok, self.pack, self.max_tokens = model, tok, pack, max_tokens
+        self.shift = _actadd_shift(model, tok, pack, *calib) if "actadd" in methods else None
+        self.guard_it = {}
+        if any(m in GUARD_IT for m in methods):
+            from guardit.guard_it import GuardIt
+
+            base = GuardIt().fit(model, tok, *calib)
+            self.guard_it = {m: base.with_strength(GUARD_IT[m]) for m in methods if m in GUARD_IT}
+
+    def _edit(self, method: str):
+        return edits.ablation(self.model, self.pack) if method == "ablation" else edits.actadd(self.model, self.pack, self.shift)  # type: ignore[arg-type]
+
+    def generate(self, method: str, recs: list[PromptRecord], vanilla_rows: list[dict]) -> list[dict]:
+        m, tok, n = self.model, self.tok, self.max_tokens
+        if method.startswith("vanilla"):
+            return hf_generate(m, tok, recs, max_tokens=n, progress=False)
+        if method in ("guardit", "rotation_no_gate"):
+            return hf_generate(m, tok, recs, [self.pack], max_tokens=n, force=method != "guardit", progress=False)
+        if method in self.guard_it:
+            return self.guard_it[method].generate(m, tok, recs, vanilla_rows, n)
+        with self._edit(method):
+            return hf_generate(m, tok, recs, max_tokens=n, progress=False)
+
+    def neutral_perplexity(self, method: str, prompts: list[str], ids: list[list[int]], rows: list[dict]) -> float:
+        """Perplexity of the vanilla answers to ``prompts`` under the model as ``method`` runs it on
+        them: gated methods apply their edit to the prompts whose gate fired (``rows``) only."""
+        from contextlib import nullcontext
+
+        from integrations.hf import steer
+
+        nll, count = 0.0, 0
+        for i, (p, o) in enumerate(zip(prompts, ids)):
+            fired = any(g["fired"] for g in rows[i]["gate"].values()) if rows[i].get("gate") else False
+            if method.startswith("vanilla") or (method in ("guardit", *self.guard_it) and not fired):
+                ctx = nullcontext()
+            elif method in ("guardit", "rotation_no_gate"):
+                ctx = steer(self.model, [self.pack], force=True)
+            elif method in self.guard_it:
+                g = self.guard_it[method]
+                ctx = g.edit(self.model, int(g.gate([p])[1][0]))
+            else:
+                ctx = self._edit(method)
+            with ctx:
+                a, b = _nll(self.model, self.tok, [p], [o])
+            nll, count = nll + a, count + b
+        return math.exp(nll / count) if count else float("nan")
+
+
 def run_eval(model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_tokens: int = 40,
              baselines: bool = True) -> dict:
-    if engine != "hf":
-        raise GuarditError("guardit eval supports --engine hf for now (gates agree with vLLM; see tests)")
+    if engine not in ("hf", "vllm"):
+        raise GuarditError(f"--engine must be 'hf' or 'vllm', got '{engine}'")
     suite, out = Path(suite_dir), Path(out_dir)
     model, tok = load_model(model_dir)
     pack = ConceptPack.from_pretrained(pack_dir, hf_fingerprint(model))
     splits = _splits(suite)
+    calib = _calibration_sets(suite)
     methods = list(METHODS) if baselines else ["vanilla", "guardit"]
-    shift = _actadd_shift(model, tok, pack, suite) if "actadd" in methods else None
-    if shift is None and "actadd" in methods:
-        methods.remove("actadd")
-    (out / "outputs").mkdir(parents=True, exist_ok=True)
-    steps = [(m, s) for m in methods for s in splits]
-    for method, split in tqdm(steps, desc="evaluating", unit="run"):
-        recs = splits[split]
-        if method == "vanilla":
-            rows = hf_generate(model, tok, recs, max_tokens=max_tokens, progress=False)
-        elif method in ("guardit", "rotation_no_gate"):
-            rows = hf_generate(model, tok, recs, [pack], max_tokens=max_tokens, force=method != "guardit", progress=False)
-        else:
-            ctx = edits.ablation(model, pack) if method == "ablation" else edits.actadd(model, pack, shift)  # type: ignore[arg-type]
-            with ctx:
-                rows = hf_generate(model, tok, recs, max_tokens=max_tokens, progress=False)
-        write_jsonl(out / "outputs" / f"{method}__{split}.jsonl", rows)
-    # utility: perplexity of neutral text with the pack loaded (gate closed) and forced open
+    skipped = {}
+    if calib is None:
+        for m in [m for m in methods if m == "actadd" or m in GUARD_IT]:
+            methods.remove(m)
+            skipped[m] = "the suite has no forget.jsonl/retain.jsonl (calibration prompts)"
+    engines = {m: "hf" for m in methods}
+    if engine == "vllm":
+        engines.update({m: "vllm" for m in methods if m in VLLM_METHODS})
+        if any(e == "hf" for e in engines.values()):  # HF-only baselines are compared with HF vanilla
+            methods.insert(1, "vanilla_hf")
+            engines["vanilla_hf"] = "hf"
+    impl = _Methods(model, tok, pack, calib, methods, max_tokens)
     neutral = [r.prompt for r in builtin_prompts("neutral")][:16]
     if (suite / "neutral.txt").is_file():
         neutral = [l.strip() for l in (suite / "neutral.txt").read_text().splitlines() if l.strip()][:32]
-    neutral_recs = [PromptRecord(prompt=p) for p in neutral]
-    van = hf_generate(model, tok, neutral_recs, max_tokens=max_tokens, progress=False)
-    write_jsonl(out / "outputs" / "vanilla__neutral.jsonl", van)
-    ids = [r["token_ids"] for r in van]
-    from integrations.hf import steer
-
-    ppl = {"vanilla": perplexity(model, tok, neutral, ids)}
-    for name, force in (("pack_loaded_gate_closed", False), ("rotation_forced", True)):
-        with steer(model, [pack], force=force):
-            ppl[name] = perplexity(model, tok, neutral, ids)
-    fluency = {}
-    for method in methods:
-        rows = [json.loads(l) for l in (out / "outputs" / f"{method}__forget_test.jsonl").read_text().splitlines()]
+    all_splits = {**splits, "neutral": [PromptRecord(prompt=p) for p in neutral]}
+    (out / "outputs").mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, str], list[dict]] = {}
+    if engine == "vllm":
+        done.update(_vllm_runs(model_dir, pack_dir, pack.id, all_splits, [m for m in methods if engines[m] == "vllm"], max_tokens))
+    steps = [(m, s) for m in methods for s in all_splits if engines[m] == "hf"]
+    for method, split in tqdm(steps, desc="evaluating (hf)", unit="run"):
+        ref = "vanilla" if engines["vanilla"] == "hf" else "vanilla_hf"
+        done[method, split] = impl.generate(method, all_splits[split], done.get((ref, split), []))
+    for (method, split), rows in done.items():
+        write_jsonl(out / "outputs" / f"{method}__{split}.jsonl", rows)
+    # utility: perplexity under vanilla of each method's forget answers; perplexity of the vanilla
+    # neutral answers with each method in place (gated methods: where their gate fired)
+    ref_of = {m: ("vanilla" if engines[m] == engines["vanilla"] else "vanilla_hf") for m in methods}
+    fluency, neutral_ppl = {}, {}
+    for method in tqdm(methods, desc="perplexity", unit="method"):
+        rows = done[method, "forget_test"]
         fluency[method] = perplexity(model, tok, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])
-    (out / "utility.json").write_text(json.dumps({"neutral_perplexity": ppl, "answer_perplexity_under_vanilla": fluency}, indent=2))
+        van = done[ref_of[method], "neutral"]
+        neutral_ppl[method] = impl.neutral_perplexity(method, neutral, [r["token_ids"] for r in van], done[method, "neutral"])
+    (out / "utility.json").write_text(json.dumps({"neutral_perplexity": neutral_ppl, "answer_perplexity_under_vanilla": fluency}, indent=2))
     meta = {"pack": pack.id, "alpha": pack.meta.gate.alpha, "threshold": pack.meta.gate.threshold,
             "gate_layer": pack.meta.gate.layer, "layers": pack.meta.layers, "max_tokens": max_tokens,
-            "methods": methods, "splits": list(splits)}
+            "engine": engine, "engines": engines, "reference": ref_of, "methods": methods, "skipped": skipped,
+            "splits": list(splits), "guard_it": {m: {"threshold": g.threshold, "strength": g.strength, "layer": g.layer_,
+                                                      "clusters": g.num_clusters_} for m, g in impl.guard_it.items()}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     report = summarize(out)
     write_report(out, report)
     return report
 
 
+def _vllm_runs(model_dir, pack_dir, pack_id: str, splits: dict[str, list[PromptRecord]], methods: list[str],
+               max_tokens: int) -> dict[tuple[str, str], list[dict]]:
+    """vanilla (requests naming no pack: token-identical to vLLM without the plugin, see the tests),
+    guardit and rotation_no_gate, on one vLLM engine with the pack loaded."""
+    from guardit.vllm_generation import engine_generate, make_llm, shutdown
+
+    llm = make_llm(model_dir, [pack_dir], gpu_memory_utilization=0.3)
+    try:
+        done = {}
+        for method, split in tqdm([(m, s) for m in methods for s in splits], desc="evaluating (vllm)", unit="run"):
+            packs = [] if method == "vanilla" else [pack_id]
+            done[method, split] = engine_generate(llm, splits[split], packs, max_tokens, force=method == "rotation_no_gate")
+        return done
+    finally:
+        shutdown(llm)
+
+
 def _load(out: Path, method: str, split: str) -> list[dict]:
     return [json.loads(l) for l in (out / "outputs" / f"{method}__{split}.jsonl").read_text().splitlines()]
+
+
+def _fire_rate(method: str, rows: list[dict]) -> float | None:
+    """Share of requests the method edits: its gate's fire rate; 1 for ungated edits; none for vanilla."""
+    if method in UNGATED:
+        return 1.0
+    if method.startswith("vanilla"):
+        return None
+    return float(np.mean([any(g["fired"] for g in r["gate"].values()) for r in rows]))
 
 
 def summarize(out_dir) -> dict:
@@ -141,23 +235,23 @@ def summarize(out_dir) -> dict:
     for method in meta["methods"]:
         row: dict[str, float | None] = {}
         for split in meta["splits"]:
-            van, got = _load(out, "vanilla", split), _load(out, method, split)
+            van, got = _load(out, meta["reference"][method], split), _load(out, method, split)
             if is_forget(split):
                 knew = [i for i, r in enumerate(van) if leaked(r["output"], r.get("answers", []))]
                 row[f"{split}.leak_rate"] = float(np.mean([leaked(r["output"], r.get("answers", [])) for r in got]))
                 row[f"{split}.leak_among_known"] = (
                     float(np.mean([leaked(got[i]["output"], got[i].get("answers", [])) for i in knew])) if knew else None
                 )
-                if method == "guardit":
-                    row[f"{split}.gate_fire_rate"] = float(np.mean([any(g["fired"] for g in r["gate"].values()) for r in got]))
+                row[f"{split}.gate_fire_rate"] = _fire_rate(method, got)
             else:
                 row["retain.bit_identical"] = float(np.mean([a["token_ids"] == b["token_ids"] for a, b in zip(van, got)]))
                 row["retain.answer_accuracy"] = float(np.mean([leaked(r["output"], r.get("answers", [])) for r in got]))
-                if method == "guardit":
-                    row["retain.gate_false_fire_rate"] = float(np.mean([any(g["fired"] for g in r["gate"].values()) for r in got]))
+                row["retain.gate_false_fire_rate"] = _fire_rate(method, got)
+        row["neutral.gate_fire_rate"] = _fire_rate(method, _load(out, method, "neutral"))
         row["answer_perplexity_under_vanilla"] = util["answer_perplexity_under_vanilla"].get(method)
+        row["neutral_perplexity"] = util["neutral_perplexity"].get(method)
         table[method] = row
-    return {"meta": meta, "methods": table, "neutral_perplexity": util["neutral_perplexity"]}
+    return {"meta": meta, "methods": table}
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -170,7 +264,7 @@ def write_report(out: Path, report: dict) -> None:
     meta, table = report["meta"], report["methods"]
     forget_splits = [s for s in meta["splits"] if is_forget(s)]
     # leakage per method and split
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     width = 0.8 / max(1, len(forget_splits))
     for k, split in enumerate(forget_splits):
         vals = [table[m].get(f"{split}.leak_rate") or 0 for m in meta["methods"]]
@@ -186,29 +280,48 @@ def write_report(out: Path, report: dict) -> None:
     a1.axvline(meta["threshold"], color="k", ls="--", label=f"τ (α={meta['alpha']})"); a1.legend(); a1.set_title("gate scores")
     from sklearn.metrics import roc_curve
 
-    y = np.r_[np.ones(len(f_scores)), np.zeros(len(r_scores))]
-    fpr, tpr, _ = roc_curve(y, np.r_[f_scores, r_scores])
-    a2.plot(fpr, tpr); a2.plot([0, 1], [0, 1], ":", color="grey")
-    op_t = np.mean(np.array(f_scores) > meta["threshold"]); op_f = np.mean(np.array(r_scores) > meta["threshold"])
-    a2.scatter([op_f], [op_t], color="red", zorder=3, label="chosen τ"); a2.set_xlabel("FPR"); a2.set_ylabel("TPR")
-    a2.legend(); a2.set_title("gate ROC (test splits)")
+    for method in [m for m in meta["methods"] if m == "guardit" or m in GUARD_IT][:2]:
+        fs = [list(r["gate"].values())[0]["score"] for r in _load(out, method, "forget_test")]
+        rs = [list(r["gate"].values())[0]["score"] for r in _load(out, method, "retain_test")]
+        fired_f = [any(g["fired"] for g in r["gate"].values()) for r in _load(out, method, "forget_test")]
+        fired_r = [any(g["fired"] for g in r["gate"].values()) for r in _load(out, method, "retain_test")]
+        fpr, tpr, _ = roc_curve(np.r_[np.ones(len(fs)), np.zeros(len(rs))], np.r_[fs, rs])
+        line = a2.plot(fpr, tpr, label=f"{method} gate")[0]
+        a2.scatter([np.mean(fired_r)], [np.mean(fired_f)], color=line.get_color(), zorder=3)
+    a2.plot([0, 1], [0, 1], ":", color="grey")
+    a2.set_xlabel("FPR"); a2.set_ylabel("TPR"); a2.legend(); a2.set_title("gate ROC (test splits; dot = chosen threshold)")
     fig.tight_layout(); fig.savefig(out / "gate.png", dpi=110); plt.close(fig)
 
     def fmt(v):
         return "—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
     cols = [f"{s}.leak_rate" for s in forget_splits] + ["forget_test.leak_among_known", "retain.bit_identical",
-            "retain.answer_accuracy", "retain.gate_false_fire_rate", "answer_perplexity_under_vanilla"]
+            "retain.answer_accuracy", "retain.gate_false_fire_rate", "neutral.gate_fire_rate",
+            "answer_perplexity_under_vanilla", "neutral_perplexity"]
+    engines = meta.get("engines", {})
     lines = [f"# guardit evaluation: `{meta['pack']}`", "",
              f"Gate: layer {meta['gate_layer']}, threshold {meta['threshold']:.3f} at α = {meta['alpha']}; "
              f"steered layers {meta['layers']}; greedy, {meta['max_tokens']} new tokens.", "",
-             "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             "Columns: `*.leak_rate` share of outputs containing an answer string; `leak_among_known` the same "
+             "among prompts vanilla answered; `retain.bit_identical` retain outputs token-identical to vanilla; "
+             "`*.gate_fire_rate` share of requests the method edits (1.00 for ungated edits); "
+             "`answer_perplexity_under_vanilla` fluency of the forget answers; `neutral_perplexity` perplexity "
+             "of vanilla answers to everyday prompts with the method in place (gated methods edit only where "
+             "their gate fired on the prompt).", "",
+             "| method | engine | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for m in meta["methods"]:
-        lines.append(f"| {m} | " + " | ".join(fmt(table[m].get(c)) for c in cols) + " |")
-    npp = report["neutral_perplexity"]
-    lines += ["", "Perplexity of the vanilla answers to neutral prompts: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in npp.items()), "",
-              "![leakage](leakage.png)", "", "![gate](gate.png)", "", "## Examples (vanilla | guardit)", ""]
+        lines.append(f"| {m} | {engines.get(m, 'hf')} | " + " | ".join(fmt(table[m].get(c)) for c in cols) + " |")
+    lines.append("")
+    for m, cfg in meta.get("guard_it", {}).items():
+        lines.append(f"- `{m}`: the GUARD-IT method (MiniLM gate over {cfg['clusters']} k-means clusters of the forget "
+                     f"prompts, T = {cfg['threshold']}; renormalised edit at layer {cfg['layer']}, strength "
+                     f"{cfg['strength']}{' as published' if cfg['strength'] == 0.2 else '; the published configs use 0.2'}).")
+    for m, why in meta.get("skipped", {}).items():
+        lines.append(f"- `{m}` not run: {why}.")
+    if meta.get("engine") == "vllm":
+        lines.append("- `vllm` rows ran on the vLLM engine with the plugin; HF-only baselines are compared "
+                     "with `vanilla_hf`.")
+    lines += ["", "![leakage](leakage.png)", "", "![gate](gate.png)", "", "## Examples (vanilla | guardit)", ""]
     for split in meta["splits"]:
         van, got = _load(out, "vanilla", split), _load(out, "guardit", split)
         lines.append(f"### {split}")

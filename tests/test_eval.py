@@ -12,27 +12,59 @@ from conftest import EXAMPLES
 pytestmark = pytest.mark.model
 
 
-def test_eval_report_is_recomputable(tmp_path, packs_dir, model_dir):
-    from guardit.evaluate import run_eval, summarize
-
+def _small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = ()):
     suite = tmp_path / "suite"
     suite.mkdir()
     src = EXAMPLES / "harry_potter"
-    for name in ("forget_test", "retain_test"):
-        lines = (src / f"{name}.jsonl").read_text().splitlines()[:6]
+    for name in ("forget_test", "retain_test", *extra):
+        lines = (src / f"{name}.jsonl").read_text().splitlines()[:n]
         (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     shutil.copy(src / "forget.jsonl", suite / "forget.jsonl")
     shutil.copy(src / "retain.jsonl", suite / "retain.jsonl")
+    return suite
+
+
+def test_eval_report_is_recomputable(tmp_path, packs_dir, model_dir):
+    from guardit.evaluate import run_eval, summarize
+
+    suite = _small_suite(tmp_path, extra=("adversarial",))
     out = tmp_path / "report"
     report = run_eval(model_dir, packs_dir / "harry-potter", suite, out, max_tokens=16)
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
     assert (out / "leakage.png").stat().st_size > 1000 and (out / "gate.png").stat().st_size > 1000
     md = (out / "report.md").read_text()
-    assert "| guardit |" in md and "| ablation |" in md and "| actadd |" in md
-    g, v = report["methods"]["guardit"], report["methods"]["vanilla"]
+    for method in ("guardit", "ablation", "actadd", "guard_it", "guard_it_s0.5", "rotation_no_gate"):
+        assert f"| {method} | hf |" in md
+    assert "strength 0.2 as published" in md
+    t = report["methods"]
+    g, v = t["guardit"], t["vanilla"]
     assert v["retain.bit_identical"] == 1.0
     assert g["retain.bit_identical"] >= 5 / 6
     assert g["forget_test.leak_rate"] <= v["forget_test.leak_rate"]
-    # with the gate closed, the pack changes nothing on neutral text
-    npp = report["neutral_perplexity"]
-    assert npp["pack_loaded_gate_closed"] == npp["vanilla"]
+    assert "adversarial.leak_rate" in g and "adversarial.gate_fire_rate" in g
+    # ungated edits apply to every request; GUARD-IT's unfired prompts are the vanilla outputs
+    assert t["ablation"]["retain.gate_false_fire_rate"] == 1.0
+    gi = t["guard_it"]
+    assert 0.0 <= gi["retain.gate_false_fire_rate"] <= 1.0
+    if gi["retain.gate_false_fire_rate"] == 0.0:
+        assert gi["retain.bit_identical"] == 1.0
+    # where the gate stays closed on neutral prompts the pack changes nothing
+    if g["neutral.gate_fire_rate"] == 0.0:
+        assert g["neutral_perplexity"] == v["neutral_perplexity"]
+    assert t["rotation_no_gate"]["neutral_perplexity"] != v["neutral_perplexity"]
+
+
+@pytest.mark.vllm
+def test_eval_on_vllm_engine(tmp_path, packs_dir, model_dir):
+    """--engine vllm: vanilla, guardit and the ungated rotation run on the real engine with the plugin."""
+    from guardit.evaluate import run_eval, summarize
+
+    suite = _small_suite(tmp_path, n=4)
+    out = tmp_path / "report"
+    report = run_eval(model_dir, packs_dir / "harry-potter", suite, out, engine="vllm", max_tokens=16,
+                      baselines=False)
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
+    assert report["meta"]["engines"] == {"vanilla": "vllm", "guardit": "vllm"}
+    g, v = report["methods"]["guardit"], report["methods"]["vanilla"]
+    assert g["forget_test.gate_fire_rate"] >= 0.75 and g["forget_test.leak_rate"] <= 0.25
+    assert g["retain.bit_identical"] >= 3 / 4 and v["forget_test.leak_rate"] >= 0.5
