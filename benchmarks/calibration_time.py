@@ -48,8 +48,7 @@ def main() -> None:
         rows.append({"concept": concept, "forget": len(forget), "retain": len(retain),
                      "cli_seconds": round(median(cli), 1), "fit_seconds": round(median(fit), 1)})
         print(rows[-1], flush=True)
-    path = save("calibration_time", {"machine": machine(), "settings": vars(args), "rows": rows})
-    print(f"saved {path}")
+    save("calibration_time", {"machine": machine(), "settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

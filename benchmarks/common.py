@@ -86,7 +86,15 @@ def bench_prompts(n: int) -> list[str]:
 
 
 def save(name: str, data: dict) -> Path:
+    """Write ``data`` (with ``rows``) to results/NAME.json, print its rows as a table, return the path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
+    rows = data.get("rows") or []
+    if rows:
+        cols = list(rows[0])
+        print(" | ".join(cols))
+        for row in rows:
+            print(" | ".join(str(row.get(c, "")) for c in cols))
+    print(f"saved {path}")
     return path

@@ -120,12 +120,7 @@ def main() -> None:
         over = {m: median([s["overhead"] for s in samples[f"{m}@{b}"]]) for m in MODES[1:]}
         rows.append({"batch": b, "metric": "hook time / rest of generate", "vanilla": "—",
                      **{f"{m}/vanilla": f"{over[m]:.2%}" for m in MODES[1:]}})
-    path = save("hf_overhead", {"machine": machine(), "settings": vars(args), "rows": rows, "samples": samples})
-    cols = list(rows[0])
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
-    print(f"saved {path}")
+    save("hf_overhead", {"machine": machine(), "settings": vars(args), "rows": rows, "samples": samples})
 
 
 if __name__ == "__main__":

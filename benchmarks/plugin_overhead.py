@@ -104,8 +104,7 @@ def main() -> None:
                          "overhead": round(timer.guardit / base, 4),
                          "est_throughput_ratio": round(base / timer.forward, 4)})
             print(rows[-1], flush=True)
-    path = save(f"plugin_overhead_{args.packs}", {"machine": machine(), "settings": vars(args), "rows": rows})
-    print(f"saved {path}")
+    save(f"plugin_overhead_{args.packs}", {"machine": machine(), "settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -135,12 +135,7 @@ def main() -> None:
             rows.append(row)
     result = {"machine": machine(), "settings": {**vars(args), "engine_args": ENGINE_ARGS}, "rows": rows,
               "samples": samples}
-    path = save("vllm_throughput", result)
-    cols = list(rows[0])
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
-    print(f"saved {path}")
+    save("vllm_throughput", result)
 
 
 if __name__ == "__main__":
