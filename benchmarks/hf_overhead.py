@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from calibration import load_model
-    from calibration.capture import encode_chat
+    from calibration.capture import encode_chat, pad_batch
     from guardit.model_prep import prepare_model
     from integrations.hf import steer
     from steering.pack import load_packs
@@ -80,13 +80,7 @@ def main() -> None:
 
     @torch.no_grad()
     def run(mode: str, b: int, t: int) -> float:
-        chunk = ids[:b]
-        width = max(len(x) for x in chunk)
-        inp = torch.full((b, width), pad, dtype=torch.long)
-        mask = torch.zeros_like(inp)
-        for r, x in enumerate(chunk):
-            inp[r, width - len(x):] = torch.tensor(x)
-            mask[r, width - len(x):] = 1
+        inp, mask = pad_batch(ids[:b], pad)
         spent[0] = 0.0
         start = time.perf_counter()
         with ctx(mode, b):

@@ -31,6 +31,19 @@ def encode_chat(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=not has_template)["input_ids"] for t in texts]
 
 
+def pad_batch(ids: list[list[int]], pad_id: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists padded to one width; left padding for
+    generation, right padding (``left=False``) for plain forward passes."""
+    width = max(len(x) for x in ids)
+    inp = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        cols = slice(width - len(x), width) if left else slice(0, len(x))
+        inp[r, cols] = torch.tensor(x, dtype=torch.long)
+        mask[r, cols] = 1
+    return inp, mask
+
+
 @dataclass
 class Activations:
     """Per prompt, the residual stream after every decoder layer: tokens[i] is (T_i, L, d) float32."""
@@ -77,12 +90,7 @@ def capture(
         order = range(0, len(ids), batch_size)
         for start in tqdm(order, desc=desc, disable=not progress, unit="batch"):
             chunk = ids[start : start + batch_size]
-            width = max(len(x) for x in chunk)
-            inp = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, x in enumerate(chunk):
-                inp[r, : len(x)] = torch.tensor(x)
-                mask[r, : len(x)] = 1
+            inp, mask = pad_batch(chunk, pad_id, left=False)
             model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False)
             stacked = torch.stack([store[i] for i in range(len(layers))], dim=2).cpu()  # (B, T, L, d)
             for r, x in enumerate(chunk):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from calibration import hf_fingerprint, load_model, read_prompts, write_jsonl
 from calibration.calibrator import builtin_prompts
-from calibration.capture import capture, encode_chat
+from calibration.capture import Activations, capture, encode_chat
 from calibration.prompts import PromptRecord
 from guardit import baselines as edits
 from guardit.generation import hf_generate, leaked
@@ -75,9 +75,7 @@ def _calibration_sets(suite: Path) -> tuple[list[PromptRecord], list[PromptRecor
     return read_prompts(suite / "forget.jsonl"), read_prompts(suite / "retain.jsonl")
 
 
-def _actadd_shift(model, tok, pack: ConceptPack, forget, retain) -> dict[int, float]:
-    f = capture(model, encode_chat(tok, [r.prompt for r in forget]), progress=False)
-    r = capture(model, encode_chat(tok, [r.prompt for r in retain]), progress=False)
+def _actadd_shift(pack: ConceptPack, f: Activations, r: Activations) -> dict[int, float]:
     shift = {}
     for j, layer in enumerate(pack.meta.layers):
         d = pack.planes[j, 0]
@@ -92,12 +90,17 @@ class _Methods:
 
     def __init__(self, model, tok, pack: ConceptPack, calib, methods: list[str], max_tokens: int) -> None:
         self.model, self.tok, self.pack, self.max_tokens = model, tok, pack, max_tokens
-        self.shift = _actadd_shift(model, tok, pack, *calib) if "actadd" in methods else None
-        self.guard_it = {}
+        self.shift, self.guard_it = None, {}
+        if "actadd" not in methods and not any(m in GUARD_IT for m in methods):
+            return
+        pad = tok.pad_token_id or 0
+        acts = tuple(capture(model, encode_chat(tok, [r.prompt for r in recs]), pad_id=pad, progress=False) for recs in calib)
+        if "actadd" in methods:
+            self.shift = _actadd_shift(pack, *acts)
         if any(m in GUARD_IT for m in methods):
             from guardit.guard_it import GuardIt
 
-            base = GuardIt().fit(model, tok, *calib)
+            base = GuardIt().fit(model, tok, *calib, activations=acts)
             self.guard_it = {m: base.with_strength(GUARD_IT[m]) for m in methods if m in GUARD_IT}
 
     def _edit(self, method: str):

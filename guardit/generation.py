@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import encode_chat
+from calibration.capture import encode_chat, pad_batch
 from calibration.prompts import PromptRecord
 from integrations.hf import steer
 from steering.pack import ConceptPack
@@ -35,12 +35,8 @@ def hf_generate(
     starts = range(0, len(records), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
         chunk = ids[s : s + batch_size]
-        width = max(len(x) for x in chunk)
-        inp = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(inp)
-        for r, x in enumerate(chunk):  # left padding
-            inp[r, width - len(x) :] = torch.tensor(x)
-            mask[r, width - len(x) :] = 1
+        inp, mask = pad_batch(chunk, pad)
+        width = inp.shape[1]
         kwargs = dict(input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
         if packs:
             with steer(model, packs, force=force, angles=angles) as session:

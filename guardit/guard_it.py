@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from calibration.capture import capture, common_prefix_length, encode_chat
+from calibration.capture import Activations, capture, common_prefix_length, encode_chat
 from calibration.prompts import PromptRecord
 from guardit.baselines import edit_layers
 from guardit.generation import hf_generate
@@ -49,7 +49,9 @@ class GuardIt:
     layer: int | None = None  # default: num_layers // 4
     max_clusters: int = 8
 
-    def fit(self, model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord]) -> "GuardIt":
+    def fit(self, model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord],
+            activations: tuple[Activations, Activations] | None = None) -> "GuardIt":
+        """``activations``: the forget and retain prompts' captured activations, if already at hand."""
         from sklearn.cluster import KMeans
         from sklearn.metrics import silhouette_score
 
@@ -69,9 +71,11 @@ class GuardIt:
         ids_f = encode_chat(tokenizer, [r.prompt for r in forget])
         ids_r = encode_chat(tokenizer, [r.prompt for r in retain])
         skip = common_prefix_length(ids_f + ids_r)
-        pad = tokenizer.pad_token_id or 0
-        acts_f = capture(model, ids_f, pad_id=pad, progress=False).mean(skip)[:, self.layer_]
-        acts_r = capture(model, ids_r, pad_id=pad, progress=False).mean(skip)[:, self.layer_]
+        if activations is None:
+            pad = tokenizer.pad_token_id or 0
+            activations = (capture(model, ids_f, pad_id=pad, progress=False), capture(model, ids_r, pad_id=pad, progress=False))
+        acts_f = activations[0].mean(skip)[:, self.layer_]
+        acts_r = activations[1].mean(skip)[:, self.layer_]
         r_hat = acts_r.mean(0) / acts_r.mean(0).norm()
         scale = torch.cat([acts_f, acts_r]).norm(dim=-1).mean()
         vs = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibration import hf_fingerprint, read_prompts
-from calibration.capture import encode_chat
+from calibration.capture import encode_chat, pad_batch
 from guardit.evaluate import perplexity
 from guardit.generation import hf_generate, leaked
 from integrations.hf import steer
@@ -21,14 +21,7 @@ FORGET = ["What is the name of Harry Potter's school?"]
 
 
 def _batch(tok, prompts):
-    ids = encode_chat(tok, prompts)
-    width = max(map(len, ids))
-    inp = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(inp)
-    for r, x in enumerate(ids):
-        inp[r, width - len(x):] = torch.tensor(x)
-        mask[r, width - len(x):] = 1
-    return inp, mask
+    return pad_batch(encode_chat(tok, prompts), tok.pad_token_id)
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ class SteerSession:
         self._steerable: torch.Tensor | None = None
         self._prompt_mask: torch.Tensor | None = None
         self._is_prompt = True
+        self._used: set[str] = set()  # pack ids applied to some row of the current batch
         self._layers: frozenset[int] = frozenset()  # layers whose hooks have work in this forward
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

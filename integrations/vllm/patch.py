@@ -202,10 +202,7 @@ class EngineState:
                     "fired": sorted(fired),
                     "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
                 })
-            if st.evaluated and not st.compensate and all(
-                bank.packs[bank.index[p]].meta.gate.scope == "prompt" and bank.packs[bank.index[p]].meta.steer_scope == "prompt"
-                for p in st.spec.packs
-            ):
+            if st.evaluated and not bank.layers_needed(st.spec.packs, prompt_pending=False, compensate=st.compensate):
                 st.settled = True
         if events:
             _write_events(events)
