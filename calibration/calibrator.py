@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
-from calibration.directions import layer_stats, mean_difference, orthogonal_target
+from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
 from calibration.gate import fit_gate
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
@@ -105,14 +105,7 @@ class ConceptCalibrator:
         if not math.isfinite(gate.threshold):
             raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
 
-        steer = [s.layer for s in stats if s.selected and s.layer > gate.layer]
-        if len(steer) < self.min_steer_layers:
-            # Too few opposite-sign layers after the gate: top up with the most separating ones.
-            ranked = sorted((s for s in stats if s.layer > gate.layer and s.layer not in steer), key=lambda s: -s.auroc)
-            steer = sorted(steer + [s.layer for s in ranked[: self.min_steer_layers - len(steer)]])
-        if self.max_steer_layers is not None and len(steer) > self.max_steer_layers:
-            by_auc = sorted(steer, key=lambda l: -stats[l].auroc)[: self.max_steer_layers]
-            steer = sorted(by_auc)
+        steer, topped_up = choose_steer_layers(stats, gate.layer, self.min_steer_layers, self.max_steer_layers)
 
         targets = self._targets(model, tokenizer, target_set, pooled_r, pad)
         self.directions_ = directions
@@ -137,6 +130,8 @@ class ConceptCalibrator:
                 "candidates": gate.candidates,
             },
             "steer_layers": steer,
+            "steer_topped_up": topped_up,
+            "min_steer_layers": self.min_steer_layers,
             "layers": [s.as_dict() for s in stats],
             "target": self.target,
             "direction_pooling": self.direction_pooling,

@@ -23,6 +23,12 @@ class LayerStat:
     auroc: float
     selected: bool
 
+    @property
+    def sign_margin(self) -> float:
+        """|p_f + p_r| / |p_f − p_r|: below 1 exactly when the two mean projections have opposite
+        signs; how far a layer is from being selected."""
+        return abs(self.forget_proj + self.retain_proj) / max(abs(self.forget_proj - self.retain_proj), 1e-12)
+
     def as_dict(self) -> dict:
         return {
             "layer": self.layer,
@@ -47,6 +53,25 @@ def layer_stats(forget: torch.Tensor, retain: torch.Tensor, directions: torch.Te
         mf, mr = float(pf.mean()), float(pr.mean())
         stats.append(LayerStat(layer, mf, mr, auc, mf * mr < 0))
     return stats
+
+
+def choose_steer_layers(
+    stats: list[LayerStat], after: int, min_layers: int, max_layers: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(steered layers, those of them added by the top-up). Keeps the selected (opposite-sign)
+    layers after ``after`` (the gate layer); when fewer than ``min_layers``, tops up with the
+    layers nearest to opposite signs (smallest :attr:`LayerStat.sign_margin`), not the most
+    separable ones: nearly every layer separates the classes, and on the untuned example concept
+    the late layers that the top AUROCs pick did not stop recall even with the rotation forced
+    on. ``max_layers`` keeps the most separating ones."""
+    steer = [s.layer for s in stats if s.selected and s.layer > after]
+    opposite = list(steer)
+    if len(steer) < min_layers:
+        ranked = sorted((s for s in stats if s.layer > after and s.layer not in steer), key=lambda s: s.sign_margin)
+        steer = sorted(steer + [s.layer for s in ranked[: min_layers - len(steer)]])
+    if max_layers is not None and len(steer) > max_layers:
+        steer = sorted(sorted(steer, key=lambda l: -stats[l].auroc)[:max_layers])
+    return steer, [l for l in steer if l not in opposite]
 
 
 def orthogonal_target(target: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,16 @@
 At serving time every token t of a request gets a score s_t = w·h_t + b at the gate layer, and
 the request's gate value is the mean (``pooling="mean"``) or the max (``"max"``) of its token
 scores so far. For "mean" the probe is trained on mean-pooled prompt activations (a linear probe
-on the mean equals the mean of the per-token scores, so training and serving agree exactly); for
-"max" it is trained on the tokens themselves.
+on the mean equals the mean of the per-token scores, so training and serving agree exactly). For
+"max" it is trained as a multiple-instance problem: a forget prompt is a bag of tokens of which a
+few carry the concept (a name, a title), a retain or neutral prompt a bag of which none does. The
+probe starts from mean-pooled forget prompts against every negative token, then, for a few
+rounds, is refitted on each forget prompt's two highest-scoring tokens against every negative
+token. Labelling every forget token positive instead labels the question's wording ("Who is",
+"?") positive too; on the example concepts that gave max-pooled out-of-fold recalls of 0.41 /
+0.47 / 0.28 (Harry Potter layer 8 / Einstein layer 14 / Lord of the Rings layer 6) where this
+gives 0.81 / 0.97 / 0.66. Max pooling is not the default: it is slower to fit, and on those
+concepts it did not beat mean pooling on the held-out test prompts (``--gate-pooling best``).
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
@@ -76,6 +84,21 @@ def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.nd
     return w, b
 
 
+def _fit_mil(
+    pos: list[np.ndarray], neg: list[np.ndarray], c: float, seed: int, top: int = 2, rounds: int = 2
+) -> tuple[np.ndarray, float]:
+    """Token probe for max pooling (multiple-instance learning, see the module docstring)."""
+    neg_x = np.concatenate(neg)
+    pos_x = np.stack([p.mean(0) for p in pos])
+    for r in range(rounds + 1):
+        x = np.concatenate([pos_x, neg_x])
+        y = np.r_[np.ones(len(pos_x)), np.zeros(len(neg_x))]
+        w, b = _fit_probe(x, y, c, seed)
+        if r < rounds:
+            pos_x = np.concatenate([p[np.argsort(-(p @ w))[:top]] for p in pos])
+    return w, b
+
+
 def _pooled_scores(tokens: list[np.ndarray], w: np.ndarray, b: float, pooling: str) -> np.ndarray:
     out = np.empty(len(tokens))
     for i, t in enumerate(tokens):
@@ -122,8 +145,7 @@ def fit_gate(
                     w, b = _fit_probe(means[train], y[train], c, seed)
                 else:
                     xs = [per_prompt[i][prefix:] if len(per_prompt[i]) > prefix else per_prompt[i][-1:] for i in train]
-                    ys = [np.full(len(x), y[i]) for x, i in zip(xs, train)]
-                    w, b = _fit_probe(np.concatenate(xs), np.concatenate(ys), c, seed)
+                    w, b = _fit_mil([x for x, i in zip(xs, train) if y[i]], [x for x, i in zip(xs, train) if not y[i]], c, seed)
                 oof[test] = _pooled_scores([per_prompt[i] for i in test], w, b, pooling)
                 ws.append(w)
                 bs.append(b)

@@ -43,8 +43,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         target = "idk"
     model, tok = load_model(_model_dir(args.model))
     concept_id = args.id or Path(args.out).name
+    poolings = ("mean", "max") if args.gate_pooling == "best" else (args.gate_pooling,)
     cal = ConceptCalibrator(
-        concept_id, alpha=args.alpha, angle_deg=args.angle, target=target, progress=not args.quiet
+        concept_id, alpha=args.alpha, angle_deg=args.angle, target=target, gate_poolings=poolings,
+        progress=not args.quiet,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
     out = pack.save_pretrained(args.out)
@@ -126,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--id", default=None, help="concept id (default: the --out folder name)")
     c.add_argument("--angle", type=float, default=60.0, help="default rotation angle in degrees (default 60)")
     c.add_argument("--target", default="idk", help="'idk' (built-in), 'retain', or a JSONL file of prompts+answers")
+    c.add_argument(
+        "--gate-pooling", choices=["mean", "max", "best"], default="mean",
+        help="gate value of a prompt: mean or max of its token scores; 'best' keeps whichever has the "
+        "higher out-of-fold recall (max pooling trains longer)",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)
 

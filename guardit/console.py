@@ -11,6 +11,9 @@ def print_report(r: dict) -> None:
     print(f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
           f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f}")
     print(f"steered layers: {r['steer_layers']} (target: {r['target']})")
+    if r.get("steer_topped_up"):
+        print(f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after the gate "
+              "had opposite signs; these are the nearest to opposite signs")
     print("layer  forget_proj  retain_proj  auroc  selected")
     for s in r["layers"]:
         mark = "*" if s["layer"] in r["steer_layers"] else ("." if s["selected"] else "")

@@ -1,0 +1,75 @@
+"""Layer selection and the max-pooled (multiple-instance) gate probe, on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calibration.directions import LayerStat, choose_steer_layers
+from calibration.gate import _fit_mil, _pooled_scores, fit_gate
+
+
+def _stat(layer: int, f: float, r: float, auroc: float = 0.9) -> LayerStat:
+    return LayerStat(layer, f, r, auroc, f * r < 0)
+
+
+def test_sign_margin_is_below_one_exactly_for_opposite_signs():
+    assert _stat(0, 0.1, -0.3).sign_margin < 1 < _stat(0, 0.1, 0.3).sign_margin
+    assert _stat(0, -0.01, -0.09).sign_margin < _stat(0, -0.2, -0.3).sign_margin
+
+
+def test_top_up_takes_the_layers_nearest_to_opposite_signs_after_the_gate():
+    stats = [
+        _stat(0, -0.02, -0.08, 0.50),  # nearest of all, but not after the gate
+        _stat(1, 0.30, 0.20, 0.99),  # most separable, far from opposite signs
+        _stat(2, -0.01, -0.09, 0.90),
+        _stat(3, 0.05, -0.05, 0.80),  # opposite signs: selected
+        _stat(4, -0.03, -0.11, 0.95),
+        _stat(5, -0.20, -0.28, 0.98),
+    ]
+    steer, added = choose_steer_layers(stats, after=0, min_layers=3)
+    assert steer == [2, 3, 4] and added == [2, 4]
+    assert choose_steer_layers(stats, after=0, min_layers=1) == ([3], [])
+    steer, _ = choose_steer_layers(stats, after=0, min_layers=4, max_layers=2)
+    assert steer == [1, 4]  # the two most separating of [1, 2, 3, 4]
+
+
+def _bags(rng, n: int, d: int, wording: np.ndarray, concept: np.ndarray | None, other: np.ndarray | None = None,
+          share: float = 1.0) -> list[np.ndarray]:
+    """n prompts of 6 tokens: wording tokens (+ noise), phrased with ``wording`` in a ``share`` of
+    them and ``other`` in the rest, one token replaced by the concept token when there is one."""
+    bags = []
+    for i in range(n):
+        x = (wording if i < share * n else other) + 0.15 * rng.standard_normal((6, d))
+        if concept is not None:
+            x[rng.integers(6)] = concept + 0.15 * rng.standard_normal(d)
+        bags.append(x)
+    return bags
+
+
+def test_max_pooled_gate_finds_the_concept_token():
+    # Forget and retain prompts share their phrasings (A or B); only forget prompts contain the
+    # concept token, once, among five wording tokens.
+    rng = np.random.default_rng(0)
+    d = 16
+    a, b, concept = 2 * np.eye(d)[0], 2 * np.eye(d)[1], 2 * np.eye(d)[2]
+    forget, retain = _bags(rng, 32, d, a, concept, b, 0.5), _bags(rng, 32, d, b, None, a, 0.5)
+    w, bias = _fit_mil(forget, retain, c=0.5, seed=0)
+    test_forget, test_retain = _bags(rng, 20, d, b, concept, a, 0.5), _bags(rng, 20, d, a, None, b, 0.5)
+    s_f, s_r = _pooled_scores(test_forget, w, bias, "max"), _pooled_scores(test_retain, w, bias, "max")
+    assert s_f.min() > s_r.max()
+
+
+def test_fit_gate_max_pooling_fires_on_held_out_forget_prompts():
+    rng = np.random.default_rng(1)
+    d = 16
+    a, b, concept = 2 * np.eye(d)[0], 2 * np.eye(d)[1], 2 * np.eye(d)[2]
+    as_layers = lambda bags: [torch.tensor(np.stack([x, x], axis=1), dtype=torch.float32) for x in bags]  # noqa: E731
+    forget, retain, neutral = (
+        _bags(rng, 32, d, a, concept, b, 0.5), _bags(rng, 32, d, b, None, a, 0.5), _bags(rng, 40, d, a, None, b, 0.5)
+    )
+    ids = [[7, 8] + list(rng.integers(10, 99, 4)) for _ in range(104)]
+    gate = fit_gate(as_layers(forget), as_layers(retain), as_layers(neutral), ids, [0], 0.05, ("max",))
+    assert gate.pooling == "max" and gate.tpr >= 0.9 and gate.fpr <= 0.05
+    held = _pooled_scores(_bags(rng, 20, d, b, concept, a, 0.5), gate.weight.double().numpy(), gate.bias, "max")
+    assert (held > gate.threshold).mean() >= 0.9
