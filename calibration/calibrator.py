@@ -71,6 +71,9 @@ class ConceptCalibrator:
         rp = [r.prompt if isinstance(r, PromptRecord) else r for r in retain]
         if not 0.0 < self.alpha < 1.0:
             raise GuarditError(f"alpha must be in (0, 1), got {self.alpha}")
+        bad = sorted(set(self.gate_poolings) - {"mean", "max"})
+        if bad or not self.gate_poolings:
+            raise GuarditError(f"gate_poolings must be a non-empty subset of ('mean', 'max'), got {self.gate_poolings}")
         if len(fp) < 4:
             raise GuarditError(f"the forget set needs at least 4 prompts, got {len(fp)}")
         need = min_negatives(self.alpha)

@@ -6,13 +6,14 @@ scores so far. For "mean" the probe is trained on mean-pooled prompt activations
 on the mean equals the mean of the per-token scores, so training and serving agree exactly). For
 "max" it is trained as a multiple-instance problem: a forget prompt is a bag of tokens of which a
 few carry the concept (a name, a title), a retain or neutral prompt a bag of which none does. The
-probe starts from mean-pooled forget prompts against every negative token, then, for a few
-rounds, is refitted on each forget prompt's two highest-scoring tokens against every negative
-token. Labelling every forget token positive instead labels the question's wording ("Who is",
-"?") positive too; on the example concepts that gave max-pooled out-of-fold recalls of 0.41 /
-0.47 / 0.28 (Harry Potter layer 8 / Einstein layer 14 / Lord of the Rings layer 6) where this
-gives 0.81 / 0.97 / 0.66. Max pooling is not the default: it is slower to fit, and on those
-concepts it did not beat mean pooling on the held-out test prompts (``--gate-pooling best``).
+probe is first fitted on mean-pooled forget prompts against every negative token, then, for two
+rounds, refitted on each forget prompt's two highest-scoring tokens against every negative token.
+Out-of-fold recall at α = 0.05 with this function: 0.81 / 0.97 / 0.66 (Harry Potter layer 8 /
+Einstein layer 14 / Lord of the Rings layer 6); labelling every forget token positive instead
+gave 0.41 / 0.00 / 0.00. Most of the gain comes from the mean-pooled start: it alone gave
+0.81 / 0.88 / 0.72, and the refitting rounds once collapsed (Harry Potter layer 14: 0.00, the
+start alone 0.84). Max pooling is not the default: it is slower to fit, and on those concepts it
+did not beat mean pooling on the held-out test prompts (``--gate-pooling best``).
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
@@ -89,13 +90,14 @@ def _fit_mil(
 ) -> tuple[np.ndarray, float]:
     """Token probe for max pooling (multiple-instance learning, see the module docstring)."""
     neg_x = np.concatenate(neg)
-    pos_x = np.stack([p.mean(0) for p in pos])
-    for r in range(rounds + 1):
-        x = np.concatenate([pos_x, neg_x])
+
+    def fit(pos_x: np.ndarray) -> tuple[np.ndarray, float]:
         y = np.r_[np.ones(len(pos_x)), np.zeros(len(neg_x))]
-        w, b = _fit_probe(x, y, c, seed)
-        if r < rounds:
-            pos_x = np.concatenate([p[np.argsort(-(p @ w))[:top]] for p in pos])
+        return _fit_probe(np.concatenate([pos_x, neg_x]), y, c, seed)
+
+    w, b = fit(np.stack([p.mean(0) for p in pos]))
+    for _ in range(rounds):
+        w, b = fit(np.concatenate([p[np.argsort(-(p @ w))[:top]] for p in pos]))
     return w, b
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from calibration.directions import LayerStat, choose_steer_layers
@@ -73,3 +74,31 @@ def test_fit_gate_max_pooling_fires_on_held_out_forget_prompts():
     assert gate.pooling == "max" and gate.tpr >= 0.9 and gate.fpr <= 0.05
     held = _pooled_scores(_bags(rng, 20, d, b, concept, a, 0.5), gate.weight.double().numpy(), gate.bias, "max")
     assert (held > gate.threshold).mean() >= 0.9
+
+
+def test_max_pooled_gate_on_the_real_model(hf_model):
+    # Harry Potter, layer 8: multiple-instance training reaches 0.81 out-of-fold recall at
+    # α = 0.05; labelling every forget token positive reached 0.41 (measured when it was replaced).
+    from calibration.calibrator import builtin_prompts
+    from calibration.capture import capture, encode_chat
+    from calibration.prompts import read_prompts
+    from conftest import EXAMPLES
+
+    model, tok = hf_model
+    sets = [
+        [r.prompt for r in read_prompts(str(EXAMPLES / "harry_potter" / "forget.jsonl"))],
+        [r.prompt for r in read_prompts(str(EXAMPLES / "harry_potter" / "retain.jsonl"))],
+        [r.prompt for r in builtin_prompts("neutral")],
+    ]
+    ids = [encode_chat(tok, s) for s in sets]
+    acts = [[t[:, 8:9] for t in capture(model, x, 16, pad_id=tok.pad_token_id, progress=False).tokens] for x in ids]
+    gate = fit_gate(*acts, ids[0] + ids[1] + ids[2], [0], 0.05, ("max",))
+    assert gate.tpr >= 0.7 and gate.fpr <= 0.05
+
+
+def test_unknown_gate_pooling_is_refused_before_any_work():
+    from calibration import ConceptCalibrator
+    from steering.errors import GuarditError
+
+    with pytest.raises(GuarditError, match="gate_poolings"):
+        ConceptCalibrator("x", gate_poolings=("mean", "median")).fit(None, None, ["a"] * 4, ["b"] * 20)
