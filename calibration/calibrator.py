@@ -13,7 +13,7 @@ import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
-from calibration.gate import fit_gate
+from calibration.gate import GateFit, conformal_threshold, fit_gate
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
@@ -30,6 +30,25 @@ def builtin_prompts(name: str) -> list[PromptRecord]:
 def min_negatives(alpha: float) -> int:
     """Smallest number of negatives for which the conformal threshold at level α is finite."""
     return math.ceil(1 / alpha - 1)
+
+
+def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutral: list[str], top: int = 3) -> dict:
+    """What bounds the gate: the negatives with the highest out-of-fold scores (the conformal
+    threshold is one of them), the forget prompts whose out-of-fold score stayed at or below the
+    threshold, and the threshold and recall the same probe would have at other levels α."""
+    negatives = [(float(s), "retain", p) for s, p in zip(gate.oof_retain, retain)]
+    negatives += [(float(s), "neutral", p) for s, p in zip(gate.oof_neutral, neutral)]
+    negatives.sort(key=lambda x: -x[0])
+    missed = sorted(((float(s), p) for s, p in zip(gate.oof_forget, forget) if s <= gate.threshold), key=lambda x: -x[0])
+    levels = []
+    for a in (0.05, 0.1, 0.2):
+        tau = max(conformal_threshold(gate.oof_retain, a), conformal_threshold(gate.oof_neutral, a) if len(neutral) else -math.inf)
+        levels.append({"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)})
+    return {
+        "alpha_levels": levels,
+        "highest_negatives": [{"prompt": p, "set": kind, "score": round(s, 4)} for s, kind, p in negatives[:top]],
+        "missed_forget": [{"prompt": p, "score": round(s, 4)} for s, p in missed],
+    }
 
 
 @dataclass
@@ -140,7 +159,9 @@ class ConceptCalibrator:
             "direction_pooling": self.direction_pooling,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        self.report_ = report
+        # Prompt texts stay out of the pack (its metadata travels to servers; a forget prompt may
+        # itself be the private data): they are for the person running the calibration.
+        self.report_ = {**report, "diagnostics": gate_diagnostics(gate, fp, rp, neutral)}
         meta = PackMeta(
             concept_id=self.concept_id,
             description=self.description,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+_SHOW = 6  # missed forget prompts printed; the report holds all of them
+
 
 def print_report(r: dict) -> None:
     g = r["gate"]
@@ -10,6 +12,18 @@ def print_report(r: dict) -> None:
     print(f"gate: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
     print(f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
           f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f}")
+    diag = r.get("diagnostics")
+    if diag:
+        lv = ", ".join(f"alpha={d['alpha']:g}: {d['oof_tpr_forget']:.0%}" for d in diag["alpha_levels"])
+        print(f"      out-of-fold TPR of this probe at other levels: {lv}")
+        near = ", ".join(f"{d['prompt']!r} ({d['set']}, {d['score']:.2f})" for d in diag["highest_negatives"])
+        print(f"      highest-scoring negatives (out of fold; they set the threshold): {near}")
+        missed = diag["missed_forget"]
+        if missed:
+            shown = ", ".join(f"{d['prompt']!r} ({d['score']:.2f})" for d in missed[:_SHOW])
+            more = f" and {len(missed) - _SHOW} more" if len(missed) > _SHOW else ""
+            print(f"      forget prompts the gate missed out of fold: {shown}{more}")
+            print("      (prompts like the missed ones, or retain prompts farther from the concept, raise recall)")
     print(f"steered layers: {r['steer_layers']} (target: {r['target']})")
     if r.get("steer_topped_up"):
         print(f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after the gate "

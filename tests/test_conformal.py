@@ -29,3 +29,37 @@ def test_false_fire_rate_is_bounded(alpha):
     rate = float(np.mean(fires))
     assert rate <= alpha + 0.015  # guarantee ≤ α, plus Monte-Carlo slack
     assert rate >= alpha - 0.05  # and not vacuously conservative
+
+
+def test_gate_diagnostics_name_what_bounds_the_gate():
+    import torch
+
+    from calibration.calibrator import gate_diagnostics
+    from calibration.gate import GateFit
+
+    retain = np.array([0.1, 2.5, -1.0, 1.4] + [-2.0] * 28)  # 32 retain: at α = 0.05 τ is their max
+    neutral = np.full(48, -3.0)
+    forget = np.array([3.0, 2.4, 1.5, -0.5])
+    tau = max(conformal_threshold(retain, 0.05), conformal_threshold(neutral, 0.05))
+    gate = GateFit(0, "mean", torch.zeros(2), 0.0, tau, 0.05, forget, retain, neutral)
+    names = lambda prefix, n: [f"{prefix} {i}" for i in range(n)]  # noqa: E731
+    d = gate_diagnostics(gate, names("f", 4), names("r", 32), names("n", 48))
+    assert [x["prompt"] for x in d["highest_negatives"]] == ["r 1", "r 3", "r 0"]
+    assert d["highest_negatives"][0] == {"prompt": "r 1", "set": "retain", "score": 2.5}
+    assert [x["prompt"] for x in d["missed_forget"]] == ["f 1", "f 2", "f 3"]
+    by_alpha = {x["alpha"]: x for x in d["alpha_levels"]}
+    assert by_alpha[0.05]["threshold"] == 2.5 and by_alpha[0.05]["oof_tpr_forget"] == 0.25
+    assert by_alpha[0.1]["threshold"] == 0.1 and by_alpha[0.1]["oof_tpr_forget"] == 0.75
+
+
+def test_pack_metadata_holds_no_calibration_prompt(packs_dir):
+    import json
+    from pathlib import Path
+
+    from calibration.prompts import read_prompts
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "concepts" / "harry_potter"
+    meta = (packs_dir / "harry-potter" / "pack.json").read_text()
+    assert "diagnostics" not in json.loads(meta)["stats"]
+    for split in ("forget", "retain"):
+        assert not [r.prompt for r in read_prompts(examples / f"{split}.jsonl") if json.dumps(r.prompt) in meta]
