@@ -42,7 +42,7 @@ def test_gate_diagnostics_name_what_bounds_the_gate():
     forget = np.array([3.0, 2.4, 1.5, -0.5])
     tau = max(conformal_threshold(retain, 0.05), conformal_threshold(neutral, 0.05))
     gate = GateFit(0, "mean", torch.zeros(2), 0.0, tau, 0.05, forget, retain, neutral)
-    names = lambda prefix, n: [f"{prefix} {i}" for i in range(n)]  # noqa: E731
+    names = lambda prefix, n: [f"{prefix} {i}" for i in range(n)]
     d = gate_diagnostics(gate, names("f", 4), names("r", 32), names("n", 48))
     assert [x["prompt"] for x in d["highest_negatives"]] == ["r 1", "r 3", "r 0"]
     assert d["highest_negatives"][0] == {"prompt": "r 1", "set": "retain", "score": 2.5}
