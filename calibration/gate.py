@@ -4,16 +4,17 @@ At serving time every token t of a request gets a score s_t = w·h_t + b at the 
 the request's gate value is the mean (``pooling="mean"``) or the max (``"max"``) of its token
 scores so far. For "mean" the probe is trained on mean-pooled prompt activations (a linear probe
 on the mean equals the mean of the per-token scores, so training and serving agree exactly). For
-"max" it is trained as a multiple-instance problem: a forget prompt is a bag of tokens of which a
-few carry the concept (a name, a title), a retain or neutral prompt a bag of which none does. The
-probe is first fitted on mean-pooled forget prompts against every negative token, then, for two
-rounds, refitted on each forget prompt's two highest-scoring tokens against every negative token.
-Out-of-fold recall at α = 0.05 with this function: 0.81 / 0.97 / 0.66 (Harry Potter layer 8 /
-Einstein layer 14 / Lord of the Rings layer 6); labelling every forget token positive instead
-gave 0.41 / 0.00 / 0.00. Most of the gain comes from the mean-pooled start: it alone gave
-0.81 / 0.88 / 0.72, and the refitting rounds once collapsed (Harry Potter layer 14: 0.00, the
-start alone 0.84). Max pooling is not the default: it is slower to fit, and on those concepts it
-did not beat mean pooling on the held-out test prompts (``--gate-pooling best``).
+"max" the probe is fitted on mean-pooled forget prompts against every token of the retain and
+neutral prompts (after the shared template head) as separate negatives: a forget prompt is a bag
+of tokens of which a few carry the concept (a name, a title), a negative prompt a bag of which
+none does, so no single negative token may score like a forget prompt's average. Out-of-fold
+recall at α = 0.05 (best layer of 2–14 per concept; Harry Potter / Einstein / Lord of the Rings /
+Shakespeare): 0.84 / 0.91 / 0.72 / 0.59. Labelling every forget token positive instead gave
+0.41 / 0.00 / 0.00 at the layers then chosen. Refitting on each forget prompt's two top-scoring
+tokens (a multiple-instance step we shipped first) gave 0.84 / 0.97 / 0.66 / 0.41 and fell
+to recall ≤ 0.03 at 7 of the 27 concept-layer pairs (the probe alone: 1), so it was dropped. Max
+pooling is not the default: on those concepts it did not beat mean pooling on held-out test
+prompts (``--gate-pooling best`` picks whichever has the higher out-of-fold recall).
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
@@ -85,20 +86,11 @@ def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.nd
     return w, b
 
 
-def _fit_mil(
-    pos: list[np.ndarray], neg: list[np.ndarray], c: float, seed: int, top: int = 2, rounds: int = 2
-) -> tuple[np.ndarray, float]:
-    """Token probe for max pooling (multiple-instance learning, see the module docstring)."""
-    neg_x = np.concatenate(neg)
-
-    def fit(pos_x: np.ndarray) -> tuple[np.ndarray, float]:
-        y = np.r_[np.ones(len(pos_x)), np.zeros(len(neg_x))]
-        return _fit_probe(np.concatenate([pos_x, neg_x]), y, c, seed)
-
-    w, b = fit(np.stack([p.mean(0) for p in pos]))
-    for _ in range(rounds):
-        w, b = fit(np.concatenate([p[np.argsort(-(p @ w))[:top]] for p in pos]))
-    return w, b
+def _fit_token_probe(pos: list[np.ndarray], neg: list[np.ndarray], c: float, seed: int) -> tuple[np.ndarray, float]:
+    """Token probe for max pooling: mean-pooled positive bags against every negative token."""
+    pos_x, neg_x = np.stack([p.mean(0) for p in pos]), np.concatenate(neg)
+    y = np.r_[np.ones(len(pos_x)), np.zeros(len(neg_x))]
+    return _fit_probe(np.concatenate([pos_x, neg_x]), y, c, seed)
 
 
 def _pooled_scores(tokens: list[np.ndarray], w: np.ndarray, b: float, pooling: str) -> np.ndarray:
@@ -147,7 +139,7 @@ def fit_gate(
                     w, b = _fit_probe(means[train], y[train], c, seed)
                 else:
                     xs = [per_prompt[i][prefix:] if len(per_prompt[i]) > prefix else per_prompt[i][-1:] for i in train]
-                    w, b = _fit_mil([x for x, i in zip(xs, train) if y[i]], [x for x, i in zip(xs, train) if not y[i]], c, seed)
+                    w, b = _fit_token_probe([x for x, i in zip(xs, train) if y[i]], [x for x, i in zip(xs, train) if not y[i]], c, seed)
                 oof[test] = _pooled_scores([per_prompt[i] for i in test], w, b, pooling)
                 ws.append(w)
                 bs.append(b)

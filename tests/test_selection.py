@@ -1,4 +1,4 @@
-"""Layer selection and the max-pooled (multiple-instance) gate probe, on synthetic data."""
+"""Layer selection and the max-pooled gate probe."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from calibration.directions import LayerStat, choose_steer_layers
-from calibration.gate import _fit_mil, _pooled_scores, fit_gate
+from calibration.gate import _fit_token_probe, _pooled_scores, fit_gate
 
 
 def _stat(layer: int, f: float, r: float, auroc: float = 0.9) -> LayerStat:
@@ -55,7 +55,7 @@ def test_max_pooled_gate_finds_the_concept_token():
     d = 16
     a, b, concept = 2 * np.eye(d)[0], 2 * np.eye(d)[1], 2 * np.eye(d)[2]
     forget, retain = _bags(rng, 32, d, a, concept, b, 0.5), _bags(rng, 32, d, b, None, a, 0.5)
-    w, bias = _fit_mil(forget, retain, c=0.5, seed=0)
+    w, bias = _fit_token_probe(forget, retain, c=0.5, seed=0)
     test_forget, test_retain = _bags(rng, 20, d, b, concept, a, 0.5), _bags(rng, 20, d, a, None, b, 0.5)
     s_f, s_r = _pooled_scores(test_forget, w, bias, "max"), _pooled_scores(test_retain, w, bias, "max")
     assert s_f.min() > s_r.max()
@@ -77,8 +77,8 @@ def test_fit_gate_max_pooling_fires_on_held_out_forget_prompts():
 
 
 def test_max_pooled_gate_on_the_real_model(hf_model):
-    # Harry Potter, layer 8: multiple-instance training reaches 0.81 out-of-fold recall at
-    # α = 0.05; labelling every forget token positive reached 0.41 (measured when it was replaced).
+    # Harry Potter, layer 8: the token probe reaches 0.81 out-of-fold recall at α = 0.05;
+    # labelling every forget token positive reached 0.41 (measured when it was replaced).
     from calibration.calibrator import builtin_prompts
     from calibration.capture import capture, encode_chat
     from calibration.prompts import read_prompts
