@@ -13,7 +13,7 @@ import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
-from calibration.gate import GateFit, conformal_threshold, fit_gate
+from calibration.gate import GateFit, fit_gate, gate_threshold
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
@@ -42,7 +42,7 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
     missed = sorted(((float(s), p) for s, p in zip(gate.oof_forget, forget) if s <= gate.threshold), key=lambda x: -x[0])
     levels = []
     for a in (0.05, 0.1, 0.2):
-        tau = max(conformal_threshold(gate.oof_retain, a), conformal_threshold(gate.oof_neutral, a) if len(neutral) else -math.inf)
+        tau = gate_threshold(gate.oof_retain, gate.oof_neutral, a)
         levels.append({"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)})
     return {
         "alpha_levels": levels,

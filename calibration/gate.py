@@ -49,6 +49,13 @@ def conformal_threshold(negative_scores: np.ndarray, alpha: float) -> float:
     return float(s[k - 1])
 
 
+def gate_threshold(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> float:
+    """The gate's τ: the conformal threshold of the retain scores and, when there are any, of the
+    neutral scores, whichever is higher (each set's false-fire rate stays ≤ α)."""
+    neutral = conformal_threshold(oof_neutral, alpha) if len(oof_neutral) else -math.inf
+    return max(conformal_threshold(oof_retain, alpha), neutral)
+
+
 @dataclass
 class GateFit:
     layer: int
@@ -144,7 +151,7 @@ def fit_gate(
                 ws.append(w)
                 bs.append(b)
             of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
-            tau = max(conformal_threshold(orr, alpha), conformal_threshold(on, alpha) if len(on) else -math.inf)
+            tau = gate_threshold(orr, on, alpha)
             fit = GateFit(
                 layer=layer,
                 pooling=pooling,
