@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+
 _SHOW = 6  # missed forget prompts printed; the report holds all of them
+# Out-of-fold gate recall below which calibration warns. Measured (README): the packs at 81 % and
+# 84 % (Harry Potter, Einstein) fired on every held-out forget prompt; those at 66 % and 56 %
+# (Lord of the Rings, Shakespeare) stayed closed on 6 and 7 of their 12.
+WEAK_RECALL = 0.75
+
+
+def weak_gate_warning(r: dict) -> str | None:
+    """One line for people when the gate is likely to miss many prompts about the concept."""
+    g = r["gate"]
+    if g["oof_tpr_forget"] >= WEAK_RECALL:
+        return None
+    return (f"weak gate: it caught {g['oof_tpr_forget']:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
+            f"(below {WEAK_RECALL:.0%}: in our measurements such gates stayed closed on about half of the held-out "
+            "prompts about the concept); "
+            "add forget prompts like the missed ones, or retain prompts farther from the concept")
 
 
 def print_report(r: dict) -> None:
@@ -32,3 +49,6 @@ def print_report(r: dict) -> None:
     for s in r["layers"]:
         mark = "*" if s["layer"] in r["steer_layers"] else ("." if s["selected"] else "")
         print(f"{s['layer']:>5}  {s['forget_proj']:>11.4f}  {s['retain_proj']:>11.4f}  {s['auroc']:>5.3f}  {mark}")
+    warning = weak_gate_warning(r)
+    if warning:
+        print(f"guardit: warning: {warning}", file=sys.stderr)

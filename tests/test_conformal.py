@@ -63,3 +63,12 @@ def test_pack_metadata_holds_no_calibration_prompt(packs_dir):
     assert "diagnostics" not in json.loads(meta)["stats"]
     for split in ("forget", "retain"):
         assert not [r.prompt for r in read_prompts(examples / f"{split}.jsonl") if json.dumps(r.prompt) in meta]
+
+
+def test_calibration_warns_when_the_gate_misses_many_forget_prompts():
+    from guardit.console import WEAK_RECALL, weak_gate_warning
+
+    weak = weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.5625}})
+    assert weak is not None and "56%" in weak and "alpha=0.05" in weak and "missed" in weak
+    assert weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.8125}}) is None
+    assert weak_gate_warning({"alpha": 0.1, "gate": {"oof_tpr_forget": WEAK_RECALL}}) is None
