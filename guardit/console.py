@@ -9,6 +9,7 @@ _SHOW = 6  # missed forget prompts printed; the report holds all of them
 # 84 % (Harry Potter, Einstein) fired on every held-out forget prompt; those at 66 % and 56 %
 # (Lord of the Rings, Shakespeare) stayed closed on 6 and 7 of their 12.
 WEAK_RECALL = 0.75
+_ADVICE = "add forget prompts like the missed ones, or retain prompts farther from the concept"
 
 
 def weak_gate_warning(r: dict) -> str | None:
@@ -18,8 +19,7 @@ def weak_gate_warning(r: dict) -> str | None:
         return None
     return (f"weak gate: it caught {g['oof_tpr_forget']:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
             f"(below {WEAK_RECALL:.0%}: in our measurements such gates stayed closed on about half of the held-out "
-            "prompts about the concept); "
-            "add forget prompts like the missed ones, or retain prompts farther from the concept")
+            f"prompts about the concept); {_ADVICE}")
 
 
 def print_report(r: dict) -> None:
@@ -40,7 +40,7 @@ def print_report(r: dict) -> None:
             shown = ", ".join(f"{d['prompt']!r} ({d['score']:.2f})" for d in missed[:_SHOW])
             more = f" and {len(missed) - _SHOW} more" if len(missed) > _SHOW else ""
             print(f"      forget prompts the gate missed out of fold: {shown}{more}")
-            print("      (prompts like the missed ones, or retain prompts farther from the concept, raise recall)")
+            print(f"      (to raise recall: {_ADVICE})")
     print(f"steered layers: {r['steer_layers']} (target: {r['target']})")
     if r.get("steer_topped_up"):
         print(f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after the gate "
