@@ -114,9 +114,12 @@ class PackMeta(BaseModel):
             raise ValueError(f"layers must be strictly increasing without duplicates, got {self.layers}")
         if self.layers[-1] >= self.model.num_layers:
             raise ValueError(f"layer {self.layers[-1]} is out of range for a {self.model.num_layers}-layer model")
-        if self.gate.layer >= self.layers[0]:
+        if self.gate.layer >= self.layers[0] and self.steer_scope != "all":
+            # A prompt's layers before the gate are past when it decides: only the generated
+            # tokens can be rotated there, which steer scope "all" does.
             raise ValueError(
-                f"gate.layer ({self.gate.layer}) must come before the first steered layer ({self.layers[0]})"
+                f"gate.layer ({self.gate.layer}) must come before the first steered layer ({self.layers[0]}) "
+                "unless steer_scope is 'all'"
             )
         return self
 

@@ -255,6 +255,10 @@ class SteeringBank:
             found = self._needed[key] = frozenset(layers)
         return found
 
+    def may_fire_later(self, pack_ids: Iterable[str]) -> bool:
+        """Can a gate of these packs still open after the prompt (gate scope "all")?"""
+        return any(self.packs[self.index[p]].meta.gate.scope == "all" for p in pack_ids)
+
     def needs_steer(self, layer: int, stats: GateStats, settings: RowSettings) -> bool:
         """Cheap check: does any row have a fired (or forced) pack with a plane at this layer?"""
         cols = self.steer_cols.get(layer)

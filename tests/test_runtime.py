@@ -117,3 +117,25 @@ def test_layers_needed_after_the_prompt_only_where_work_remains():
     # a steer-scope "all" pack keeps rotating generated tokens; a gate-scope "all" pack keeps scoring
     assert bank.layers_needed(["a", "c"], prompt_pending=False) == {3}
     assert bank.layers_needed(["d"], prompt_pending=False) == {1}
+
+
+def test_late_gate_rotates_earlier_layers_only_for_tokens_after_it_fired():
+    """A gate after a steered layer (steer scope "all"): in the forward that fires it, the earlier
+    layer is left alone and the later one rotates; from the next token on, both rotate."""
+    import pytest
+
+    with pytest.raises(ValueError, match="gate.layer"):
+        toy_pack("late", layers=(3, 5), gate_layer=4)  # prompt scope cannot rotate before its gate
+    bank = SteeringBank([toy_pack("late", layers=(3, 5), gate_layer=4, threshold=-1e9, steer_scope="all")])
+    settings = bank.settings([{"late": (None, False)}])
+    stats = GateStats.empty(1, 1)
+    rows = torch.zeros(4, dtype=torch.long)
+    prompt = torch.ones(4, dtype=torch.bool)
+    h = torch.randn(4, 16)
+    assert bank.steer_(3, h.clone(), rows, stats, settings, None, prompt) is None  # gate not decided yet
+    bank.update_gates(4, h, rows, stats, settings, None, prompt, torch.tensor([True]))
+    assert stats.fired.all()
+    assert bank.steer_(5, h.clone(), rows, stats, settings, None, prompt).tolist() == [0, 1, 2, 3]
+    new = torch.randn(1, 16)
+    assert bank.layers_needed(["late"], prompt_pending=False) == {3, 5}
+    assert bank.steer_(3, new, rows[:1], stats, settings, None, torch.tensor([False])).tolist() == [0]

@@ -52,9 +52,9 @@ class _Request:
     # The prompt was split into prefill chunks and the gate decided after the first one: those
     # chunks' tokens were not rotated, so this request's generated tokens are rotated as well.
     compensate: bool = False
-    # The gates decided on the whole prompt, none can change its mind (prompt-scope gates) and no
-    # later token will be rotated (prompt-scope rotations, no compensation): from now on the request
-    # costs nothing, like one without packs.
+    # The gates decided on the whole prompt and no later token will be rotated (prompt-scope
+    # rotations and no compensation, or prompt-scope gates that all stayed closed): from now on the
+    # request costs nothing, like one without packs.
     settled: bool = False
 
     @property
@@ -202,7 +202,8 @@ class EngineState:
                     "fired": sorted(fired),
                     "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
                 })
-            if st.evaluated and not bank.layers_needed(st.spec.packs, prompt_pending=False, compensate=st.compensate):
+            if st.evaluated and (not bank.layers_needed(st.spec.packs, prompt_pending=False, compensate=st.compensate)
+                                 or not (fired or bank.may_fire_later(st.spec.packs))):
                 st.settled = True
         if events:
             _write_events(events)
