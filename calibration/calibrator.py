@@ -13,7 +13,7 @@ import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
-from calibration.gate import GateFit, fit_gate, gate_threshold
+from calibration.gate import WEAK_RECALL, GateFit, fit_gate, gate_threshold
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
@@ -69,6 +69,7 @@ class ConceptCalibrator:
     direction_pooling: Literal["mean", "last"] = "mean"
     gate_layers: list[int] | None = None
     gate_poolings: tuple[str, ...] = ("mean",)
+    late_gate: bool = False  # when the best early gate is weak, let a later layer gate
     max_steer_layers: int | None = None
     min_steer_layers: int = 4
     batch_size: int = 16
@@ -116,18 +117,31 @@ class ConceptCalibrator:
         directions = mean_difference(pooled_f, pooled_r)
         stats = layer_stats(pooled_f, pooled_r, directions)
 
-        gate_candidates = self.gate_layers or list(range(2, max(3, n_layers // 2), 2))
+        early = list(range(2, max(3, n_layers // 2), 2))
+        gate_candidates = self.gate_layers or early
         bad = [g for g in gate_candidates if not 0 <= g < n_layers - 1]
         if bad:
             raise GuarditError(f"gate_layers {bad} out of range for a {n_layers}-layer model")
-        gate = fit_gate(
+        fit = lambda layers: fit_gate(  # noqa: E731
             acts_f.tokens, acts_r.tokens, acts_n.tokens, ids_f + ids_r + ids_n,
-            gate_candidates, self.alpha, self.gate_poolings, seed=self.seed,
+            layers, self.alpha, self.gate_poolings, seed=self.seed,
         )
+        gate = fit(gate_candidates)
         if not math.isfinite(gate.threshold):
             raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
+        # The steered layers follow the best early gate, which sees the prompt before any of them.
+        anchor, candidates = gate.layer, list(gate.candidates)
+        if self.gate_layers is None and self.late_gate and gate.tpr < WEAK_RECALL:
+            # A weak early gate: try the later layers too. A late gate decides when the prompt has
+            # passed the steered layers before it; those then rotate the generated tokens only.
+            late = fit(list(range(early[-1] + 1, n_layers - 1)))
+            candidates += late.candidates
+            if late.tpr > gate.tpr:
+                gate = late
+            gate.candidates = candidates
 
-        steer, topped_up = choose_steer_layers(stats, gate.layer, self.min_steer_layers, self.max_steer_layers)
+        steer, topped_up = choose_steer_layers(stats, anchor, self.min_steer_layers, self.max_steer_layers)
+        steer_scope = "all" if gate.layer >= steer[0] else "prompt"
 
         targets = self._targets(model, tokenizer, target_set, pooled_r, pad)
         self.directions_ = directions
@@ -153,6 +167,9 @@ class ConceptCalibrator:
             },
             "steer_layers": steer,
             "steer_topped_up": topped_up,
+            "steer_scope": steer_scope,
+            "steer_after": anchor,
+            "late_gate": self.late_gate,
             "min_steer_layers": self.min_steer_layers,
             "layers": [s.as_dict() for s in stats],
             "target": self.target,
@@ -171,6 +188,7 @@ class ConceptCalibrator:
             angle_deg=self.angle_deg,
             angle_mode=self.angle_mode,
             target=self.target,
+            steer_scope=steer_scope,
             skip_head=list(ids_f[0][:skip]),
             stats=dict(report),
         )

@@ -46,7 +46,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     poolings = ("mean", "max") if args.gate_pooling == "best" else (args.gate_pooling,)
     cal = ConceptCalibrator(
         concept_id, alpha=args.alpha, angle_deg=args.angle, target=target, gate_poolings=poolings,
-        progress=not args.quiet,
+        late_gate=args.late_gate, progress=not args.quiet,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
     out = pack.save_pretrained(args.out)
@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gate-pooling", choices=["mean", "max", "best"], default="mean",
         help="gate value of a prompt: mean or max of its token scores; 'best' keeps whichever has the "
         "higher out-of-fold recall (max pooling trains longer)",
+    )
+    c.add_argument(
+        "--late-gate", action="store_true",
+        help="when no early gate reaches 75%% out-of-fold recall, also try the later layers and keep the "
+        "better gate; steered layers before it then rotate only generated tokens (higher recall, "
+        "less fluent answers: see README)",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from calibration.gate import WEAK_RECALL
+
 _SHOW = 6  # missed forget prompts printed; the report holds all of them
-# Out-of-fold gate recall below which calibration warns. Measured (README): the packs at 81 % and
-# 84 % (Harry Potter, Einstein) fired on every held-out forget prompt; those at 66 % and 56 %
-# (Lord of the Rings, Shakespeare) stayed closed on 6 and 7 of their 12.
-WEAK_RECALL = 0.75
 _ADVICE = "add forget prompts like the missed ones, or retain prompts farther from the concept"
 
 
@@ -17,9 +15,10 @@ def weak_gate_warning(r: dict) -> str | None:
     g = r["gate"]
     if g["oof_tpr_forget"] >= WEAK_RECALL:
         return None
+    late = "" if r.get("late_gate") else "; or calibrate with --late-gate (higher recall, less fluent answers)"
     return (f"weak gate: it caught {g['oof_tpr_forget']:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
             f"(below {WEAK_RECALL:.0%}: in our measurements such gates stayed closed on about half of the held-out "
-            f"prompts about the concept); {_ADVICE}")
+            f"prompts about the concept); {_ADVICE}{late}")
 
 
 def print_report(r: dict) -> None:
@@ -42,9 +41,13 @@ def print_report(r: dict) -> None:
             print(f"      forget prompts the gate missed out of fold: {shown}{more}")
             print(f"      (to raise recall: {_ADVICE})")
     print(f"steered layers: {r['steer_layers']} (target: {r['target']})")
+    before = [l for l in r["steer_layers"] if l <= g["layer"]]
+    if before:
+        print(f"      the gate (layer {g['layer']}) decides after {before}: there they rotate only the tokens "
+              "generated once it fired")
     if r.get("steer_topped_up"):
-        print(f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after the gate "
-              "had opposite signs; these are the nearest to opposite signs")
+        print(f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after layer "
+              f"{r.get('steer_after', g['layer'])} had opposite signs; these are the nearest to opposite signs")
     print("layer  forget_proj  retain_proj  auroc  selected")
     for s in r["layers"]:
         mark = "*" if s["layer"] in r["steer_layers"] else ("." if s["selected"] else "")

@@ -24,13 +24,16 @@ def hf_model(model_dir):
 
 @pytest.fixture(scope="session")
 def packs_dir(tmp_path_factory, model_dir) -> Path:
-    """The two example concepts, calibrated once per session through the CLI."""
+    """The two example concepts and the untuned Lord of the Rings (with --late-gate: its early gates
+    are weak, so its gate sits after some of its steered layers), calibrated once per session
+    through the CLI."""
     from guardit.cli import main
 
     out = tmp_path_factory.mktemp("packs")
-    for concept in ("harry_potter", "einstein"):
+    for concept in ("harry_potter", "einstein", "lord_of_the_rings"):
         d = EXAMPLES / concept
+        late = ["--late-gate"] if concept == "lord_of_the_rings" else []
         rc = main(["calibrate", "--model", str(model_dir), "--forget", str(d / "forget.jsonl"),
-                   "--retain", str(d / "retain.jsonl"), "--out", str(out / concept.replace("_", "-")), "--quiet"])
+                   "--retain", str(d / "retain.jsonl"), "--out", str(out / concept.replace("_", "-")), "--quiet", *late])
         assert rc == 0
     return out

@@ -70,5 +70,34 @@ def test_calibration_warns_when_the_gate_misses_many_forget_prompts():
 
     weak = weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.5625}})
     assert weak is not None and "56%" in weak and "alpha=0.05" in weak and "missed" in weak
+    assert "--late-gate" in weak  # the lever not yet pulled
+    late = weak_gate_warning({"alpha": 0.05, "late_gate": True, "gate": {"oof_tpr_forget": 0.72}})
+    assert late is not None and "72%" in late and "--late-gate" not in late
     assert weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.8125}}) is None
     assert weak_gate_warning({"alpha": 0.1, "gate": {"oof_tpr_forget": WEAK_RECALL}}) is None
+
+
+def test_weak_early_gate_gives_way_to_a_later_layer(packs_dir):
+    """Lord of the Rings (untuned, calibrated with --late-gate): no gate before the middle layer
+    reaches the weak-gate recall, so calibration also fits the later layers and keeps the better
+    one; the steered layers stay those chosen after the best early gate, and the pack rotates
+    generated tokens too (steer scope all). The example concepts (defaults) keep early gates."""
+    import json
+
+    from calibration.gate import WEAK_RECALL
+
+    def stats(name):
+        return json.loads((packs_dir / name / "pack.json").read_text())
+
+    lotr = stats("lord-of-the-rings")
+    g = lotr["stats"]["gate"]
+    early = [c for c in g["candidates"] if c["layer"] < 15]
+    best_early = max(early, key=lambda c: (c["tpr"], c["auroc"]))
+    assert best_early["tpr"] < WEAK_RECALL
+    assert lotr["gate"]["layer"] >= 15 and g["oof_tpr_forget"] > best_early["tpr"]
+    assert lotr["gate"]["layer"] > lotr["layers"][0] and lotr["steer_scope"] == "all"
+    assert all(l > best_early["layer"] for l in lotr["layers"])
+    for name in ("harry-potter", "einstein"):
+        m = stats(name)
+        assert m["gate"]["layer"] < 15 and m["stats"]["gate"]["oof_tpr_forget"] >= WEAK_RECALL
+        assert m["steer_scope"] == "prompt" and all(c["layer"] < 15 for c in m["stats"]["gate"]["candidates"])

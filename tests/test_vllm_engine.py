@@ -18,6 +18,7 @@ from conftest import EXAMPLES
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 CONCEPTS = ("harry_potter", "einstein")
+LATE = "lord_of_the_rings"  # untuned; its pack gates after some of its steered layers
 # Small token budget per step: prompts (~35-45 tokens) are split over several prefill chunks.
 ENGINE_KW = {"max_num_batched_tokens": 32, "max_num_seqs": 32, "enable_chunked_prefill": True,
              "gpu_memory_utilization": 0.25}
@@ -26,7 +27,7 @@ MAX_TOKENS = 32
 
 def _records():
     recs = {}
-    for c in CONCEPTS:
+    for c in (*CONCEPTS, LATE):
         for split in ("forget_test", "retain_test"):
             recs[(c, split)] = read_prompts(EXAMPLES / c / f"{split}.jsonl")
     return recs
@@ -37,7 +38,7 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens):
     """The plugin engine; started after the vanilla reference so two engines never share memory."""
     from guardit.vllm_generation import make_llm, shutdown
 
-    llm = make_llm(model_dir, [packs_dir / "harry-potter", packs_dir / "einstein"],
+    llm = make_llm(model_dir, [packs_dir / "harry-potter", packs_dir / "einstein", packs_dir / "lord-of-the-rings"],
                    run_dir=tmp_path_factory.mktemp("run"), **ENGINE_KW)
     yield llm
     shutdown(llm)
@@ -91,6 +92,32 @@ def test_vllm_and_hf_agree_on_gates_and_vllm_forgets(engine, hf_model, packs_dir
         if split == "forget_test":
             leaks = sum(leaked(r["output"], r["answers"]) for r in v_rows)
             assert leaks <= 0.10 * len(v_rows), [r["output"] for r in v_rows]
+
+
+def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_dir, vanilla_tokens):
+    """A pack whose gate decides after some of its steered layers (so those rotate only generated
+    tokens), with prompts split over prefill chunks: vLLM fires where HF does, closed requests
+    stay vanilla token for token, fired ones are steered as on HF."""
+    from guardit.vllm_generation import engine_generate
+
+    model, tok = hf_model
+    pack_id = LATE.replace("_", "-")
+    packs = load_packs([packs_dir / pack_id], hf_fingerprint(model))
+    meta = packs[0].meta
+    assert meta.gate.layer > meta.layers[0] and meta.steer_scope == "all"
+    recs = _records()
+    prompts = recs[(LATE, "forget_test")] + recs[(LATE, "retain_test")]
+    hf_rows = hf_generate(model, tok, prompts, packs, max_tokens=MAX_TOKENS, progress=False)
+    v_rows = engine_generate(engine, prompts, [pack_id], MAX_TOKENS)
+    fired = [r["gate"][pack_id]["fired"] for r in v_rows]
+    assert fired == [r["gate"][pack_id]["fired"] for r in hf_rows]
+    assert sum(fired[: len(recs[(LATE, "forget_test")])]) >= 8 and not any(fired[len(recs[(LATE, "forget_test")]):])
+    for v, h, f in zip(v_rows, hf_rows, fired):
+        if f:
+            assert v["token_ids"] != vanilla_tokens[v["prompt"]]
+            assert v["token_ids"][:8] == h["token_ids"][:8]
+        else:
+            assert v["token_ids"] == vanilla_tokens[v["prompt"]]
 
 
 def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, capsys):
