@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from calibration.gate import WEAK_RECALL
-
 _SHOW = 6  # missed forget prompts printed; the report holds all of them
 _ADVICE = "add forget prompts like the missed ones, or retain prompts farther from the concept"
 
 
 def weak_gate_warning(r: dict) -> str | None:
     """One line for people when the gate is likely to miss many prompts about the concept."""
+    # Imported here, not at the top: every CLI command imports this module, and calibration
+    # pulls in transformers and scikit-learn (4 s).
+    from calibration.gate import WEAK_RECALL
+
     g = r["gate"]
     if g["oof_tpr_forget"] >= WEAK_RECALL:
         return None

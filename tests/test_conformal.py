@@ -66,7 +66,8 @@ def test_pack_metadata_holds_no_calibration_prompt(packs_dir):
 
 
 def test_calibration_warns_when_the_gate_misses_many_forget_prompts():
-    from guardit.console import WEAK_RECALL, weak_gate_warning
+    from calibration.gate import WEAK_RECALL
+    from guardit.console import weak_gate_warning
 
     weak = weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.5625}})
     assert weak is not None and "56%" in weak and "alpha=0.05" in weak and "missed" in weak
