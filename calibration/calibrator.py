@@ -94,6 +94,11 @@ class ConceptCalibrator:
         bad = sorted(set(self.gate_poolings) - {"mean", "max"})
         if bad or not self.gate_poolings:
             raise GuarditError(f"gate_poolings must be a non-empty subset of ('mean', 'max'), got {self.gate_poolings}")
+        if self.late_gate and self.gate_layers is not None:
+            raise GuarditError(
+                "late_gate and gate_layers cannot be combined: gate_layers fixes the candidate gate "
+                f"layers ({self.gate_layers}); add the later layers to it instead"
+            )
         if len(fp) < 4:
             raise GuarditError(f"the forget set needs at least 4 prompts, got {len(fp)}")
         need = min_negatives(self.alpha)

@@ -102,3 +102,14 @@ def test_weak_early_gate_gives_way_to_a_later_layer(packs_dir):
         m = stats(name)
         assert m["gate"]["layer"] < 15 and m["stats"]["gate"]["oof_tpr_forget"] >= WEAK_RECALL
         assert m["steer_scope"] == "prompt" and all(c["layer"] < 15 for c in m["stats"]["gate"]["candidates"])
+
+
+def test_late_gate_with_fixed_gate_layers_is_refused():
+    """--late-gate widens the default candidate layers; with gate_layers fixed by the caller it
+    would have nothing to do, so the calibrator says so instead of ignoring it."""
+    from calibration import ConceptCalibrator
+    from steering.errors import GuarditError
+
+    cal = ConceptCalibrator(concept_id="x", gate_layers=[4, 6], late_gate=True, progress=False)
+    with pytest.raises(GuarditError, match=r"late_gate and gate_layers cannot be combined.*\[4, 6\]"):
+        cal.fit(None, None, [f"q{i}?" for i in range(8)], [f"r{i}?" for i in range(32)])
