@@ -13,7 +13,7 @@ import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
-from calibration.gate import WEAK_RECALL, GateFit, fit_gate, gate_threshold
+from calibration.gate import WEAK_RECALL, GateFit, conformal_rank, conformal_threshold, fit_gate, gate_threshold, negatives_for_rank
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
@@ -35,7 +35,9 @@ def min_negatives(alpha: float) -> int:
 def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutral: list[str], top: int = 3) -> dict:
     """What bounds the gate: the negatives with the highest out-of-fold scores (the conformal
     threshold is one of them), the forget prompts whose out-of-fold score stayed at or below the
-    threshold, and the threshold and recall the same probe would have at other levels α."""
+    threshold, which order statistic of which set the threshold is (and how many prompts of that
+    set would make it the next lower one), and the threshold and recall the same probe would have
+    at other levels α."""
     negatives = [(float(s), "retain", p) for s, p in zip(gate.oof_retain, retain)]
     negatives += [(float(s), "neutral", p) for s, p in zip(gate.oof_neutral, neutral)]
     negatives.sort(key=lambda x: -x[0])
@@ -44,7 +46,14 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
     for a in (0.05, 0.1, 0.2):
         tau = gate_threshold(gate.oof_retain, gate.oof_neutral, a)
         levels.append({"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)})
+    # τ is the conformal threshold of the retain set or of the neutral set, whichever is higher.
+    kind, scores = "retain", gate.oof_retain
+    if len(gate.oof_neutral) and conformal_threshold(gate.oof_neutral, gate.alpha) > conformal_threshold(scores, gate.alpha):
+        kind, scores = "neutral", gate.oof_neutral
+    rank = conformal_rank(len(scores), gate.alpha)
+    bound = {"set": kind, "rank": rank, "n": len(scores), "n_for_next_rank": negatives_for_rank(rank + 1, gate.alpha)}
     return {
+        "threshold_from": bound,
         "alpha_levels": levels,
         "highest_negatives": [{"prompt": p, "set": kind, "score": round(s, 4)} for s, kind, p in negatives[:top]],
         "missed_forget": [{"prompt": p, "score": round(s, 4)} for s, p in missed],

@@ -56,6 +56,20 @@ def conformal_threshold(negative_scores: np.ndarray, alpha: float) -> float:
     return float(s[k - 1])
 
 
+def conformal_rank(n: int, alpha: float) -> int:
+    """Which score the conformal threshold of ``n`` negatives is, counted from the highest (1: the
+    highest); 0 when ``n`` is too small for the level."""
+    return max(0, n - math.ceil((n + 1) * (1 - alpha)) + 1)
+
+
+def negatives_for_rank(rank: int, alpha: float) -> int:
+    """The fewest negatives whose conformal threshold at level α is the ``rank``-th highest score."""
+    n = 1
+    while conformal_rank(n, alpha) < rank:
+        n += 1
+    return n
+
+
 def gate_threshold(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> float:
     """The gate's τ: the conformal threshold of the retain scores and, when there are any, of the
     neutral scores, whichever is higher (each set's false-fire rate stays ≤ α)."""

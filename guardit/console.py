@@ -8,6 +8,13 @@ _SHOW = 6  # missed forget prompts printed; the report holds all of them
 _ADVICE = "add forget prompts like the missed ones, or retain prompts farther from the concept"
 
 
+def _ordinal(rank: int) -> str:
+    if rank == 1:
+        return "highest"
+    suffix = "th" if 10 <= rank % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(rank % 10, "th")
+    return f"{rank}{suffix}-highest"
+
+
 def weak_gate_warning(r: dict) -> str | None:
     """One line for people when the gate is likely to miss many prompts about the concept."""
     # Imported here, not at the top: every CLI command imports this module, and calibration
@@ -36,6 +43,12 @@ def print_report(r: dict) -> None:
         print(f"      out-of-fold TPR of this probe at other levels: {lv}")
         near = ", ".join(f"{d['prompt']!r} ({d['set']}, {d['score']:.2f})" for d in diag["highest_negatives"])
         print(f"      highest-scoring negatives (out of fold; they set the threshold): {near}")
+        b = diag.get("threshold_from")
+        if b:
+            line = f"      the threshold is the {_ordinal(b['rank'])} of the {b['n']} out-of-fold {b['set']} scores"
+            if b["set"] == "retain":
+                line += f"; with {b['n_for_next_rank']} retain prompts it would be the {_ordinal(b['rank'] + 1)}"
+            print(line)
         missed = diag["missed_forget"]
         if missed:
             shown = ", ".join(f"{d['prompt']!r} ({d['score']:.2f})" for d in missed[:_SHOW])

@@ -14,6 +14,25 @@ def test_threshold_is_the_right_order_statistic():
     assert conformal_threshold(scores, 0.1) == 18.0
 
 
+def test_rank_of_the_threshold_and_negatives_needed_for_the_next():
+    from calibration.gate import conformal_rank, negatives_for_rank
+
+    for alpha in (0.05, 0.1, 0.2):
+        for n in range(1, 120):
+            r = conformal_rank(n, alpha)
+            tau = conformal_threshold(np.arange(n, dtype=float), alpha)
+            assert (tau == math.inf) if r == 0 else tau == n - r  # the r-th highest of 0..n-1
+    assert [negatives_for_rank(r, 0.05) for r in (1, 2, 3)] == [19, 39, 59]
+    assert negatives_for_rank(2, 0.1) == 19
+
+
+def test_order_statistics_in_words():
+    from guardit.console import _ordinal
+
+    assert [_ordinal(r) for r in (1, 2, 3, 4, 11, 12, 21, 22)] == [
+        "highest", "2nd-highest", "3rd-highest", "4th-highest", "11th-highest", "12th-highest", "21st-highest", "22nd-highest"]
+
+
 def test_too_few_negatives_gives_inf():
     assert conformal_threshold(np.arange(10.0), 0.05) == math.inf
 
@@ -47,6 +66,7 @@ def test_gate_diagnostics_name_what_bounds_the_gate():
     assert [x["prompt"] for x in d["highest_negatives"]] == ["r 1", "r 3", "r 0"]
     assert d["highest_negatives"][0] == {"prompt": "r 1", "set": "retain", "score": 2.5}
     assert [x["prompt"] for x in d["missed_forget"]] == ["f 1", "f 2", "f 3"]
+    assert d["threshold_from"] == {"set": "retain", "rank": 1, "n": 32, "n_for_next_rank": 39}
     by_alpha = {x["alpha"]: x for x in d["alpha_levels"]}
     assert by_alpha[0.05]["threshold"] == 2.5 and by_alpha[0.05]["oof_tpr_forget"] == 0.25
     assert by_alpha[0.1]["threshold"] == 0.1 and by_alpha[0.1]["oof_tpr_forget"] == 0.75
