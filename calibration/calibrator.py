@@ -108,6 +108,9 @@ class ConceptCalibrator:
                 "late_gate and gate_layers cannot be combined: gate_layers fixes the candidate gate "
                 f"layers ({self.gate_layers}); add the later layers to it instead"
             )
+        both = sorted(set(fp) & set(rp))
+        if both:
+            raise GuarditError(f"{len(both)} prompt(s) in both the forget and the retain set, e.g. {both[0]!r}")
         if len(fp) < 4:
             raise GuarditError(f"the forget set needs at least 4 prompts, got {len(fp)}")
         need = min_negatives(self.alpha)

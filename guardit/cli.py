@@ -35,7 +35,8 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration import ConceptCalibrator, load_model, read_prompts
 
-    forget, retain = read_prompts(args.forget), read_prompts(args.retain)
+    forget = [r for path in args.forget for r in read_prompts(path)]
+    retain = [r for path in args.retain for r in read_prompts(path)]
     target_set = None
     target = args.target
     if target not in ("idk", "retain"):
@@ -121,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="calibrate a concept pack from forget/retain prompt files")
     c.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
-    c.add_argument("--forget", required=True, help="JSONL prompts about the concept")
-    c.add_argument("--retain", required=True, help="JSONL nearby prompts that must keep working")
+    c.add_argument("--forget", required=True, nargs="+", action="extend",
+                   help="JSONL prompts about the concept (several files are joined)")
+    c.add_argument("--retain", required=True, nargs="+", action="extend",
+                   help="JSONL nearby prompts that must keep working (several files are joined)")
     c.add_argument("--out", required=True, help="concept pack directory to write")
     c.add_argument("--alpha", type=float, default=0.05, help="bound on the gate's false-fire rate (default 0.05)")
     c.add_argument("--id", default=None, help="concept id (default: the --out folder name)")

@@ -18,8 +18,8 @@ def _run(capsys, argv):
     return rc, err
 
 
-def _prompts(path, n=3):
-    path.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(n)))
+def _prompts(path, n=3, word="question"):
+    path.write_text("".join(json.dumps({"prompt": f"{word} {i}?"}) + "\n" for i in range(n)))
     return path
 
 
@@ -43,10 +43,23 @@ def test_calibrate_bad_prompt_files(tmp_path, capsys, content, msg):
 
 
 def test_too_few_retain_prompts_for_alpha(tmp_path, capsys, model_dir):
-    forget, retain = _prompts(tmp_path / "f.jsonl", 8), _prompts(tmp_path / "r.jsonl", 8)
+    forget, retain = _prompts(tmp_path / "f.jsonl", 8), _prompts(tmp_path / "r.jsonl", 8, "retain")
     rc, err = _run(capsys, ["calibrate", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
                             "--out", str(tmp_path / "p"), "--quiet"])
     assert rc == 2 and "retain set needs at least 19 prompts for alpha=0.05" in err[-1]
+
+
+def test_calibrate_joins_prompt_files_and_refuses_a_prompt_in_both_sets(tmp_path, capsys, model_dir):
+    forget = _prompts(tmp_path / "f.jsonl", 8)
+    r1, r2 = tmp_path / "r1.jsonl", tmp_path / "r2.jsonl"
+    r1.write_text("".join(json.dumps({"prompt": f"retain {i}?"}) + "\n" for i in range(9)))
+    r2.write_text("".join(json.dumps({"prompt": f"other {i}?"}) + "\n" for i in range(9)))
+    base = ["calibrate", "--model", str(model_dir), "--forget", str(forget), "--out", str(tmp_path / "p"), "--quiet"]
+    rc, err = _run(capsys, [*base, "--retain", str(r1), "--retain", str(r2)])
+    assert rc == 2 and "retain set needs at least 19 prompts for alpha=0.05 (conformal threshold), got 18" in err[-1]
+    r2.write_text(r2.read_text() + json.dumps({"prompt": "question 3?"}) + "\n")
+    rc, err = _run(capsys, [*base, "--retain", str(r1), str(r2)])
+    assert rc == 2 and "1 prompt(s) in both the forget and the retain set, e.g. 'question 3?'" in err[-1]
 
 
 @pytest.mark.model
