@@ -98,6 +98,16 @@ def test_calibration_warns_when_the_gate_misses_many_forget_prompts():
     assert weak_gate_warning({"alpha": 0.1, "gate": {"oof_tpr_forget": WEAK_RECALL}}) is None
 
 
+def test_late_gate_help_states_the_weak_recall_level(capsys):
+    """The CLI writes the level as text (importing calibration at start-up costs 4 s): keep it true."""
+    from calibration.gate import WEAK_RECALL
+    from guardit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--help"])
+    assert f"reaches {WEAK_RECALL:.0%} out-of-fold" in " ".join(capsys.readouterr().out.split())
+
+
 def test_weak_early_gate_gives_way_to_a_later_layer(packs_dir):
     """Lord of the Rings (untuned, calibrated with --late-gate): no gate before the middle layer
     reaches the weak-gate recall, so calibration also fits the later layers and keeps the better
