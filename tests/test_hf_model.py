@@ -76,6 +76,21 @@ def test_gate_state_persists_through_generate_and_rows_are_independent(hf_model,
     assert "hogwarts" in van[3]["output"].lower() and "hogwarts" not in st[3]["output"].lower()
 
 
+@torch.no_grad()
+def test_steer_scope_all_pack_runs_no_hook_while_decoding_a_closed_prompt(hf_model, packs_dir):
+    """A pack that also rotates generated tokens (Lord of the Rings with --late-gate) has nothing
+    left to do once its prompt-scope gate stayed closed on every row: no hook runs while decoding."""
+    model, tok = hf_model
+    lotr = ConceptPack.from_pretrained(packs_dir / "lord-of-the-rings", hf_fingerprint(model))
+    assert lotr.meta.steer_scope == "all" and lotr.meta.gate.scope == "prompt"
+    for prompt, fires in (("What is the capital of France?", False), ("Who is the dark lord in The Lord of the Rings?", True)):
+        inp, mask = _batch(tok, [prompt])
+        with steer(model, [lotr]) as s:
+            model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=3, do_sample=False)
+            assert s.gates()[0]["lord-of-the-rings"].fired is fires
+            assert s._layers == (frozenset(lotr.meta.layers) if fires else frozenset())
+
+
 def test_per_row_settings_and_validation(hf_model, hp):
     model, tok = hf_model
     from steering.errors import PolicyError
