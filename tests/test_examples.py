@@ -4,9 +4,9 @@ calibration (the retain test splits of three concepts once repeated calibration 
 from __future__ import annotations
 
 import pytest
+from conftest import EXAMPLES
 
 from calibration.prompts import read_prompts
-from conftest import EXAMPLES
 from guardit.evaluate import FORGET_PREFIXES
 
 CALIBRATION = ("forget", "retain", "retain_more")
