@@ -9,7 +9,7 @@ from conftest import EXAMPLES
 from calibration.prompts import read_prompts
 from guardit.evaluate import FORGET_PREFIXES
 
-CALIBRATION = ("forget", "retain", "retain_more")
+CALIBRATION = ("forget", "forget_more", "retain", "retain_more")
 CONCEPTS = sorted(d.name for d in EXAMPLES.iterdir() if (d / "forget_test.jsonl").is_file())
 
 
@@ -26,5 +26,5 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_four_concepts():
-    assert CONCEPTS == ["einstein", "harry_potter", "lord_of_the_rings", "shakespeare"]
+def test_the_examples_include_the_five_concepts():
+    assert CONCEPTS == ["einstein", "harry_potter", "lord_of_the_rings", "shakespeare", "star_wars"]
