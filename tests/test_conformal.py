@@ -92,6 +92,7 @@ def test_calibration_warns_when_the_gate_misses_many_forget_prompts():
     weak = weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.5625}})
     assert weak is not None and "56%" in weak and "alpha=0.05" in weak and "missed" in weak
     assert "--late-gate" in weak  # the lever not yet pulled
+    assert "more retain prompts" in weak  # the measured levers: not retain prompts farther from the concept
     late = weak_gate_warning({"alpha": 0.05, "late_gate": True, "gate": {"oof_tpr_forget": 0.72}})
     assert late is not None and "72%" in late and "--late-gate" not in late
     assert weak_gate_warning({"alpha": 0.05, "gate": {"oof_tpr_forget": 0.8125}}) is None
