@@ -122,17 +122,18 @@ def test_weak_early_gate_gives_way_to_a_later_layer(packs_dir):
         return json.loads((packs_dir / name / "pack.json").read_text())
 
     lotr = stats("lord-of-the-rings")
+    half = lotr["model"]["num_layers"] // 2  # the calibrator's early gate layers are those below it
     g = lotr["stats"]["gate"]
-    early = [c for c in g["candidates"] if c["layer"] < 15]
+    early = [c for c in g["candidates"] if c["layer"] < half]
     best_early = max(early, key=lambda c: (c["tpr"], c["auroc"]))
     assert best_early["tpr"] < WEAK_RECALL
-    assert lotr["gate"]["layer"] >= 15 and g["oof_tpr_forget"] > best_early["tpr"]
+    assert lotr["gate"]["layer"] >= half and g["oof_tpr_forget"] > best_early["tpr"]
     assert lotr["gate"]["layer"] > lotr["layers"][0] and lotr["steer_scope"] == "all"
     assert all(l > best_early["layer"] for l in lotr["layers"])
     for name in ("harry-potter", "einstein"):
         m = stats(name)
-        assert m["gate"]["layer"] < 15 and m["stats"]["gate"]["oof_tpr_forget"] >= WEAK_RECALL
-        assert m["steer_scope"] == "prompt" and all(c["layer"] < 15 for c in m["stats"]["gate"]["candidates"])
+        assert m["gate"]["layer"] < half and m["stats"]["gate"]["oof_tpr_forget"] >= WEAK_RECALL
+        assert m["steer_scope"] == "prompt" and all(c["layer"] < half for c in m["stats"]["gate"]["candidates"])
 
 
 def test_late_gate_with_fixed_gate_layers_is_refused():
