@@ -259,6 +259,14 @@ class SteeringBank:
         """Can a gate of these packs still open after the prompt (gate scope "all")?"""
         return any(self.packs[self.index[p]].meta.gate.scope == "all" for p in pack_ids)
 
+    def layers_after_prompt(self, pack_ids: Iterable[str], fired: bool, compensate: bool = False) -> frozenset[int]:
+        """The layers whose hooks can still do anything for a request once its prompt is read:
+        none when no pack fired (or was forced) and no gate can still open, else
+        ``layers_needed`` after the prompt. Empty means the request is settled."""
+        if not (fired or self.may_fire_later(pack_ids)):
+            return frozenset()
+        return self.layers_needed(pack_ids, prompt_pending=False, compensate=compensate)
+
     def needs_steer(self, layer: int, stats: GateStats, settings: RowSettings) -> bool:
         """Cheap check: does any row have a fired (or forced) pack with a plane at this layer?"""
         cols = self.steer_cols.get(layer)

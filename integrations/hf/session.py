@@ -75,10 +75,10 @@ class SteerSession:
         elif self._is_prompt:  # first decode step: only scope-"all" gates and rotations still matter
             self._is_prompt = False
             assert self.settings is not None
-            # Nothing fired on any row and no gate can still open: no hook has work left (vLLM
-            # settles such requests the same way).
-            idle = not bool((self.stats.fired | self.settings.force).any()) and not self.bank.may_fire_later(self._used)
-            self._layers = frozenset() if idle else self.bank.layers_needed(self._used, prompt_pending=False)
+            # Empty when nothing fired on any row and no gate can still open (vLLM settles such
+            # requests with the same rule).
+            fired = bool((self.stats.fired | self.settings.force).any())
+            self._layers = self.bank.layers_after_prompt(self._used, fired)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.ndim == 2:
             valid = mask[:, -step:].to(torch.bool)

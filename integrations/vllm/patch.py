@@ -202,8 +202,7 @@ class EngineState:
                     "fired": sorted(fired),
                     "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
                 })
-            if st.evaluated and (not bank.layers_needed(st.spec.packs, prompt_pending=False, compensate=st.compensate)
-                                 or not (fired or bank.may_fire_later(st.spec.packs))):
+            if st.evaluated and not bank.layers_after_prompt(st.spec.packs, bool(fired), st.compensate):
                 st.settled = True
         if events:
             _write_events(events)
