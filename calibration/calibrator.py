@@ -13,7 +13,15 @@ import torch
 
 from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
-from calibration.gate import WEAK_RECALL, GateFit, conformal_rank, conformal_threshold, fit_gate, gate_threshold, negatives_for_rank
+from calibration.gate import (
+    WEAK_RECALL,
+    GateFit,
+    binding_negatives,
+    conformal_rank,
+    fit_gate,
+    gate_threshold,
+    negatives_for_rank,
+)
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
@@ -46,10 +54,7 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
     for a in (0.05, 0.1, 0.2):
         tau = gate_threshold(gate.oof_retain, gate.oof_neutral, a)
         levels.append({"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)})
-    # τ is the conformal threshold of the retain set or of the neutral set, whichever is higher.
-    kind, scores = "retain", gate.oof_retain
-    if len(gate.oof_neutral) and conformal_threshold(gate.oof_neutral, gate.alpha) > conformal_threshold(scores, gate.alpha):
-        kind, scores = "neutral", gate.oof_neutral
+    kind, scores = binding_negatives(gate.oof_retain, gate.oof_neutral, gate.alpha)
     rank = conformal_rank(len(scores), gate.alpha)
     bound = {"set": kind, "rank": rank, "n": len(scores), "n_for_next_rank": negatives_for_rank(rank + 1, gate.alpha)}
     return {

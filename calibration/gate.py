@@ -70,11 +70,18 @@ def negatives_for_rank(rank: int, alpha: float) -> int:
     return n
 
 
+def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> tuple[str, np.ndarray]:
+    """The negative set ("retain" or "neutral") whose conformal threshold is the gate's τ: the
+    retain set's, unless there are neutral scores and theirs is higher."""
+    if len(oof_neutral) and conformal_threshold(oof_neutral, alpha) > conformal_threshold(oof_retain, alpha):
+        return "neutral", oof_neutral
+    return "retain", oof_retain
+
+
 def gate_threshold(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> float:
     """The gate's τ: the conformal threshold of the retain scores and, when there are any, of the
     neutral scores, whichever is higher (each set's false-fire rate stays ≤ α)."""
-    neutral = conformal_threshold(oof_neutral, alpha) if len(oof_neutral) else -math.inf
-    return max(conformal_threshold(oof_retain, alpha), neutral)
+    return conformal_threshold(binding_negatives(oof_retain, oof_neutral, alpha)[1], alpha)
 
 
 @dataclass
