@@ -177,6 +177,7 @@ class ConceptCalibrator:
             "n_retain": len(rp),
             "n_neutral": len(neutral),
             "alpha": self.alpha,
+            "seed": self.seed,
             "gate": {
                 "layer": gate.layer,
                 "pooling": gate.pooling,

@@ -47,7 +47,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     poolings = ("mean", "max") if args.gate_pooling == "best" else (args.gate_pooling,)
     cal = ConceptCalibrator(
         concept_id, alpha=args.alpha, angle_deg=args.angle, target=target, gate_poolings=poolings,
-        late_gate=args.late_gate, progress=not args.quiet,
+        late_gate=args.late_gate, progress=not args.quiet, seed=args.seed,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
     out = pack.save_pretrained(args.out)
@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="when no early gate reaches 75%% out-of-fold recall, also try the later layers and keep the "
         "better gate; steered layers before it then rotate only generated tokens (higher recall, "
         "less fluent answers: see README)",
+    )
+    c.add_argument(
+        "--seed", type=int, default=0,
+        help="seed of the cross-conformal fold split (default 0); a weak gate's held-out recall moves "
+        "with it (see README)",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)

@@ -39,7 +39,7 @@ def print_report(r: dict) -> None:
           f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s")
     print(f"gate: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
     print(f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
-          f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f}")
+          f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} (fold seed {r.get('seed', 0)})")
     diag = r.get("diagnostics")
     if diag:
         lv = ", ".join(f"alpha={d['alpha']:g}: {d['oof_tpr_forget']:.0%}" for d in diag["alpha_levels"])

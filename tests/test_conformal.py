@@ -145,3 +145,37 @@ def test_late_gate_with_fixed_gate_layers_is_refused():
     cal = ConceptCalibrator(concept_id="x", gate_layers=[4, 6], late_gate=True, progress=False)
     with pytest.raises(GuarditError, match=r"late_gate and gate_layers cannot be combined.*\[4, 6\]"):
         cal.fit(None, None, [f"q{i}?" for i in range(8)], [f"r{i}?" for i in range(32)])
+
+
+def test_fold_seed_moves_the_cross_conformal_folds():
+    """The seed picks the fold split: the same seed gives the same gate, another seed other
+    out-of-fold scores (and so, for a weak gate, another threshold: see README)."""
+    import torch
+
+    from calibration.gate import fit_gate
+
+    g = torch.Generator().manual_seed(0)
+    bags = lambda n, shift: [torch.randn(5, 1, 8, generator=g) + shift for _ in range(n)]
+    forget, retain, neutral = bags(20, 0.7), bags(20, 0.0), bags(20, -0.3)
+    ids = [[1, 2, 3, 4, 5]] * 60
+    fit = lambda seed: fit_gate(forget, retain, neutral, ids, [0], 0.05, seed=seed)
+    a, b, c = fit(0), fit(0), fit(1)
+    assert np.array_equal(a.oof_retain, b.oof_retain) and a.threshold == b.threshold
+    assert not np.allclose(a.oof_retain, c.oof_retain)
+
+
+@pytest.mark.model
+def test_calibrate_seed_reaches_the_pack_and_the_report(tmp_path, capsys, model_dir):
+    import json
+
+    from guardit.cli import main
+
+    forget, retain = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
+    forget.write_text("".join(json.dumps({"prompt": f"Tell me about the wizard Gandalf, part {i}."}) + "\n" for i in range(8)))
+    retain.write_text("".join(json.dumps({"prompt": f"Give me a bread recipe, number {i}."}) + "\n" for i in range(20)))
+    out = tmp_path / "p"
+    rc = main(["calibrate", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
+               "--out", str(out), "--seed", "7", "--quiet"])
+    assert rc == 0
+    assert "(fold seed 7)" in capsys.readouterr().out
+    assert json.loads((out / "pack.json").read_text())["stats"]["seed"] == 7
