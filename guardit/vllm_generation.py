@@ -14,8 +14,11 @@ from pathlib import Path
 from calibration.capture import encode_chat
 from calibration.prompts import PromptRecord
 from integrations.vllm import config as vcfg
+from steering.errors import GuarditError
 from steering.pack import load_packs
 from steering.policy import KEY_ANGLE, KEY_FORCE, KEY_PACKS, KEY_RID
+
+ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM CPU: KV cache size in GiB (default: derived from free memory)
 
 
 def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_dir: str | Path | None = None, **kw):
@@ -29,7 +32,15 @@ def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_di
     args = dict(model=str(model_dir), enforce_eager=True, dtype="float32", gpu_memory_utilization=0.5,
                 max_model_len=1024, seed=0)
     args.update(kw)
-    return LLM(**args)
+    try:
+        return LLM(**args)
+    except RuntimeError as e:
+        if "Engine core initialization failed" not in str(e):
+            raise
+        raise GuarditError(
+            "the vLLM engine failed to start (vLLM's log above names the cause; on a CPU short of memory, "
+            f"set {ENV_CPU_KV}=N to give its KV cache N GiB instead of half the NUMA node)"
+        ) from e
 
 
 def shutdown(llm) -> None:

@@ -12,6 +12,7 @@ import pytest
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat
 from guardit.generation import hf_generate, leaked
+from guardit.vllm_generation import ENV_CPU_KV
 from steering.pack import load_packs
 
 from conftest import EXAMPLES
@@ -127,12 +128,35 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]}) + "\n")
-    # A second engine in this process would double memory use; run the CLI in a subprocess.
+    # A second engine in this process would double memory use; run the CLI in a subprocess. The
+    # module's engine and the HF model are still alive, so the CLI's engine gets an explicit 1 GiB
+    # KV cache: vLLM's CPU default (half the NUMA node, less what the worker holds) fails to start
+    # when the node is that busy (seen on a fresh CI machine: "Engine core initialization failed").
+    env = dict(os.environ, **{ENV_CPU_KV: "1"})
     proc = subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
                            "--pack", str(packs_dir / "harry-potter"), "--prompts", str(prompts),
                            "--out", str(tmp_path / "o.jsonl"), "--max-tokens", "16"],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+                          capture_output=True, text=True, timeout=600, env=env)
+    # vLLM logs (an engine worker's root cause included) go to stdout.
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
     assert set(row) >= {"prompt", "output", "gate", "answers"}
     assert row["gate"]["harry-potter"]["fired"] is True and isinstance(row["gate"]["harry-potter"]["score"], float)
+
+
+def test_generate_cli_engine_start_failure_is_one_error_line(tmp_path, model_dir):
+    """An engine that cannot start (here: a KV cache larger than the machine) is one clear error line, exit 2."""
+    import os
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Who is Harry Potter's best friend?"}) + "\n")
+    env = dict(os.environ, **{ENV_CPU_KV: "4096"})
+    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
+                           "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # Exactly one guardit error line (Python's resource_tracker may warn after it, at interpreter exit).
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("guardit: error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("guardit: error: the vLLM engine failed to start") and ENV_CPU_KV in errors[0]
+    assert not (tmp_path / "o.jsonl").exists()
