@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,18 @@ def test_eval_on_vllm_engine(tmp_path, packs_dir, model_dir):
     g, v = report["methods"]["guardit"], report["methods"]["vanilla"]
     assert g["forget_test.gate_fire_rate"] >= 0.75 and g["forget_test.leak_rate"] <= 0.25
     assert g["retain.bit_identical"] >= 3 / 4 and v["forget_test.leak_rate"] >= 0.5
+
+
+REPORTS = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "reports").glob("*/report.json"))
+
+
+@pytest.mark.parametrize("report_dir", REPORTS, ids=[p.name for p in REPORTS])
+def test_committed_reports_match_their_outputs(report_dir):
+    """The numbers the README quotes come from committed reports: each must be what its saved outputs give."""
+    from guardit.evaluate import summarize
+
+    assert json.loads((report_dir / "report.json").read_text()) == json.loads(json.dumps(summarize(report_dir)))
+
+
+def test_the_committed_reports_are_found():
+    assert {"harry-potter", "einstein", "world-war-ii"} <= {p.name for p in REPORTS}
