@@ -5,7 +5,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "concepts"
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+EXAMPLES = ROOT / "examples" / "concepts"
 
 
 @pytest.fixture(scope="session")

@@ -74,11 +74,11 @@ def test_gate_diagnostics_name_what_bounds_the_gate():
 
 def test_pack_metadata_holds_no_calibration_prompt(packs_dir):
     import json
-    from pathlib import Path
 
     from calibration.prompts import read_prompts
+    from conftest import EXAMPLES
 
-    examples = Path(__file__).resolve().parent.parent / "examples" / "concepts" / "harry_potter"
+    examples = EXAMPLES / "harry_potter"
     meta = (packs_dir / "harry-potter" / "pack.json").read_text()
     assert "diagnostics" not in json.loads(meta)["stats"]
     for split in ("forget", "retain"):

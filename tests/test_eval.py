@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, ROOT
 
 pytestmark = pytest.mark.model
 
@@ -71,7 +70,7 @@ def test_eval_on_vllm_engine(tmp_path, packs_dir, model_dir):
     assert g["retain.bit_identical"] >= 3 / 4 and v["forget_test.leak_rate"] >= 0.5
 
 
-REPORTS = sorted(p.parent for p in (Path(__file__).resolve().parent.parent / "reports").glob("*/report.json"))
+REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("*/report.json"))
 
 
 @pytest.mark.parametrize("report_dir", REPORTS, ids=[p.name for p in REPORTS])

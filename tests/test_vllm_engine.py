@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -121,22 +122,24 @@ def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_
             assert v["token_ids"] == vanilla_tokens[v["prompt"]]
 
 
+def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompt: dict, kv_cache_gib: int, *flags: str):
+    """`guardit generate --engine vllm` on one prompt, in a subprocess (a second engine in this process
+    would double memory use), with an explicit vLLM CPU KV cache of `kv_cache_gib` GiB."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps(prompt) + "\n")
+    env = dict(os.environ, **{ENV_CPU_KV: str(kv_cache_gib)})
+    return subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
+                           "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), *flags],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
 def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, capsys):
     """`guardit generate --engine vllm` writes the same record format as --engine hf."""
-    import os
-
-
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]}) + "\n")
-    # A second engine in this process would double memory use; run the CLI in a subprocess. The
-    # module's engine and the HF model are still alive, so the CLI's engine gets an explicit 1 GiB
+    # The module's engine and the HF model are still alive, so the CLI's engine gets an explicit 1 GiB
     # KV cache: vLLM's CPU default (half the NUMA node, less what the worker holds) fails to start
     # when the node is that busy (seen on a fresh CI machine: "Engine core initialization failed").
-    env = dict(os.environ, **{ENV_CPU_KV: "1"})
-    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
-                           "--pack", str(packs_dir / "harry-potter"), "--prompts", str(prompts),
-                           "--out", str(tmp_path / "o.jsonl"), "--max-tokens", "16"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = _generate_cli_vllm(model_dir, tmp_path, {"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]}, 1,
+                              "--pack", str(packs_dir / "harry-potter"), "--max-tokens", "16")
     # vLLM logs (an engine worker's root cause included) go to stdout.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
@@ -146,14 +149,7 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
 
 def test_generate_cli_engine_start_failure_is_one_error_line(tmp_path, model_dir):
     """An engine that cannot start (here: a KV cache larger than the machine) is one clear error line, exit 2."""
-    import os
-
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Who is Harry Potter's best friend?"}) + "\n")
-    env = dict(os.environ, **{ENV_CPU_KV: "4096"})
-    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
-                           "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = _generate_cli_vllm(model_dir, tmp_path, {"prompt": "Who is Harry Potter's best friend?"}, 4096)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     # Exactly one guardit error line (Python's resource_tracker may warn after it, at interpreter exit).
     errors = [line for line in proc.stderr.splitlines() if line.startswith("guardit: error:")]
