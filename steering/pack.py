@@ -8,13 +8,15 @@ A pack is a directory with two files:
 - ``pack.json``: metadata validated by :class:`PackMeta` (layers, gate threshold, angle, model
   fingerprint, calibration statistics).
 
-Loading checks shapes, finiteness, orthonormality and, when a fingerprint is given, that the
-pack was made for that model. Nothing is ever unpickled.
+Loading reads ``pack.safetensors`` into process memory in one piece (never memory-mapped, so a
+file changed or truncated on disk cannot touch a running server), checks it against the SHA-256
+that ``pack.json`` records, then shapes, finiteness, orthonormality and, when a fingerprint is
+given, that the pack was made for that model. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from steering.errors import PackError
 from steering.rotation import ANGLE_MODES
@@ -90,6 +92,11 @@ class PackMeta(BaseModel):
     )
     stats: dict[str, Any] = Field(default_factory=dict)
     library_version: str = "0.1.0"
+    tensors_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of pack.safetensors, written by save_pretrained and checked at load "
+        "(packs saved before it existed have none and load unchecked)",
+    )
 
     @field_validator("concept_id")
     @classmethod
@@ -152,7 +159,9 @@ class ConceptPack:
             str(out / TENSORS_FILE),
             metadata={"format": "guardit-pack", "concept_id": self.id},
         )
-        (out / META_FILE).write_text(self.meta.model_dump_json(indent=2) + "\n")
+        digest = hashlib.sha256((out / TENSORS_FILE).read_bytes()).hexdigest()
+        meta = self.meta.model_copy(update={"tensors_sha256": digest})
+        (out / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
         return out
 
     @classmethod
@@ -174,7 +183,13 @@ class ConceptPack:
         except (OSError, UnicodeDecodeError) as e:
             raise PackError(f"cannot read {meta_path}: {e}") from None
         try:
-            tensors = load_file(str(tensor_path))
+            data = tensor_path.read_bytes()
+        except OSError as e:
+            raise PackError(f"cannot read {tensor_path}: {e}") from None
+        if meta.tensors_sha256 is not None and hashlib.sha256(data).hexdigest() != meta.tensors_sha256:
+            raise PackError(f"{tensor_path} does not match the tensors_sha256 in {meta_path} (changed or corrupt)")
+        try:
+            tensors = load(data)
         except (SafetensorError, OSError, ValueError) as e:
             raise PackError(f"cannot read {tensor_path}: {e}") from None
         missing = {"planes", "gate_weight", "gate_bias"} - tensors.keys()
@@ -235,17 +250,11 @@ def load_packs(paths: list[str | Path], fingerprint: ModelFingerprint | None = N
     return packs
 
 
-def meta_summary(pack: ConceptPack) -> dict[str, Any]:
-    return json.loads(pack.meta.model_dump_json())
-
-
 def fingerprint(
     name: str, model_type: str, num_layers: int, hidden_size: int, vocab_size: int, embed_weight: torch.Tensor
 ) -> ModelFingerprint:
     """Fingerprint a model from its shape and its first 64 embedding rows (cast to bf16 and hashed,
     so the same weights loaded in float32 or bf16, by transformers or by vLLM, hash the same)."""
-    import hashlib
-
     rows = embed_weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
     digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()
     return ModelFingerprint(

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from steering.errors import PolicyError
+from steering.errors import PolicyError, PolicyForbidden
 from steering.pack import PACK_ID_RE
 
 # Keys a client may send in SamplingParams.extra_args / vllm_xargs.
@@ -30,6 +30,13 @@ KEY_RID = "guardit_rid"
 CLIENT_KEYS = (KEY_PACKS, KEY_ANGLE, KEY_FORCE)
 SERVER_KEYS = (KEY_TENANT, KEY_RID)
 DEFAULT_MAX_PACKS = 16
+ECHO_LIMIT = 64  # characters of a client's value echoed back in an error message
+
+
+def _echo(value: Any) -> str:
+    """repr of a client's value for an error message, cut to ECHO_LIMIT characters."""
+    text = repr(value)
+    return text if len(text) <= ECHO_LIMIT else text[: ECHO_LIMIT - 3] + "..."
 
 
 class RequestSpec(BaseModel):
@@ -72,9 +79,9 @@ def _split_packs(value: Any) -> tuple[str, ...]:
         raise PolicyError(f"{KEY_PACKS} must be a comma-separated string of concept ids, got {type(value).__name__}")
     for x in items:
         if not PACK_ID_RE.match(x):
-            raise PolicyError(f"{KEY_PACKS}: {x!r} is not a valid concept id")
+            raise PolicyError(f"{KEY_PACKS}: {_echo(x)} is not a valid concept id")
     if len(set(items)) != len(items):
-        raise PolicyError(f"{KEY_PACKS}: duplicated concept id in {value!r}")
+        raise PolicyError(f"{KEY_PACKS}: duplicated concept id in {_echo(value)}")
     return tuple(items)
 
 
@@ -96,11 +103,11 @@ def parse_request(
         return None
     unknown = set(fields) - set(CLIENT_KEYS) - set(SERVER_KEYS)
     if unknown:
-        raise PolicyError(f"unknown field(s) {sorted(unknown)}; expected some of {list(CLIENT_KEYS)}")
+        raise PolicyError(f"unknown field(s) {_echo(sorted(unknown))}; expected some of {list(CLIENT_KEYS)}")
     packs = _split_packs(fields.get(KEY_PACKS, "none"))
     missing = [p for p in packs if p not in known]
     if missing:
-        raise PolicyError(f"{KEY_PACKS}: unknown concept id(s) {missing}; loaded: {sorted(known)}")
+        raise PolicyError(f"{KEY_PACKS}: unknown concept id(s) {_echo(missing)}; loaded: {sorted(known)}")
     if len(packs) > max_packs:
         raise PolicyError(f"{KEY_PACKS}: {len(packs)} packs requested, at most {max_packs} allowed")
     angle = fields.get(KEY_ANGLE)
@@ -110,12 +117,10 @@ def parse_request(
         try:
             angle = float(angle)
         except ValueError:
-            raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {angle!r}") from None
+            raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {_echo(angle)}") from None
         if not math.isfinite(angle) or abs(angle) > 360:
             raise PolicyError(f"{KEY_ANGLE} must be finite and within [-360, 360], got {angle}")
-    force = fields.get(KEY_FORCE, False)
-    if not isinstance(force, bool):
-        raise PolicyError(f"{KEY_FORCE} must be true or false, got {force!r}")
+    force = _flag(KEY_FORCE, fields.get(KEY_FORCE, False))
     tenant, rid = fields.get(KEY_TENANT), fields.get(KEY_RID)
     for key, val in ((KEY_TENANT, tenant), (KEY_RID, rid)):
         if val is not None and not isinstance(val, str):
@@ -124,26 +129,61 @@ def parse_request(
     return spec if spec.active or keep_empty else None
 
 
+def _flag(key: str, value: Any) -> bool:
+    """A boolean as clients can send it: JSON true/false, or 1/0 (the OpenAI server's
+    ``vllm_xargs`` turns JSON booleans into integers), or the strings "true"/"false"/"1"/"0"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise PolicyError(f"{key} must be true or false (or 1 or 0), got {_echo(value)}")
+
+
 # -- operator config -------------------------------------------------------------------------
 
 
-class TenantPolicy(BaseModel):
+class ApiKey(BaseModel):
+    """Where a key's hash comes from: an environment variable holding the key, or its SHA-256."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
     api_key_sha256: str | None = Field(default=None, description="hex SHA-256 of the API key")
-    packs: list[str] = Field(default_factory=list, description="applied unless the client chooses others")
-    mandatory: list[str] = Field(default_factory=list, description="always applied; the client cannot switch them off")
-    allow_client_packs: bool = Field(default=True, description="may the client choose packs (beyond mandatory)")
-    angle: float | None = None
 
     @model_validator(mode="after")
-    def _one_key(self) -> "TenantPolicy":
+    def _one_key(self) -> "ApiKey":
         if (self.api_key_env is None) == (self.api_key_sha256 is None):
             raise ValueError("give exactly one of api_key_env or api_key_sha256")
         if self.api_key_sha256 is not None and len(self.api_key_sha256) != 64:
             raise ValueError("api_key_sha256 must be 64 hex digits")
         return self
+
+    def matches(self, digest: str) -> bool:
+        """Is ``digest`` (hex SHA-256 of a presented key) this key's? Constant-time comparison."""
+        import hmac
+
+        if self.api_key_sha256 is not None:
+            expected = self.api_key_sha256.lower()
+        else:
+            env = os.environ.get(self.api_key_env or "")
+            if not env:
+                return False
+            expected = hashlib.sha256(env.encode()).hexdigest()
+        return hmac.compare_digest(digest, expected)
+
+
+class TenantPolicy(ApiKey):
+    packs: list[str] = Field(default_factory=list, description="applied unless the client chooses others")
+    mandatory: list[str] = Field(default_factory=list, description="always applied; the client cannot switch them off")
+    allow_client_packs: bool = Field(default=True, description="may the client choose packs (beyond mandatory)")
+    angle: float | None = None
+
+    @property
+    def has_packs(self) -> bool:
+        """Does a policy apply to this tenant's requests by default (so an unguarded route is refused)?"""
+        return bool(self.packs or self.mandatory)
 
     @field_validator("angle")
     @classmethod
@@ -159,6 +199,11 @@ class PolicyConfig(BaseModel):
     packs: dict[str, str] = Field(description="concept id -> pack directory (relative to the config file)")
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
     max_packs_per_request: int = Field(default=DEFAULT_MAX_PACKS, ge=1, le=256)
+    admin: ApiKey | None = Field(default=None, description="the operators' key: /metrics and admin routes")
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/health", "/ping"], description="routes served without a key"
+    )
+    metrics_public: bool = Field(default=False, description="serve /metrics to anyone with a tenant key too")
 
     @model_validator(mode="after")
     def _refs(self) -> "PolicyConfig":
@@ -189,27 +234,21 @@ class PolicyConfig(BaseModel):
 
     def tenant_for_key(self, api_key: str) -> str | None:
         """The tenant whose key this is (constant-time comparison of hashes), or None."""
-        import hmac
-
         digest = hashlib.sha256(api_key.encode()).hexdigest()
         found = None
         for name, t in self.tenants.items():
-            if t.api_key_sha256 is not None:
-                expected = t.api_key_sha256.lower()
-            else:
-                env = os.environ.get(t.api_key_env or "")
-                if not env:
-                    continue
-                expected = hashlib.sha256(env.encode()).hexdigest()
-            if hmac.compare_digest(digest, expected):
+            if t.matches(digest):
                 found = name
         return found
+
+    def is_admin_key(self, api_key: str) -> bool:
+        return self.admin is not None and self.admin.matches(hashlib.sha256(api_key.encode()).hexdigest())
 
     def resolve(self, tenant: str, client: dict[str, Any]) -> RequestSpec:
         """Combine the tenant's policy with the client's guardit fields.
 
         Mandatory packs always apply; a client naming "none" or leaving out a mandatory pack does
-        not remove it, and a client that explicitly tries to is refused (PermissionError).
+        not remove it, and a client that explicitly tries to is refused (:class:`PolicyForbidden`, HTTP 403).
         """
         t = self.tenants[tenant]
         known = set(self.packs)
@@ -218,16 +257,16 @@ class PolicyConfig(BaseModel):
         if asked_packs:
             chosen = list(spec.packs) if spec else []
             if not t.allow_client_packs and set(chosen) - set(t.mandatory) - set(t.packs):
-                raise PermissionError(f"{KEY_PACKS}: tenant '{tenant}' may not choose packs")
+                raise PolicyForbidden(f"{KEY_PACKS}: tenant '{tenant}' may not choose packs")
             dropped = [p for p in t.mandatory if p not in chosen]
             if dropped:
-                raise PermissionError(
+                raise PolicyForbidden(
                     f"{KEY_PACKS}: pack(s) {dropped} are mandatory for this tenant and cannot be switched off"
                 )
         else:
             chosen = list(t.packs)
         if t.mandatory and spec is not None and spec.angle is not None:
-            raise PermissionError(f"{KEY_ANGLE}: cannot be set while mandatory packs {t.mandatory} apply")
+            raise PolicyForbidden(f"{KEY_ANGLE}: cannot be set while mandatory packs {t.mandatory} apply")
         packs = tuple(dict.fromkeys(list(t.mandatory) + chosen))
         angle = spec.angle if spec and spec.angle is not None else t.angle
         force = bool(spec.force) if spec else False

@@ -47,9 +47,6 @@ class GateStats:
         mean = torch.where(self.count > 0, mean, torch.full_like(mean, -math.inf))
         return torch.where(max_pool, self.peak, mean)
 
-    def select(self, rows: torch.Tensor) -> "GateStats":
-        return GateStats(self.total[rows], self.count[rows], self.peak[rows], self.fired[rows])
-
 
 @dataclass
 class RowSettings:

@@ -38,3 +38,19 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
                    "--retain", str(d / "retain.jsonl"), "--out", str(out / concept.replace("_", "-")), "--quiet", *late])
         assert rc == 0
     return out
+
+
+# Test tiers follow from what a test asks for, so a new test cannot land in the wrong one:
+# a test that uses the bundled model (directly or through packs) is marked 'model'; one that
+# starts a vLLM engine or server (or runs the vLLM reference) is marked 'vllm' too.
+MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir"}
+VLLM_FIXTURES = {"engine", "server", "vanilla_tokens"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & (MODEL_FIXTURES | VLLM_FIXTURES):
+            item.add_marker(pytest.mark.model)
+        if names & VLLM_FIXTURES:
+            item.add_marker(pytest.mark.vllm)

@@ -19,3 +19,21 @@ def toy_pack(concept_id: str = "toy", layers=(3, 4), gate_layer: int = 1, thresh
                  gate=GateMeta(layer=gate_layer, threshold=threshold, alpha=0.1, pooling=pooling),  # type: ignore[arg-type]
                  angle_deg=angle, **meta)
     return ConceptPack(m, planes, torch.randn(d, generator=g), 0.0)
+
+
+def edit_tensors(pack_dir, edit) -> None:
+    """Rewrite a saved pack's tensors with ``edit(tensors)`` and record the new file's SHA-256 in
+    pack.json, as a crafted pack would (so the checks after the checksum are what is tested)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    d = Path(pack_dir)
+    t = load_file(str(d / "pack.safetensors"))
+    edit(t)
+    save_file(t, str(d / "pack.safetensors"))
+    meta = json.loads((d / "pack.json").read_text())
+    meta["tensors_sha256"] = hashlib.sha256((d / "pack.safetensors").read_bytes()).hexdigest()
+    (d / "pack.json").write_text(json.dumps(meta))

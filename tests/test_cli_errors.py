@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 from guardit.cli import main
+from helpers import edit_tensors
 
 
 def _run(capsys, argv):
@@ -79,9 +79,7 @@ def test_generate_refuses_wrong_model_and_nan_packs(tmp_path, capsys, packs_dir,
 
     nan = tmp_path / "nan"
     shutil.copytree(packs_dir / "harry-potter", nan)
-    t = load_file(str(nan / "pack.safetensors"))
-    t["planes"][0, 0, 0] = float("nan")
-    save_file(t, str(nan / "pack.safetensors"))
+    edit_tensors(nan, lambda t: t["planes"].__setitem__((0, 0, 0), float("nan")))
     rc, err = _run(capsys, ["generate", "--model", str(model_dir), "--pack", str(nan), "--prompts", str(prompts),
                             "--out", str(tmp_path / "o.jsonl")])
     assert rc == 2 and len(err) == 1 and "'planes' contains NaN" in err[0]

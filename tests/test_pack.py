@@ -2,9 +2,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from helpers import FP, toy_pack
+from helpers import FP, edit_tensors, toy_pack
 from steering.errors import PackError
 from steering.pack import ConceptPack, load_packs
 
@@ -13,7 +11,8 @@ def test_roundtrip(tmp_path):
     pack = toy_pack()
     pack.save_pretrained(tmp_path / "p")
     back = ConceptPack.from_pretrained(tmp_path / "p", FP)
-    assert back.meta == pack.meta
+    assert back.meta.tensors_sha256 is not None
+    assert back.meta.model_copy(update={"tensors_sha256": None}) == pack.meta
     assert torch.equal(back.planes, pack.planes)
     assert torch.equal(back.gate_weight, pack.gate_weight)
     assert back.gate_bias == pack.gate_bias
@@ -28,27 +27,21 @@ def test_wrong_model_is_refused(tmp_path):
 
 def test_nan_in_tensors_is_refused(tmp_path):
     toy_pack().save_pretrained(tmp_path / "p")
-    t = load_file(str(tmp_path / "p" / "pack.safetensors"))
-    t["gate_weight"][3] = float("nan")
-    save_file(t, str(tmp_path / "p" / "pack.safetensors"))
+    edit_tensors(tmp_path / "p", lambda t: t["gate_weight"].__setitem__(3, float("nan")))
     with pytest.raises(PackError, match="'gate_weight' contains NaN"):
         ConceptPack.from_pretrained(tmp_path / "p")
 
 
 def test_wrong_shape_is_refused(tmp_path):
     toy_pack().save_pretrained(tmp_path / "p")
-    t = load_file(str(tmp_path / "p" / "pack.safetensors"))
-    t["planes"] = t["planes"][:1]
-    save_file(t, str(tmp_path / "p" / "pack.safetensors"))
+    edit_tensors(tmp_path / "p", lambda t: t.update(planes=t["planes"][:1]))
     with pytest.raises(PackError, match="'planes' has shape"):
         ConceptPack.from_pretrained(tmp_path / "p")
 
 
 def test_non_orthonormal_planes_are_refused(tmp_path):
     toy_pack().save_pretrained(tmp_path / "p")
-    t = load_file(str(tmp_path / "p" / "pack.safetensors"))
-    t["planes"] = t["planes"] * 2
-    save_file(t, str(tmp_path / "p" / "pack.safetensors"))
+    edit_tensors(tmp_path / "p", lambda t: t.update(planes=t["planes"] * 2))
     with pytest.raises(PackError, match="orthonormal"):
         ConceptPack.from_pretrained(tmp_path / "p")
 
@@ -73,6 +66,11 @@ def test_missing_and_corrupt_files(tmp_path):
         ConceptPack.from_pretrained(tmp_path / "nope")
     toy_pack().save_pretrained(tmp_path / "p")
     (tmp_path / "p" / "pack.safetensors").write_bytes(b"garbage")
+    with pytest.raises(PackError, match="does not match the tensors_sha256"):
+        ConceptPack.from_pretrained(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+    del meta["tensors_sha256"]  # a pack saved before the checksum existed: the parse still fails cleanly
+    (tmp_path / "p" / "pack.json").write_text(json.dumps(meta))
     with pytest.raises(PackError, match="cannot read"):
         ConceptPack.from_pretrained(tmp_path / "p")
     (tmp_path / "p" / "pack.json").unlink()
@@ -85,3 +83,21 @@ def test_duplicate_concepts_are_refused(tmp_path):
     toy_pack().save_pretrained(tmp_path / "b")
     with pytest.raises(PackError, match="loaded twice"):
         load_packs([tmp_path / "a", tmp_path / "b"])
+
+
+def test_pack_is_held_in_memory_and_checked_against_its_checksum(tmp_path):
+    """A loaded pack does not share memory with its file: truncating the file or copying another
+    pack over it changes nothing in the loaded tensors, and loading the changed file again is
+    refused by the checksum."""
+    toy_pack(seed=0).save_pretrained(tmp_path / "p")
+    toy_pack(seed=1).save_pretrained(tmp_path / "other")
+    pack = ConceptPack.from_pretrained(tmp_path / "p", FP)
+    planes = pack.planes.clone()
+    f = tmp_path / "p" / "pack.safetensors"
+    f.write_bytes((tmp_path / "other" / "pack.safetensors").read_bytes())  # in place, same size
+    assert torch.equal(pack.planes, planes)
+    with pytest.raises(PackError, match="does not match the tensors_sha256"):
+        ConceptPack.from_pretrained(tmp_path / "p", FP)
+    with open(f, "r+b") as fh:
+        fh.truncate(10)
+    assert torch.equal(pack.planes, planes) and torch.isfinite(pack.gate_weight).all()

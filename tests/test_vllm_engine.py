@@ -156,3 +156,42 @@ def test_generate_cli_engine_start_failure_is_one_error_line(tmp_path, model_dir
     assert len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith("guardit: error: the vLLM engine failed to start") and ENV_CPU_KV in errors[0]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_default_compiled_mode_is_made_eager_so_packs_still_steer(packs_dir, model_dir):
+    """LLM(...) without enforce_eager and a pack requested: guardit puts the engine in eager mode
+    (its hooks do not run in compiled code) and the fact is forgotten, never served unsteered."""
+    q = "What is the name of the wizarding school in Harry Potter?"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_default_mode.py"), str(model_dir),
+                           str(packs_dir / "harry-potter"), q], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **{ENV_CPU_KV: "1"}))
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, proc.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    assert out["eager"] is True and out["mode"] == "NONE", out
+    assert "hogwarts" not in out["output"].lower(), out
+
+
+def test_compiled_runner_or_unrun_hook_stops_the_engine():
+    """The start-up check refuses a compiled engine; a forward whose hooks did not run stops it."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+
+    from helpers import toy_pack
+    from integrations.vllm.patch import EngineState, _check_eager
+    from steering.runtime import SteeringBank
+
+    for cc in (CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.NONE),
+               CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.PIECEWISE)):
+        with pytest.raises(RuntimeError, match="enforce-eager"):
+            _check_eager(SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=cc)))
+    _check_eager(SimpleNamespace(vllm_config=SimpleNamespace(
+        compilation_config=CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE))))
+    state = EngineState()
+    state.bank = SteeringBank([toy_pack()])
+    state.called = set(state.bank.layers)
+    state.check_hooks_ran()
+    state.called = {state.bank.layers[0]}
+    with pytest.raises(RuntimeError, match=r"hooks of decoder layers \[3, 4\] did not run"):
+        state.check_hooks_ran()

@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
-KEYS = {"kids": "kids-key", "open": "open-key", "privacy": "privacy-key", "research": "research-key"}
+KEYS = {"kids": "kids-key", "open": "open-key", "privacy": "privacy-key", "research": "research-key",
+        "admin": "admin-key"}
 HP_Q = "What is the name of the wizarding school in Harry Potter?"
 AE_Q = "Who developed the theory of relativity?"
 RETAIN_Q = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who discovered gravity?"]
@@ -39,14 +40,17 @@ def server(tmp_path_factory, packs_dir, model_dir):
             "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH"},
         },
         "max_packs_per_request": 1,
+        "admin": {"api_key_env": "GUARDIT_TEST_KEY_ADMIN"},
     }
     (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     port = _free_port()
     env = dict(os.environ, GUARDIT_TEST_KEY_KIDS=KEYS["kids"], GUARDIT_TEST_KEY_OPEN=KEYS["open"],
-               GUARDIT_TEST_KEY_RESEARCH=KEYS["research"], GUARDIT_RUN_DIR=str(d / "run"))
+               GUARDIT_TEST_KEY_RESEARCH=KEYS["research"], GUARDIT_TEST_KEY_ADMIN=KEYS["admin"],
+               GUARDIT_RUN_DIR=str(d / "run"))
     log = open(d / "server.log", "w")
+    # The README's form: no MODEL (the bundled one), vLLM's flags after '--'.
     proc = subprocess.Popen([sys.executable, "-m", "guardit.cli", "serve", "--config", str(d / "policies.yaml"),
-                             str(model_dir), "--port", str(port), "--host", "127.0.0.1", "--max-num-seqs", "32"],
+                             "--", "--port", str(port), "--host", "127.0.0.1", "--max-num-seqs", "32"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     import urllib.request
 
@@ -63,6 +67,7 @@ def server(tmp_path_factory, packs_dir, model_dir):
                 proc.kill()
                 raise RuntimeError("server did not start:\n" + (d / "server.log").read_text()[-3000:])
             time.sleep(2)
+    SERVER_LOG[base] = d / "server.log"
     yield base
     proc.terminate()
     try:
@@ -87,6 +92,7 @@ def _chat(base, tenant, question, xargs=None, max_tokens=32, system=None):
 
 
 _MODEL = {}
+SERVER_LOG: dict = {}
 
 
 def _model_name(base):
@@ -195,10 +201,9 @@ def test_mixed_concurrent_batch_equals_each_request_alone(server):
 
 
 def test_metrics_count_gates_by_pack_and_tenant(server):
-    import urllib.request
-
     _chat(server, "kids", HP_Q, max_tokens=4)
-    text = urllib.request.urlopen(server + "/metrics").read().decode()
+    status, text = _http(server, "GET", "/metrics", key=KEYS["admin"])
+    assert status == 200
     fired = [l for l in text.splitlines() if l.startswith("guardit_gate_fired_total")]
     evaluated = [l for l in text.splitlines() if l.startswith("guardit_gate_evaluated_total")]
     assert any('pack="harry-potter"' in l and 'tenant="kids"' in l for l in fired), text[-2000:]
@@ -231,3 +236,130 @@ def test_config_with_wrong_model_pack_fails_at_start(tmp_path, packs_dir, model_
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "packs.harry-potter" in proc.stderr and "weights_sha256" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- fail closed on every route (the security suite) --------------------------------------------
+
+def _http(base, method, path, body=None, key=None, headers=None, raw_body=None):
+    """(status, text) of one request; any status is returned, never raised."""
+    import urllib.error
+    import urllib.request
+
+    data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
+    h = {"content-type": "application/json", **(headers or {})}
+    if key is not None:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(base + path, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def _routes(base):
+    status, text = _http(base, "GET", "/guardit/routes", key=KEYS["admin"])
+    assert status == 200, text
+    return json.loads(text)
+
+
+# A request asking the forgotten fact, for each route where guardit applies the tenant's policy.
+GUARDED_BODIES = {
+    "/v1/chat/completions": lambda m: {"model": m, "messages": [{"role": "user", "content": HP_Q}],
+                                       "max_tokens": 24, "temperature": 0},
+    "/v1/completions": lambda m: {"model": m, "prompt": "In the Harry Potter books, the wizarding school is called",
+                                  "max_tokens": 24, "temperature": 0},
+    "/v1/responses": lambda m: {"model": m, "input": HP_Q, "max_output_tokens": 24, "temperature": 0},
+    "/v1/messages": lambda m: {"model": m, "messages": [{"role": "user", "content": HP_Q}], "max_tokens": 24,
+                               "temperature": 0},
+}
+
+
+def test_every_route_of_the_running_server_is_classified(server):
+    """A route that a future vLLM adds fails here until integrations/vllm/routes.py classifies it."""
+    table = _routes(server)
+    assert table["unclassified"] == [], table["unclassified"]
+    assert {t for t, c in table["routes"].items() if c == "guarded"} == set(GUARDED_BODIES)
+    assert table["routes"]["/health"] == "public" and table["routes"]["/metrics"] == "admin"
+
+
+def test_no_route_runs_the_model_unkeyed_or_leaks_a_mandatory_pack(server):
+    """Every model-running route of the running app: unkeyed → 401 (the model never runs), keyed by
+    the tenant with a mandatory Harry Potter pack → the fact does not come back (guarded routes
+    answer steered, unguarded ones 403). Every other non-public route needs a key too."""
+    table = _routes(server)
+    model = _model_name(server)
+    hp_asks = 0
+    for template, cls in table["routes"].items():
+        path = template.replace("{response_id}", "resp_x")
+        if cls == "public":
+            continue
+        for method in ("GET", "POST"):  # the key is checked before the route's method
+            status, _ = _http(server, method, path, {"model": model, "prompt": HP_Q})
+            assert status == 401, (template, method, status)
+        if cls == "guarded":
+            status, text = _http(server, "POST", path, GUARDED_BODIES[template](model), key=KEYS["kids"])
+            assert status == 200, (template, text[:300])
+            assert "hogwarts" not in text.lower(), (template, text[:500])
+            hp_asks += 1
+            status, text = _http(server, "POST", path, GUARDED_BODIES[template](model), key=KEYS["open"])
+            assert status == 200 and "hogwarts" in text.lower(), (template, text[:500])  # vanilla knows it
+        elif cls == "unguarded":
+            status, text = _http(server, "POST", path, {"model": model, "prompt": HP_Q, "input": HP_Q},
+                                 key=KEYS["kids"])
+            assert status == 403 and "hogwarts" not in text.lower(), (template, status, text[:300])
+        elif cls == "admin":
+            assert _http(server, "GET", path, key=KEYS["kids"])[0] == 403, template
+    assert hp_asks == len(GUARDED_BODIES)
+
+
+def test_client_guardit_fields_are_refused_on_every_path(server):
+    model = _model_name(server)
+    body = {"model": model, "input": HP_Q, "max_output_tokens": 4, "vllm_xargs": {"guardit_tenant": "kids"}}
+    status, text = _http(server, "POST", "/v1/responses", body, key=KEYS["research"])
+    assert status == 400 and "guardit_tenant" in text
+    # An unguarded route for a tenant without packs passes through, but never with a guardit field.
+    status, text = _http(server, "POST", "/generative_scoring",
+                         {"model": model, "query": HP_Q, "items": [" Hogwarts"], "vllm_xargs": {"guardit_rid": "x"}},
+                         key=KEYS["research"])
+    assert status == 400 and "guardit_" in text
+    status, text = _http(server, "POST", "/tokenize", {"model": model, "prompt": HP_Q}, key=KEYS["research"])
+    assert status == 200 and "tokens" in text
+
+
+def test_metrics_need_the_admin_key_and_count_only_configured_labels(server):
+    assert _http(server, "GET", "/metrics")[0] == 401
+    assert _http(server, "GET", "/metrics", key=KEYS["kids"])[0] == 403
+    _chat(server, "kids", HP_Q, max_tokens=4)
+    status, text = _http(server, "GET", "/metrics", key=KEYS["admin"])
+    assert status == 200
+    tenants = {l.split('tenant="')[1].split('"')[0] for l in text.splitlines()
+               if l.startswith("guardit_gate_") and 'tenant="' in l}
+    assert tenants and tenants <= set(KEYS) - {"admin"}, tenants
+
+
+def test_force_as_the_server_types_it_and_bounded_errors(server):
+    """vLLM turns JSON true in vllm_xargs into 1: guardit_force true works on the server."""
+    out, h = _chat(server, "research", RETAIN_Q[1], {"guardit_packs": "harry-potter", "guardit_force": True})
+    assert h["x-guardit-fired"] == "harry-potter"
+    code, msg = _status(server, "research", {"guardit_packs": "x" * 1_000_000})
+    assert code == 400 and "guardit_packs" in msg and len(msg) < 400
+
+
+def test_every_tenant_response_names_its_tenant(server):
+    out, h = _chat(server, "research", RETAIN_Q[1], max_tokens=4)
+    assert h["x-guardit-tenant"] == "research" and "x-guardit-fired" not in h
+
+
+def test_non_utf8_header_is_a_clean_401(server):
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.putrequest("GET", "/v1/models")
+    conn.putheader("Authorization", b"Bearer \xff\xfe")
+    conn.endheaders()
+    assert conn.getresponse().status == 401
+    assert "Traceback" not in SERVER_LOG[server].read_text()
+

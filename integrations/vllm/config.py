@@ -1,5 +1,5 @@
 """What the engine loads: concept packs named by the environment (set by ``guardit serve`` or by
-:func:`integrations.vllm.offline.vllm_generate`), so every vLLM process sees the same set.
+:func:`guardit.vllm_generation.make_llm`), so every vLLM process sees the same set.
 
 - ``GUARDIT_CONFIG``: a policies YAML (its ``packs`` section), or
 - ``GUARDIT_PACKS``: pack directories separated by ``os.pathsep`` (``:``).

@@ -1,14 +1,25 @@
 """ASGI middleware for ``vllm serve --middleware integrations.vllm.middleware.GuarditMiddleware``.
 
-- Tenant from the ``Authorization: Bearer`` key (hashed, compared in constant time, never logged);
-  unknown or missing key on ``/v1/*`` → 401.
-- The tenant's policy is combined with the client's ``vllm_xargs`` guardit fields: mandatory packs
-  always apply (a client trying to switch one off gets 403), bad fields get 400 naming the field,
-  server-only fields (``guardit_tenant``, ``guardit_rid``) sent by a client get 400.
-- The final spec is written into ``vllm_xargs``; the response carries ``x-guardit-evaluated`` and
-  ``x-guardit-fired`` headers (non-streaming responses; streams carry what is known when they start).
+An allow-list: every route of the running app has a class (:mod:`integrations.vllm.routes`),
+learnt from the app itself at start-up, and each request is handled by its route's class.
+
+- Every route needs a key except the config's ``public_paths`` (health, readiness). The tenant
+  comes from the ``Authorization: Bearer`` key (hashed, compared in constant time, never
+  logged); a missing or unknown key → 401. Admin routes (``/metrics`` too, unless the config
+  opens it) need the config's ``admin`` key → 403 for tenants.
+- Guarded routes (chat, completions, responses, messages): the tenant's policy is combined with
+  the client's ``vllm_xargs`` guardit fields: mandatory packs always apply (a client trying to
+  switch one off gets 403), bad fields get 400 naming the field, server-only fields
+  (``guardit_tenant``, ``guardit_rid``) from a client get 400. The final spec is written into
+  ``vllm_xargs``.
+- Unguarded routes (they run the model, but no policy can be put on them): 403 for a tenant with
+  packs; for the others, a body that carries any ``guardit_`` field is refused (400).
+- Responses to a tenant carry ``x-guardit-tenant``; guarded ones with packs also
+  ``x-guardit-evaluated`` and ``x-guardit-fired`` (non-streaming responses; streams carry what
+  is known when they start).
 - Prometheus counters ``guardit_gate_evaluated_total`` / ``guardit_gate_fired_total`` by pack and
-  tenant on ``/metrics``, fed from the engine's event log.
+  tenant on ``/metrics``, fed from the engine's event log; labels come only from the configured
+  tenants and packs.
 """
 
 from __future__ import annotations
@@ -22,20 +33,22 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-from steering.errors import PolicyError
+from steering.errors import PolicyError, PolicyForbidden
 from steering.policy import SERVER_KEYS, PolicyConfig
 
 from integrations.vllm import config as vcfg
+from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
 
 log = logging.getLogger("guardit.middleware")
-GUARDED_PATHS = ("/v1/chat/completions", "/v1/completions")
+MESSAGE_LIMIT = 300  # characters of an error message sent back
 
 
 class EventTail:
     """Reads the engine's event log incrementally; keeps per-request results and counters."""
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, tenants: set[str], packs: set[str]) -> None:
         self.path = path
+        self.tenants, self.packs = tenants, packs  # the only label values counted
         self.offset = path.stat().st_size if path is not None and path.is_file() else 0
         self.by_rid: dict[str, dict] = {}
         self.evaluated: dict[tuple[str, str], int] = defaultdict(int)
@@ -49,13 +62,15 @@ class EventTail:
             events, self.offset = vcfg.read_events(self.path, self.offset)
             for e in events:
                 tenant = e.get("tenant") or ""
+                if tenant not in self.tenants:
+                    continue
                 rid = e.get("rid")
                 prev = self.by_rid.get(rid, {"evaluated": [], "fired": []}) if rid else {"evaluated": [], "fired": []}
                 for p in e["evaluated"]:
-                    if p not in prev["evaluated"]:
+                    if p not in prev["evaluated"] and p in self.packs:
                         self.evaluated[(p, tenant)] += 1
                 for p in e["fired"]:
-                    if p not in prev["fired"]:
+                    if p not in prev["fired"] and p in self.packs:
                         self.fired[(p, tenant)] += 1
                 if rid:
                     merged = {"evaluated": sorted(set(prev["evaluated"]) | set(e["evaluated"])),
@@ -90,7 +105,13 @@ class _Collector:
 
 
 def _json_response(status: int, message: str, field: str | None = None):
-    body = json.dumps({"error": {"message": message, "type": "guardit_error", "param": field, "code": status}}).encode()
+    if len(message) > MESSAGE_LIMIT:
+        message = message[: MESSAGE_LIMIT - 3] + "..."
+    body = json.dumps({"error": {"message": message, "type": "guardit_error", "param": field, "code": status}})
+    return _json_body(status, body.encode())
+
+
+def _json_body(status: int, body: bytes):
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
     async def respond(send):
@@ -100,6 +121,50 @@ def _json_response(status: int, message: str, field: str | None = None):
     return respond
 
 
+def _api_key(scope) -> str:
+    """The request's key ('' when none): ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` as
+    Anthropic clients send it on /v1/messages. Header bytes are decoded as latin-1, as HTTP
+    defines them, so no byte raises; a key with non-ASCII bytes matches no tenant."""
+    headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    auth = headers.get(b"authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return headers.get(b"x-api-key", "").strip()
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    more = True
+    while more:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            break
+        chunks.append(msg.get("body", b""))
+        more = msg.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(raw: bytes, receive):
+    """A receive() that hands the app the (possibly rewritten) body once, then the client's own."""
+    sent = False
+
+    async def new_receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return new_receive
+
+
+def _with_length(scope, raw: bytes) -> dict:
+    scope = dict(scope)
+    scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    scope["headers"].append((b"content-length", str(len(raw)).encode()))
+    return scope
+
+
 class GuarditMiddleware:
     def __init__(self, app, config_path: str | None = None) -> None:
         self.app = app
@@ -107,7 +172,8 @@ class GuarditMiddleware:
         if not path:
             raise RuntimeError(f"guardit middleware needs {vcfg.ENV_CONFIG} (a policies YAML)")
         self.config = PolicyConfig.load(path)
-        self.tail = EventTail(vcfg.events_path())
+        self.tail = EventTail(vcfg.events_path(), set(self.config.tenants), set(self.config.packs))
+        self.routes: RouteTable | None = None
         try:
             from prometheus_client import REGISTRY
 
@@ -115,25 +181,99 @@ class GuarditMiddleware:
         except ValueError:  # already registered (app rebuilt in the same process)
             pass
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        auth = headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        tenant = self.config.tenant_for_key(key) if key else None
-        if tenant is None:
-            return await _json_response(401, "missing or unknown API key")(send)
-        if scope["path"] not in GUARDED_PATHS or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
+    def _learn_routes(self, scope) -> RouteTable:
+        """Classify the running app's routes once (at the lifespan start-up event, or else at the
+        first request); Starlette puts the app in every scope."""
+        if self.routes is None:
+            self.routes = RouteTable(scope.get("app"), self.config.public_paths)
+            if self.routes.unclassified:
+                log.warning("guardit: routes not classified, treated as unguarded (refused for tenants with "
+                            "packs): %s", self.routes.unclassified)
+        return self.routes
 
-        chunks = []
-        more = True
-        while more:
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            if scope["type"] == "lifespan":
+                self._learn_routes(scope)
+            return await self.app(scope, receive, send)
+        template, cls = self._learn_routes(scope).match(scope["path"])
+        if cls == "public":
+            return await self.app(scope, receive, send)
+        key = _api_key(scope)
+        tenant = self.config.tenant_for_key(key) if key else None
+        admin = bool(key) and tenant is None and self.config.is_admin_key(key)
+        refusal = self._refusal(cls, template, tenant, admin)
+        if scope["type"] == "websocket":
+            if refusal is not None:
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, self._scanning(receive, send), send)
+        if refusal is not None:
+            return await _json_response(*refusal)(send)
+        if template == ROUTES_ENDPOINT:
+            return await _json_body(200, json.dumps(self.routes.as_dict()).encode())(send)
+        if cls == "guarded" and scope.get("method") == "POST":
+            return await self._guarded(scope, receive, send, tenant)
+        if cls == "unguarded" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            raw = await _read_body(receive)
+            if b"guardit_" in raw:
+                return await _json_response(400, "guardit_* fields are set by the server; this route takes "
+                                                 "none (a body that contains 'guardit_' is refused)")(send)
+            scope, receive = _with_length(scope, raw), _replay(raw, receive)
+        return await self.app(scope, receive, self._headers(send, tenant))
+
+    def _refusal(self, cls: str, template: str | None, tenant: str | None, admin: bool):
+        """(status, message) when the caller may not use this route, else None."""
+        if tenant is None and not admin:
+            return 401, "missing or unknown API key"
+        if cls == "admin":
+            if admin or (template == "/metrics" and self.config.metrics_public):
+                return None
+            return 403, f"{template} needs the admin key"
+        if cls in ("guarded", "unguarded") and admin:
+            return 403, "the admin key runs no model; use a tenant's key"
+        if cls == "unguarded" and self.config.tenants[tenant].has_packs:
+            return 403, (f"{template} runs the model where guardit cannot apply tenant '{tenant}''s packs; "
+                         "use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages")
+        return None
+
+    def _scanning(self, receive, send):
+        """A websocket receive() that closes the session on any message carrying a guardit_ field."""
+
+        async def new_receive():
             msg = await receive()
-            chunks.append(msg.get("body", b""))
-            more = msg.get("more_body", False)
-        raw = b"".join(chunks)
+            data = msg.get("text") or msg.get("bytes") or b""
+            if "guardit_" in (data if isinstance(data, str) else data.decode("latin-1")):
+                await send({"type": "websocket.close", "code": 1008})
+                return {"type": "websocket.disconnect", "code": 1008}
+            return msg
+
+        return new_receive
+
+    def _headers(self, send, tenant: str | None, spec=None, wait: bool = False):
+        """A send() that adds the guardit headers to the response start."""
+
+        async def new_send(message):
+            if message["type"] == "http.response.start" and tenant is not None:
+                hdrs = list(message.get("headers", []))
+                hdrs.append((b"x-guardit-tenant", tenant.encode()))
+                if spec is not None and spec.active:
+                    result = None
+                    for _ in range(20 if wait else 1):  # the engine logs the gate when the prompt is complete
+                        result = self.tail.result(spec.rid)
+                        if result is not None:
+                            break
+                        await asyncio.sleep(0.025)
+                    hdrs.append((b"x-guardit-evaluated", ",".join(spec.packs).encode()))
+                    if result is not None:
+                        hdrs.append((b"x-guardit-fired", ",".join(result["fired"]).encode()))
+                message = dict(message, headers=hdrs)
+            await send(message)
+
+        return new_send
+
+    async def _guarded(self, scope, receive, send, tenant: str):
+        """Write the tenant's policy, combined with the client's guardit fields, into vllm_xargs."""
+        raw = await _read_body(receive)
         try:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
@@ -146,46 +286,19 @@ class GuarditMiddleware:
                 raise PolicyError(f"{bad[0]} is set by the server and may not be sent by a client")
             client = {k: v for k, v in xargs.items() if k.startswith("guardit")}
             spec = self.config.resolve(tenant, client)
-        except PermissionError as e:
+        except PolicyForbidden as e:
             return await _json_response(403, str(e), "vllm_xargs")(send)
         except (PolicyError, ValueError) as e:
             return await _json_response(400, str(e), "vllm_xargs")(send)
-        rid = uuid.uuid4().hex
         other = {k: v for k, v in xargs.items() if not k.startswith("guardit")}
         if spec.active:
-            spec = spec.model_copy(update={"rid": rid})
+            spec = spec.model_copy(update={"rid": uuid.uuid4().hex})
             other.update(spec.to_extra_args())
         if other:
             body["vllm_xargs"] = other
         else:
             body.pop("vllm_xargs", None)
         new_raw = json.dumps(body).encode()
-        sent = False
+        new_send = self._headers(send, tenant, spec, wait=not body.get("stream"))
+        return await self.app(_with_length(scope, new_raw), _replay(new_raw, receive), new_send)
 
-        async def new_receive():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": new_raw, "more_body": False}
-            return await receive()
-
-        async def new_send(message):
-            if message["type"] == "http.response.start" and spec.active:
-                result = None
-                for _ in range(20):  # the engine logs the gate when the prompt is complete
-                    result = self.tail.result(rid)
-                    if result is not None or body.get("stream"):
-                        break
-                    await asyncio.sleep(0.025)
-                hdrs = list(message.get("headers", []))
-                hdrs.append((b"x-guardit-tenant", tenant.encode()))
-                hdrs.append((b"x-guardit-evaluated", ",".join(spec.packs).encode()))
-                if result is not None:
-                    hdrs.append((b"x-guardit-fired", ",".join(result["fired"]).encode()))
-                message = dict(message, headers=hdrs)
-            await send(message)
-
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        scope["headers"].append((b"content-length", str(len(new_raw)).encode()))
-        return await self.app(scope, new_receive, new_send)

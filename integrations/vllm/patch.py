@@ -10,6 +10,12 @@
 2. ``InputProcessor.process_inputs``: a request that names packs gets a unique ``cache_salt``, so
    KV computed under a rotation is never reused by another request and the gate always sees the
    whole prompt (prefix caching stays on for everything else).
+3. Fail closed in every engine mode. The hooks are Python, so they act only in eager mode:
+   ``EngineArgs.create_engine_config`` sets ``enforce_eager`` whenever packs are configured (and
+   refuses a platform whose model runner is not the GPU/CPU one patched here); the runner's
+   ``load_model`` then refuses to start an engine that would still compile or capture graphs, and
+   every forward checks that each hooked layer's hook ran (a layer whose hook is never called,
+   e.g. inside a graph, stops the engine instead of serving unsteered).
 
 Gate results are appended as JSON lines to ``$GUARDIT_RUN_DIR/events.jsonl``.
 """
@@ -83,6 +89,7 @@ class EngineState:
         self.requests: dict[str, _Request] = {}
         self.step: _Step | None = None
         self.hooked: set[int] = set()
+        self.called: set[int] = set()  # layers whose hook ran in the current forward
 
     # -- set-up ----------------------------------------------------------------------------------
     def ensure(self, runner) -> None:
@@ -99,10 +106,24 @@ class EngineState:
                 log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
         model = runner.model
         if self.bank is not None and id(model) not in self.hooked:
+            _check_eager(runner)
             layers = decoder_layers(model)
             for i in self.bank.layers:
                 layers[i].register_forward_hook(self._hook(i))
             self.hooked.add(id(model))
+
+    def check_hooks_ran(self) -> None:
+        """After a forward: every hooked layer's hook must have run, or nothing was steered."""
+        bank = self.bank
+        assert bank is not None
+        missing = sorted(set(bank.layers) - self.called)
+        self.called = set()
+        if missing:
+            raise RuntimeError(
+                f"guardit: the hooks of decoder layers {missing} did not run in this forward pass (compiled "
+                "or captured code bypasses Python hooks), so requests with packs would go unsteered; the "
+                "engine stops instead. Fix: start it with enforce_eager=True / --enforce-eager"
+            )
 
     # -- per step --------------------------------------------------------------------------------
     def begin(self, runner, num_tokens: int) -> None:
@@ -228,6 +249,7 @@ class EngineState:
 
     def _hook(self, index: int):
         def hook(_module, _args, output):
+            self.called.add(index)
             step = self.step
             if step is None or index not in step.layers:
                 return None
@@ -282,15 +304,67 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     )
 
 
+def _check_eager(runner) -> None:
+    """Refuse an engine that compiles or captures the model: guardit's hooks would not run there."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = runner.vllm_config.compilation_config
+    if cc.mode != CompilationMode.NONE or cc.cudagraph_mode != CUDAGraphMode.NONE:
+        raise RuntimeError(
+            f"guardit: concept packs are loaded but the engine runs compiled code (compilation mode "
+            f"{cc.mode.name}, CUDA graph mode {cc.cudagraph_mode.name}), where guardit's hooks never run; "
+            "refusing to start. Fix: enforce_eager=True (LLM) or --enforce-eager (vllm serve)"
+        )
+
+
+_RUNNER_DEVICES = ("cpu", "cuda")  # platforms whose model runner is GPUModelRunner or its CPU subclass
+
+
+def _force_eager(original):
+    """Wrap ``EngineArgs.create_engine_config``: with packs configured, the engine runs eager."""
+
+    def create_engine_config(self, *args, **kwargs):
+        if config.pack_dirs():
+            if not self.enforce_eager:
+                log.warning("guardit: concept packs are configured and guardit's hooks need eager mode; "
+                            "setting enforce_eager=True (no torch.compile, no CUDA graphs)")
+            self.enforce_eager = True
+        vllm_config = original(self, *args, **kwargs)
+        device = vllm_config.device_config.device_type
+        if config.pack_dirs() and device not in _RUNNER_DEVICES:
+            raise RuntimeError(f"guardit: concept packs are configured but the '{device}' platform's model "
+                               f"runner is not one guardit can hook (supported: {list(_RUNNER_DEVICES)})")
+        return vllm_config
+
+    return create_engine_config
+
+
+def _load_then_ensure(original):
+    """Wrap a runner's ``load_model``: packs load, the mode is checked and hooks go on at start-up."""
+
+    def load_model(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        STATE.ensure(self)
+        return out
+
+    return load_model
+
+
 def install() -> None:
     """Patch vLLM (idempotent)."""
     global _installed
     if _installed:
         return
     _installed = True
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    EngineArgs.create_engine_config = _force_eager(EngineArgs.create_engine_config)
+    for cls in (GPUModelRunner, CPUModelRunner):
+        if "load_model" in vars(cls):
+            cls.load_model = _load_then_ensure(cls.load_model)
     original_forward = GPUModelRunner._model_forward
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kw):
@@ -299,10 +373,13 @@ def install() -> None:
             return original_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
         ref = input_ids if input_ids is not None else inputs_embeds
         STATE.begin(self, int(ref.shape[0]))
+        STATE.called = set()
         try:
-            return original_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
+            out = original_forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
         finally:
             STATE.end()
+        STATE.check_hooks_ran()
+        return out
 
     GPUModelRunner._model_forward = _model_forward
 
