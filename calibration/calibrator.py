@@ -26,7 +26,7 @@ from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
 from steering.pack import ConceptPack, GateMeta, PackMeta
-from steering.rotation import make_plane
+from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
 
 
 def builtin_prompts(name: str) -> list[PromptRecord]:
@@ -77,7 +77,7 @@ class ConceptCalibrator:
 
     concept_id: str
     alpha: float = 0.05
-    angle_deg: float = 60.0  # chosen on the example concepts: 0 leaks, answer perplexity ≤ 1.5× vanilla
+    angle_deg: float = DEFAULT_ANGLE_DEG
     angle_mode: Literal["absolute", "relative"] = "absolute"
     target: Literal["idk", "retain"] = "idk"
     direction_pooling: Literal["mean", "last"] = "mean"

@@ -43,9 +43,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, tok = load_model(_model_dir(args.model))
     concept_id = args.id or Path(args.out).name
     poolings = ("mean", "max") if args.gate_pooling == "best" else (args.gate_pooling,)
+    angle = {} if args.angle is None else {"angle_deg": args.angle}
     cal = ConceptCalibrator(
-        concept_id, alpha=args.alpha, angle_deg=args.angle, target=target, gate_poolings=poolings,
-        late_gate=args.late_gate, progress=not args.quiet, seed=args.seed,
+        concept_id, alpha=args.alpha, target=target, gate_poolings=poolings, late_gate=args.late_gate,
+        progress=not args.quiet, seed=args.seed, **angle,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
     out = pack.save_pretrained(args.out)
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="concept pack directory to write")
     c.add_argument("--alpha", type=float, default=0.05, help="bound on the gate's false-fire rate (default 0.05)")
     c.add_argument("--id", default=None, help="concept id (default: the --out folder name)")
-    c.add_argument("--angle", type=float, default=60.0, help="default rotation angle in degrees (default 60)")
+    c.add_argument("--angle", type=float, default=None,
+                   help="the pack's rotation angle in degrees (default 60, steering.rotation.DEFAULT_ANGLE_DEG)")
     c.add_argument("--target", default="idk", help="'idk' (built-in), 'retain', or a JSONL file of prompts+answers")
     c.add_argument(
         "--gate-pooling", choices=["mean", "max", "best"], default="mean",

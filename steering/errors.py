@@ -1,6 +1,15 @@
 """Exceptions raised by guardit. Every message names the field or file at fault."""
 
 
+ECHO_LIMIT = 64  # characters of a client's value echoed back in an error message
+
+
+def echo(value: object) -> str:
+    """repr of a (client's) value for an error message, cut to ECHO_LIMIT characters."""
+    text = repr(value)
+    return text if len(text) <= ECHO_LIMIT else text[: ECHO_LIMIT - 3] + "..."
+
+
 class GuarditError(Exception):
     """Base class for guardit errors that a user can fix (bad input, wrong pack, bad config)."""
 

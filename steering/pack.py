@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 from steering.errors import PackError
-from steering.rotation import ANGLE_MODES
+from steering.rotation import ANGLE_MODES, DEFAULT_ANGLE_DEG, check_angle
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "pack.safetensors"
@@ -81,7 +81,7 @@ class PackMeta(BaseModel):
     model: ModelFingerprint
     layers: list[int] = Field(min_length=1)
     gate: GateMeta
-    angle_deg: float = 90.0
+    angle_deg: float = DEFAULT_ANGLE_DEG
     angle_mode: Literal["absolute", "relative"] = "absolute"
     target: str = "idk"
     steer_scope: Literal["prompt", "all"] = "prompt"
@@ -111,9 +111,7 @@ class PackMeta(BaseModel):
     @field_validator("angle_deg")
     @classmethod
     def _angle(cls, v: float) -> float:
-        if not math.isfinite(v) or abs(v) > 360:
-            raise ValueError(f"angle_deg must be finite and within [-360, 360], got {v}")
-        return v
+        return check_angle(v, "angle_deg")
 
     @model_validator(mode="after")
     def _layers(self) -> "PackMeta":

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from steering.errors import PolicyError, PolicyForbidden
+from steering.errors import PolicyError, PolicyForbidden, echo
 from steering.pack import PACK_ID_RE
+from steering.rotation import check_angle
 
-# Keys a client may send in SamplingParams.extra_args / vllm_xargs.
+# Every guardit key of SamplingParams.extra_args / vllm_xargs starts with this.
+PREFIX = "guardit_"
+# Keys a client may send.
 KEY_PACKS = "guardit_packs"  # "id1,id2" (or a list offline); "none" or "" = no packs
 KEY_ANGLE = "guardit_angle"  # degrees, overrides the packs' calibrated angle
 KEY_FORCE = "guardit_force"  # rotate without the gate (evaluation)
@@ -30,13 +32,6 @@ KEY_RID = "guardit_rid"
 CLIENT_KEYS = (KEY_PACKS, KEY_ANGLE, KEY_FORCE)
 SERVER_KEYS = (KEY_TENANT, KEY_RID)
 DEFAULT_MAX_PACKS = 16
-ECHO_LIMIT = 64  # characters of a client's value echoed back in an error message
-
-
-def _echo(value: Any) -> str:
-    """repr of a client's value for an error message, cut to ECHO_LIMIT characters."""
-    text = repr(value)
-    return text if len(text) <= ECHO_LIMIT else text[: ECHO_LIMIT - 3] + "..."
 
 
 class RequestSpec(BaseModel):
@@ -67,6 +62,21 @@ class RequestSpec(BaseModel):
         return out
 
 
+def guardit_fields(extra_args: dict[str, Any], keep: bool = True) -> dict[str, Any]:
+    """The guardit fields of a request's extra_args (``keep=False``: all the others)."""
+    return {k: v for k, v in extra_args.items() if k.startswith(PREFIX) == keep}
+
+
+def names_packs(extra_args: dict[str, Any] | None) -> bool:
+    """Does a request ask for packs? (A value that does not parse counts as yes: fail closed.)"""
+    if not extra_args or KEY_PACKS not in extra_args:
+        return False
+    try:
+        return bool(_split_packs(extra_args[KEY_PACKS]))
+    except PolicyError:
+        return True
+
+
 def _split_packs(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         v = value.strip()
@@ -79,9 +89,9 @@ def _split_packs(value: Any) -> tuple[str, ...]:
         raise PolicyError(f"{KEY_PACKS} must be a comma-separated string of concept ids, got {type(value).__name__}")
     for x in items:
         if not PACK_ID_RE.match(x):
-            raise PolicyError(f"{KEY_PACKS}: {_echo(x)} is not a valid concept id")
+            raise PolicyError(f"{KEY_PACKS}: {echo(x)} is not a valid concept id")
     if len(set(items)) != len(items):
-        raise PolicyError(f"{KEY_PACKS}: duplicated concept id in {_echo(value)}")
+        raise PolicyError(f"{KEY_PACKS}: duplicated concept id in {echo(value)}")
     return tuple(items)
 
 
@@ -98,28 +108,23 @@ def parse_request(
     """
     if not extra_args:
         return None
-    fields = {k: v for k, v in extra_args.items() if k.startswith("guardit")}
+    fields = guardit_fields(extra_args)
     if not fields:
         return None
     unknown = set(fields) - set(CLIENT_KEYS) - set(SERVER_KEYS)
     if unknown:
-        raise PolicyError(f"unknown field(s) {_echo(sorted(unknown))}; expected some of {list(CLIENT_KEYS)}")
+        raise PolicyError(f"unknown field(s) {echo(sorted(unknown))}; expected some of {list(CLIENT_KEYS)}")
     packs = _split_packs(fields.get(KEY_PACKS, "none"))
     missing = [p for p in packs if p not in known]
     if missing:
-        raise PolicyError(f"{KEY_PACKS}: unknown concept id(s) {_echo(missing)}; loaded: {sorted(known)}")
+        raise PolicyError(f"{KEY_PACKS}: unknown concept id(s) {echo(missing)}; loaded: {sorted(known)}")
     if len(packs) > max_packs:
         raise PolicyError(f"{KEY_PACKS}: {len(packs)} packs requested, at most {max_packs} allowed")
     angle = fields.get(KEY_ANGLE)
     if angle is not None:
         if isinstance(angle, bool) or not isinstance(angle, (int, float, str)):
             raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {type(angle).__name__}")
-        try:
-            angle = float(angle)
-        except ValueError:
-            raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {_echo(angle)}") from None
-        if not math.isfinite(angle) or abs(angle) > 360:
-            raise PolicyError(f"{KEY_ANGLE} must be finite and within [-360, 360], got {angle}")
+        angle = check_angle(angle, KEY_ANGLE)
     force = _flag(KEY_FORCE, fields.get(KEY_FORCE, False))
     tenant, rid = fields.get(KEY_TENANT), fields.get(KEY_RID)
     for key, val in ((KEY_TENANT, tenant), (KEY_RID, rid)):
@@ -138,7 +143,7 @@ def _flag(key: str, value: Any) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
-    raise PolicyError(f"{key} must be true or false (or 1 or 0), got {_echo(value)}")
+    raise PolicyError(f"{key} must be true or false (or 1 or 0), got {echo(value)}")
 
 
 # -- operator config -------------------------------------------------------------------------
@@ -188,9 +193,7 @@ class TenantPolicy(ApiKey):
     @field_validator("angle")
     @classmethod
     def _angle(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or abs(v) > 360):
-            raise ValueError("angle must be finite and within [-360, 360]")
-        return v
+        return None if v is None else check_angle(v, "angle")
 
 
 class PolicyConfig(BaseModel):

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from steering.errors import PolicyError
+from steering.errors import PolicyError, echo
 
 AngleMode = Literal["absolute", "relative"]
 ANGLE_MODES: tuple[str, ...] = ("absolute", "relative")
@@ -108,12 +108,17 @@ def rotate_rows_(
     return h
 
 
-def check_angle(value: float, field: str = "angle") -> float:
-    """Validate an angle in degrees: finite and within [-360, 360]. Returns it as float."""
+DEFAULT_ANGLE_DEG = 60.0  # a pack's rotation angle unless calibrated otherwise (FINDINGS.md: angle sweep)
+
+
+def check_angle(value: float | str, field: str = "angle") -> float:
+    """The one rule for an angle in degrees, wherever one is read (request, tenant policy, pack,
+    HF session): finite and within [-360, 360]. Returns it as float; raises PolicyError naming
+    ``field`` (a ValueError, so pydantic validators report it as the field's error)."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise PolicyError(f"{field} must be a number (degrees), got {value!r}") from None
+        raise PolicyError(f"{field} must be a number (degrees), got {echo(value)}") from None
     if not math.isfinite(v) or abs(v) > 360.0:
-        raise PolicyError(f"{field} must be a finite number of degrees in [-360, 360], got {value!r}")
+        raise PolicyError(f"{field} must be a finite number of degrees in [-360, 360], got {echo(value)}")
     return v

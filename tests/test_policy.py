@@ -8,7 +8,8 @@ import re
 import pytest
 
 from steering.errors import PolicyError, PolicyForbidden
-from steering.policy import ECHO_LIMIT, PolicyConfig, parse_request
+from steering.errors import ECHO_LIMIT
+from steering.policy import PolicyConfig, parse_request
 
 KNOWN = {"harry-potter", "einstein"}
 
@@ -103,3 +104,32 @@ def test_route_table_matches_like_the_router_and_fails_closed():
     assert table.match("/v9/brand-new") == ("/v9/brand-new", "unguarded")  # unclassified: fail closed
     assert table.unclassified == ["/v9/brand-new"]
     assert table.match("/nowhere") == (None, "info")  # no route: the app answers 404, a key is still needed
+
+
+def test_one_angle_rule_and_one_default():
+    """Request, tenant policy, pack and HF session read angles through check_angle; the default
+    angle is one constant (the CLI's help names it)."""
+    from guardit.cli import build_parser
+    from helpers import FP
+    from steering.pack import GateMeta, PackMeta
+    from steering.rotation import DEFAULT_ANGLE_DEG
+
+    meta = PackMeta(concept_id="x", model=FP, layers=[3], gate=GateMeta(layer=1, threshold=0.0, alpha=0.1))
+    assert meta.angle_deg == DEFAULT_ANGLE_DEG
+    calibrate = build_parser()._subparsers._group_actions[0].choices["calibrate"]
+    assert f"default {DEFAULT_ANGLE_DEG:g}" in calibrate.format_help()
+    for bad in ("nan", "400", "x" * 10_000):
+        with pytest.raises(PolicyError, match="guardit_angle") as e:
+            parse_request({"guardit_packs": "einstein", "guardit_angle": bad}, KNOWN)
+        assert len(str(e.value)) < ECHO_LIMIT + 100
+
+
+@pytest.mark.parametrize("extra,expected", [(None, False), ({}, False), ({"guardit_packs": "none"}, False),
+                                            ({"guardit_packs": " Off "}, False), ({"guardit_angle": 30}, False),
+                                            ({"guardit_packs": "einstein"}, True), ({"guardit_packs": "bad id!"}, True),
+                                            ({"guardit_packs": 5}, True)])
+def test_names_packs_fails_closed(extra, expected):
+    """What decides a unique prefix-cache salt: a value that does not parse counts as naming packs."""
+    from steering.policy import names_packs
+
+    assert names_packs(extra) is expected

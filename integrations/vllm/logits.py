@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from steering.policy import parse_request
+from steering.policy import guardit_fields, parse_request
 
 from integrations.vllm import config
 
@@ -21,7 +21,7 @@ class GuarditValidator(LogitsProcessor):  # type: ignore[misc]
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         extra = getattr(sampling_params, "extra_args", None)
-        if not extra or not any(k.startswith("guardit") for k in extra):
+        if not extra or not guardit_fields(extra):
             return
         known, limit = config.known_packs()
         parse_request(extra, known, limit)  # raises PolicyError (a ValueError) naming the field

@@ -34,7 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from steering.errors import PolicyError, PolicyForbidden
-from steering.policy import SERVER_KEYS, PolicyConfig
+from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
 
 from integrations.vllm import config as vcfg
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
@@ -215,9 +215,9 @@ class GuarditMiddleware:
             return await self._guarded(scope, receive, send, tenant)
         if cls == "unguarded" and scope.get("method") in ("POST", "PUT", "PATCH"):
             raw = await _read_body(receive)
-            if b"guardit_" in raw:
-                return await _json_response(400, "guardit_* fields are set by the server; this route takes "
-                                                 "none (a body that contains 'guardit_' is refused)")(send)
+            if PREFIX.encode() in raw:
+                return await _json_response(400, f"{PREFIX}* fields are set by the server; this route takes "
+                                                 f"none (a body that contains '{PREFIX}' is refused)")(send)
             scope, receive = _with_length(scope, raw), _replay(raw, receive)
         return await self.app(scope, receive, self._headers(send, tenant))
 
@@ -242,7 +242,7 @@ class GuarditMiddleware:
         async def new_receive():
             msg = await receive()
             data = msg.get("text") or msg.get("bytes") or b""
-            if "guardit_" in (data if isinstance(data, str) else data.decode("latin-1")):
+            if PREFIX in (data if isinstance(data, str) else data.decode("latin-1")):
                 await send({"type": "websocket.close", "code": 1008})
                 return {"type": "websocket.disconnect", "code": 1008}
             return msg
@@ -284,13 +284,13 @@ class GuarditMiddleware:
             bad = [k for k in SERVER_KEYS if k in xargs]
             if bad:
                 raise PolicyError(f"{bad[0]} is set by the server and may not be sent by a client")
-            client = {k: v for k, v in xargs.items() if k.startswith("guardit")}
+            client = guardit_fields(xargs)
             spec = self.config.resolve(tenant, client)
         except PolicyForbidden as e:
             return await _json_response(403, str(e), "vllm_xargs")(send)
         except (PolicyError, ValueError) as e:
             return await _json_response(400, str(e), "vllm_xargs")(send)
-        other = {k: v for k, v in xargs.items() if not k.startswith("guardit")}
+        other = guardit_fields(xargs, keep=False)
         if spec.active:
             spec = spec.model_copy(update={"rid": uuid.uuid4().hex})
             other.update(spec.to_extra_args())

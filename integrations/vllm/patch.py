@@ -34,7 +34,7 @@ import torch
 
 from steering.modules import decoder_layers
 from steering.pack import ModelFingerprint, fingerprint, load_packs
-from steering.policy import RequestSpec, parse_request
+from steering.policy import RequestSpec, names_packs, parse_request
 from steering.runtime import GateStats, RowSettings, SteeringBank
 
 from integrations.vllm import config
@@ -387,9 +387,7 @@ def install() -> None:
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
-        extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
-        packs = extra.get("guardit_packs")
-        if packs and str(packs).strip().lower() not in ("none", "off"):
+        if names_packs(getattr(getattr(request, "sampling_params", None), "extra_args", None)):
             request.cache_salt = f"{request.cache_salt or ''}|guardit:{uuid.uuid4().hex}"
         return request
 
