@@ -103,7 +103,9 @@ def test_route_table_matches_like_the_router_and_fails_closed():
     assert table.match("/v1/responses/abc") == ("/v1/responses/{response_id}", "unguarded")
     assert table.match("/v9/brand-new") == ("/v9/brand-new", "unguarded")  # unclassified: fail closed
     assert table.unclassified == ["/v9/brand-new"]
-    assert table.match("/nowhere") == (None, "info")  # no route: the app answers 404, a key is still needed
+    assert table.match("/nowhere") == (None, "unguarded")  # no route: 404 from the app; refused for packs
+    with pytest.raises(RuntimeError, match="fail closed"):
+        RouteTable(None)
 
 
 def test_one_angle_rule_and_one_default():

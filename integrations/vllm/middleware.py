@@ -121,6 +121,12 @@ def _json_body(status: int, body: bytes):
     return respond
 
 
+def _route_path(scope) -> str:
+    """The path the app's router matches: the request path without the app's root_path."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 def _api_key(scope) -> str:
     """The request's key ('' when none): ``Authorization: Bearer KEY``, or ``x-api-key: KEY`` as
     Anthropic clients send it on /v1/messages. Header bytes are decoded as latin-1, as HTTP
@@ -196,7 +202,7 @@ class GuarditMiddleware:
             if scope["type"] == "lifespan":
                 self._learn_routes(scope)
             return await self.app(scope, receive, send)
-        template, cls = self._learn_routes(scope).match(scope["path"])
+        template, cls = self._learn_routes(scope).match(_route_path(scope))
         if cls == "public":
             return await self.app(scope, receive, send)
         key = _api_key(scope)

@@ -105,6 +105,8 @@ class RouteTable:
     the app's router does (each route's own path regex)."""
 
     def __init__(self, app, public: tuple[str, ...] | list[str] = DEFAULT_PUBLIC) -> None:
+        if not getattr(app, "routes", None):
+            raise RuntimeError("guardit: cannot read the app's routes; refusing to serve (fail closed)")
         self.public = frozenset(public)
         self.routes: list[tuple[str, object, RouteClass]] = []
         self.unclassified: list[str] = []
@@ -124,14 +126,15 @@ class RouteTable:
         return ROUTE_CLASSES.get(path, "unguarded")
 
     def match(self, path: str) -> tuple[str | None, RouteClass]:
-        """(route template, class) of a request path; (None, 'info') when no route serves it (the
-        app answers 404), except the middleware's own endpoint."""
+        """(route template, class) of a request's route path (the path without the app's
+        root_path, as the router matches it). A path no route serves is (None, 'unguarded'): the
+        app answers it 404, and if our table missed a route, that route fails closed."""
         if path == ROUTES_ENDPOINT:
             return path, "admin"
         for template, regex, cls in self.routes:
             if regex.match(path):
                 return template, cls
-        return None, "public" if path in self.public else "info"
+        return None, "public" if path in self.public else "unguarded"
 
     def as_dict(self) -> dict:
         return {"routes": {t: c for t, _, c in self.routes}, "unclassified": list(self.unclassified)}
