@@ -17,16 +17,19 @@ from calibration.gate import (
     WEAK_RECALL,
     GateFit,
     binding_negatives,
+    combine_gates,
     conformal_rank,
     fit_gate,
+    fit_text_gate,
     gate_threshold,
     negatives_for_rank,
 )
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
-from steering.pack import ConceptPack, GateMeta, PackMeta
+from steering.pack import ConceptPack, GateMeta, PackMeta, TextGateMeta
 from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
+from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
 
 
 def builtin_prompts(name: str) -> list[PromptRecord]:
@@ -84,6 +87,8 @@ class ConceptCalibrator:
     gate_layers: list[int] | None = None
     gate_poolings: tuple[str, ...] = ("mean",)
     late_gate: bool = False  # when the best early gate is weak, let a later layer gate
+    gate_kind: Literal["probe", "encoder", "hybrid"] = "hybrid"
+    encoder: str = DEFAULT_ENCODER
     max_steer_layers: int | None = None
     min_steer_layers: int = 4
     batch_size: int = 16
@@ -171,6 +176,8 @@ class ConceptCalibrator:
         planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
 
         fpr_neutral = float(np.mean(gate.oof_neutral > gate.threshold)) if len(gate.oof_neutral) else 0.0
+        texts = [request_text(tokenizer, ids, skip) for ids in ids_f + ids_r + ids_n]
+        kinds, text_meta, text_fit, probe_threshold = self._text_gate(gate, texts, len(fp), len(rp))
         report = {
             "concept_id": self.concept_id,
             "n_forget": len(fp),
@@ -187,6 +194,8 @@ class ConceptCalibrator:
                 "oof_fpr_neutral": round(fpr_neutral, 4),
                 "oof_auroc": round(gate.auroc, 4),
                 "candidates": gate.candidates,
+                "kind": self.gate_kind,
+                "kinds": kinds,
             },
             "steer_layers": steer,
             "steer_topped_up": topped_up,
@@ -207,7 +216,8 @@ class ConceptCalibrator:
             description=self.description,
             model=hf_fingerprint(model),
             layers=steer,
-            gate=GateMeta(layer=gate.layer, threshold=gate.threshold, alpha=self.alpha, pooling=gate.pooling),  # type: ignore[arg-type]
+            gate=GateMeta(layer=gate.layer, threshold=probe_threshold, alpha=self.alpha, pooling=gate.pooling,  # type: ignore[arg-type]
+                          kind=self.gate_kind, text=text_meta),
             angle_deg=self.angle_deg,
             angle_mode=self.angle_mode,
             target=self.target,
@@ -215,7 +225,34 @@ class ConceptCalibrator:
             skip_head=list(ids_f[0][:skip]),
             stats=dict(report),
         )
-        return ConceptPack(meta, planes, gate.weight, gate.bias)
+        return ConceptPack(meta, planes, gate.weight, gate.bias,
+                           None if text_fit is None else text_fit.weight, None if text_fit is None else text_fit.bias)
+
+    def _text_gate(self, gate: GateFit, texts: list[str], nf: int, nr: int):
+        """Fit the text gate on the request texts (forget, retain, neutral order) unless the kind
+        is "probe"; returns (per-kind out-of-fold comparison, TextGateMeta or None, the text fit or
+        None, the probe's served threshold)."""
+        def row(tpr, orr, on, thr) -> dict:
+            return {"oof_tpr_forget": round(tpr, 4), "oof_fpr_retain": round(float(np.mean(orr > thr)), 4),
+                    "oof_fpr_neutral": round(float(np.mean(on > thr)) if len(on) else 0.0, 4)}
+
+        kinds = {"probe": row(gate.tpr, gate.oof_retain, gate.oof_neutral, gate.threshold)}
+        if self.gate_kind == "probe":
+            return kinds, None, None, gate.threshold
+        enc = load_encoder(self.encoder)
+        embs = enc.window_embeddings(texts)
+        text = fit_text_gate(embs[:nf], embs[nf : nf + nr], embs[nf + nr :], self.alpha, seed=self.seed)
+        hybrid = combine_gates(gate, text, self.alpha)
+        kinds["encoder"] = row(text.tpr, text.oof_retain, text.oof_neutral, text.threshold)
+        kinds["hybrid"] = row(hybrid.tpr, hybrid.oof_retain, hybrid.oof_neutral, hybrid.threshold)
+        if self.gate_kind == "encoder":
+            text_threshold, probe_threshold = text.threshold, gate.threshold
+        else:
+            text_threshold, probe_threshold = hybrid.text_threshold, hybrid.probe_threshold
+        if not math.isfinite(text_threshold):
+            raise GuarditError("text gate threshold is not finite: add retain prompts or raise alpha")
+        meta = TextGateMeta(encoder=enc.name, encoder_sha256=enc.sha256, threshold=text_threshold)
+        return kinds, meta, text, probe_threshold
 
     def _targets(self, model, tokenizer, target_set, pooled_retain: torch.Tensor, pad: int) -> torch.Tensor:
         """(L, d) target vectors (not yet orthogonalised)."""

@@ -198,3 +198,81 @@ def fit_gate(
     assert best is not None
     best.candidates = candidates
     return best
+
+
+@dataclass
+class TextGateFit:
+    """A linear head on sentence-encoder embeddings, cross-fitted like the probe."""
+
+    weight: torch.Tensor  # (e,) float32
+    bias: float
+    threshold: float
+    oof_forget: np.ndarray  # out-of-fold max-over-windows scores
+    oof_retain: np.ndarray
+    oof_neutral: np.ndarray
+
+    @property
+    def tpr(self) -> float:
+        return float(np.mean(self.oof_forget > self.threshold))
+
+
+def fit_text_gate(
+    forget: list[torch.Tensor],
+    retain: list[torch.Tensor],
+    neutral: list[torch.Tensor],
+    alpha: float,
+    folds: int = 5,
+    c: float = 1.0,
+    seed: int = 0,
+) -> TextGateFit:
+    """Fit the text gate's head. ``forget[i]`` is prompt i's (W, e) window embeddings; each prompt
+    trains on the mean of its windows and is scored, as in serving, by the max over its windows of
+    w·e + b. Folds, threshold rule and averaging of fold heads are the probe's (:func:`fit_gate`)."""
+    all_w = [w.numpy().astype(np.float64) for w in forget + retain + neutral]
+    nf, nr = len(forget), len(retain)
+    x = np.stack([w.mean(0) for w in all_w])
+    y = np.r_[np.ones(nf), np.zeros(len(all_w) - nf)].astype(int)
+    group = np.r_[np.zeros(nf), np.ones(nr), np.full(len(neutral), 2)]
+    skf = StratifiedKFold(n_splits=max(2, min(folds, nf, nr)), shuffle=True, random_state=seed)
+    oof = np.empty(len(all_w))
+    ws, bs = [], []
+    for train, test in skf.split(x, group):
+        w, b = _fit_probe(x[train], y[train], c, seed)
+        oof[test] = [float((all_w[i] @ w + b).max()) for i in test]
+        ws.append(w)
+        bs.append(b)
+    of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
+    return TextGateFit(torch.tensor(np.mean(ws, axis=0), dtype=torch.float32), float(np.mean(bs)),
+                       gate_threshold(orr, on, alpha), of, orr, on)
+
+
+@dataclass
+class HybridGate:
+    """Probe or text gate, one decision: fire when max(z_probe, z_text) > τ, where each z is the
+    score standardised by the mean and standard deviation of its out-of-fold negative scores, and
+    τ is the conformal threshold of the combined out-of-fold negatives (so the false-fire bound
+    holds for the combination). Served as two thresholds, one per score."""
+
+    probe_threshold: float
+    text_threshold: float
+    oof_forget: np.ndarray  # combined z
+    oof_retain: np.ndarray
+    oof_neutral: np.ndarray
+    threshold: float  # τ on the combined z
+
+    @property
+    def tpr(self) -> float:
+        return float(np.mean(self.oof_forget > self.threshold))
+
+
+def combine_gates(probe: GateFit, text: TextGateFit, alpha: float) -> HybridGate:
+    def z(fit) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+        neg = np.r_[fit.oof_retain, fit.oof_neutral]
+        mu, sd = float(neg.mean()), float(neg.std()) or 1.0
+        return (fit.oof_forget - mu) / sd, (fit.oof_retain - mu) / sd, (fit.oof_neutral - mu) / sd, mu, sd
+
+    pf, pr, pn, pmu, psd = z(probe)
+    tf, tr, tn, tmu, tsd = z(text)
+    cf, cr, cn = np.maximum(pf, tf), np.maximum(pr, tr), np.maximum(pn, tn)
+    tau = gate_threshold(cr, cn, alpha)
+    return HybridGate(pmu + tau * psd, tmu + tau * tsd, cf, cr, cn, tau)

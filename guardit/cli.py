@@ -46,7 +46,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     angle = {} if args.angle is None else {"angle_deg": args.angle}
     cal = ConceptCalibrator(
         concept_id, alpha=args.alpha, target=target, gate_poolings=poolings, late_gate=args.late_gate,
-        progress=not args.quiet, seed=args.seed, **angle,
+        progress=not args.quiet, seed=args.seed, gate_kind=args.gate, **angle,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
     out = pack.save_pretrained(args.out)
@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0,
         help="seed of the cross-conformal fold split (default 0); a weak gate's held-out recall moves "
         "with it (see README)",
+    )
+    c.add_argument(
+        "--gate", choices=["hybrid", "encoder", "probe"], default="hybrid",
+        help="how requests are gated: 'hybrid' (default: a text gate on a sentence encoder's embedding of "
+        "the request, before the forward pass, or the in-model probe, one conformal threshold on the "
+        "max of their standardised scores), 'encoder' (the text gate alone) or 'probe' (the in-model "
+        "probe alone); the report compares the three",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)

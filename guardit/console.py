@@ -25,10 +25,11 @@ def weak_gate_warning(r: dict) -> str | None:
     from calibration.gate import WEAK_RECALL
 
     g = r["gate"]
-    if g["oof_tpr_forget"] >= WEAK_RECALL:
+    tpr = g.get("kinds", {}).get(g.get("kind", "probe"), g)["oof_tpr_forget"]
+    if tpr >= WEAK_RECALL:
         return None
     late = "" if r.get("late_gate") else "; or calibrate with --late-gate (higher recall, less fluent answers)"
-    return (f"weak gate: it caught {g['oof_tpr_forget']:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
+    return (f"weak gate: it caught {tpr:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
             f"(below {WEAK_RECALL:.0%}: in our measurements such gates stayed closed on about half of the held-out "
             f"prompts about the concept); {_ADVICE}{late}")
 
@@ -37,7 +38,16 @@ def print_report(r: dict) -> None:
     g = r["gate"]
     print(f"concept '{r['concept_id']}': {r['n_forget']} forget / {r['n_retain']} retain prompts "
           f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s")
-    print(f"gate: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
+    kinds = g.get("kinds", {})
+    if len(kinds) > 1:
+        print(f"gate: {g['kind']} (out of fold at alpha={r['alpha']}; every kind below is fitted on the same folds)")
+        for name, k in kinds.items():
+            mark = "*" if name == g["kind"] else " "
+            print(f"    {mark} {name:<8} TPR on forget {k['oof_tpr_forget']:.1%}, FPR on retain {k['oof_fpr_retain']:.1%}, "
+                  f"FPR on neutral {k['oof_fpr_neutral']:.1%}")
+        print("      (calibration forget prompts name the concept, so these rates cannot show which kind catches "
+              "indirect, other-language or wrapped asks: see README)")
+    print(f"probe: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
     print(f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
           f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} (fold seed {r.get('seed', 0)})")
     diag = r.get("diagnostics")

@@ -39,7 +39,7 @@ def hf_generate(
         width = inp.shape[1]
         kwargs = dict(input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
         if packs:
-            with steer(model, packs, force=force, angles=angles) as session:
+            with steer(model, packs, force=force, angles=angles, tokenizer=tokenizer) as session:
                 out = model.generate(**kwargs)
                 gates = session.gates()
         else:
@@ -57,12 +57,19 @@ def hf_generate(
                 "prompt": rec.prompt,
                 "output": tokenizer.decode(trimmed, skip_special_tokens=True),
                 "token_ids": trimmed,
-                "gate": {k: {"score": round(v.score, 5), "fired": v.fired} for k, v in gates[r].items()},
+                "gate": {k: _reading(v) for k, v in gates[r].items()},
             }
             if rec.answers:
                 row["answers"] = list(rec.answers)
             results.append(row)
     return results
+
+
+def _reading(v) -> dict:
+    out = {"score": round(v.score, 5), "fired": v.fired}
+    if v.text_score is not None:
+        out["text_score"] = round(v.text_score, 5)
+    return out
 
 
 def leaked(output: str, answers: Sequence[str]) -> bool:

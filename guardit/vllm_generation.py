@@ -84,7 +84,9 @@ def engine_generate(
     gates: dict[str, dict] = {}
     for e in events:
         if e.get("rid"):
-            gates[e["rid"]] = {p: {"score": e["scores"].get(p), "fired": p in e["fired"]} for p in e["evaluated"]}
+            text = e.get("text_scores", {})
+            gates[e["rid"]] = {p: {"score": e["scores"].get(p), "fired": p in e["fired"],
+                                   **({"text_score": text[p]} if p in text else {})} for p in e["evaluated"]}
     rows = []
     for i, (rec, out) in enumerate(zip(records, outs)):
         comp = out.outputs[0]

@@ -4,7 +4,9 @@ A pack is a directory with two files:
 
 - ``pack.safetensors``: ``planes`` (L, 2, d) float32, one orthonormal basis (b1 = concept
   direction, b2 = target direction) per steered layer; ``gate_weight`` (d,) and ``gate_bias``
-  (1,) for the linear gate probe s = w·h + b on the gate layer's residual stream.
+  (1,) for the linear gate probe s = w·h + b on the gate layer's residual stream; with a text
+  gate (``gate.kind`` "encoder" or "hybrid"), ``text_weight`` (e,) and ``text_bias`` (1,) for
+  the head on the sentence encoder's embedding (:mod:`steering.text_gate`).
 - ``pack.json``: metadata validated by :class:`PackMeta` (layers, gate threshold, angle, model
   fingerprint, calibration statistics).
 
@@ -55,7 +57,29 @@ class ModelFingerprint(BaseModel):
         return [f for f in fields if getattr(self, f) != getattr(other, f)]
 
 
+class TextGateMeta(BaseModel):
+    """The text gate: a head on a sentence encoder's embedding of the request text (max over
+    windows); fires when its score is above ``threshold``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    encoder: str = Field(description="name of the sentence encoder (steering.text_gate.ENCODERS)")
+    encoder_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hash of the encoder's weights")
+    threshold: float
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("text gate threshold must be finite")
+        return v
+
+
 class GateMeta(BaseModel):
+    """How a request's gate decides. ``kind``: "probe" (the in-forward probe on ``layer``),
+    "encoder" (the text gate alone, before the forward), "hybrid" (either; the two thresholds
+    come from one conformal threshold on the max of their standardised scores)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     layer: int = Field(ge=0)
@@ -63,6 +87,14 @@ class GateMeta(BaseModel):
     alpha: float = Field(gt=0.0, lt=1.0)
     pooling: Literal["mean", "max"] = "mean"
     scope: Literal["prompt", "all"] = "prompt"
+    kind: Literal["probe", "encoder", "hybrid"] = "probe"
+    text: TextGateMeta | None = None
+
+    @model_validator(mode="after")
+    def _text(self) -> "GateMeta":
+        if (self.kind == "probe") != (self.text is None):
+            raise ValueError(f"gate kind '{self.kind}' {'needs' if self.text is None else 'takes no'} a text gate")
+        return self
 
     @field_validator("threshold")
     @classmethod
@@ -137,9 +169,20 @@ class ConceptPack:
     planes: torch.Tensor  # (L, 2, d)
     gate_weight: torch.Tensor  # (d,)
     gate_bias: float
+    text_weight: torch.Tensor | None = None  # (e,) with a text gate
+    text_bias: float | None = None
 
     def __post_init__(self) -> None:
         _check_tensors(self.meta, self.planes, self.gate_weight, self.gate_bias, where=self.meta.concept_id)
+        has_text = self.meta.gate.text is not None
+        if has_text != (self.text_weight is not None and self.text_bias is not None):
+            raise PackError(f"pack '{self.id}': gate kind '{self.meta.gate.kind}' "
+                            f"{'needs' if has_text else 'takes no'} tensors 'text_weight' and 'text_bias'")
+        if self.text_weight is not None:
+            if self.text_weight.ndim != 1 or not torch.isfinite(self.text_weight).all():
+                raise PackError(f"pack '{self.id}': tensor 'text_weight' must be 1-D and finite")
+            if not math.isfinite(float(self.text_bias)):  # type: ignore[arg-type]
+                raise PackError(f"pack '{self.id}': text_bias is NaN or inf")
 
     @property
     def id(self) -> str:
@@ -148,12 +191,16 @@ class ConceptPack:
     def save_pretrained(self, directory: str | Path) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "planes": self.planes.contiguous().to(torch.float32),
+            "gate_weight": self.gate_weight.contiguous().to(torch.float32),
+            "gate_bias": torch.tensor([self.gate_bias], dtype=torch.float32),
+        }
+        if self.text_weight is not None:
+            tensors["text_weight"] = self.text_weight.contiguous().to(torch.float32)
+            tensors["text_bias"] = torch.tensor([self.text_bias], dtype=torch.float32)
         save_file(
-            {
-                "planes": self.planes.contiguous().to(torch.float32),
-                "gate_weight": self.gate_weight.contiguous().to(torch.float32),
-                "gate_bias": torch.tensor([self.gate_bias], dtype=torch.float32),
-            },
+            tensors,
             str(out / TENSORS_FILE),
             metadata={"format": "guardit-pack", "concept_id": self.id},
         )
@@ -196,8 +243,11 @@ class ConceptPack:
         bias = tensors["gate_bias"]
         if bias.numel() != 1:
             raise PackError(f"{tensor_path}: gate_bias must hold one value, has shape {tuple(bias.shape)}")
+        text_w, text_b = tensors.get("text_weight"), tensors.get("text_bias")
         try:
-            pack = cls(meta, tensors["planes"].float(), tensors["gate_weight"].float(), float(bias.item()))
+            pack = cls(meta, tensors["planes"].float(), tensors["gate_weight"].float(), float(bias.item()),
+                       None if text_w is None else text_w.float(),
+                       None if text_b is None or text_b.numel() != 1 else float(text_b.item()))
         except PackError as e:
             raise PackError(f"{d}: {e}") from None
         if fingerprint is not None:

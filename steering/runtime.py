@@ -13,6 +13,12 @@ flattened batch of tokens (T, d) belonging to R rows (sequences/requests), the i
 
 At a layer that is both a gate layer and a steered layer, gates are updated first, on the
 layer's own output. Packs are applied in the order of their ids.
+
+Packs with a text gate (:mod:`steering.text_gate`) decide from the request text before the
+forward: :meth:`SteeringBank.text_gates` scores each new request once, and
+:meth:`SteeringBank.settings` turns a fired text gate into a rotation from the first token (like
+``force``); an "encoder"-kind pack whose text gate stays closed does not apply to the row, a
+"hybrid" one still gates in the forward pass with its probe.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class SteeringBank:
             for layer, entries in self.steer_layers.items()
         }
         self.steer_all = [p.meta.steer_scope == "all" for p in self.packs]
+        self.text_packs = [i for i, p in enumerate(self.packs) if p.meta.gate.text is not None]
+        self.encoder_only = torch.tensor([p.meta.gate.kind == "encoder" for p in self.packs], dtype=torch.bool)
         heads = [p.meta.skip_head for p in self.packs]
         self.skip_head: list[int] = []
         if heads:
@@ -130,8 +138,12 @@ class SteeringBank:
     def settings(
         self,
         rows: list[dict[str, tuple[float | None, bool]]],
+        text_fired: torch.Tensor | None = None,
     ) -> RowSettings:
-        """Build per-row settings from, per row, {pack_id: (angle_deg or None, force)}."""
+        """Build per-row settings from, per row, {pack_id: (angle_deg or None, force)}, and the
+        rows' text-gate decisions ``text_fired`` (R, P) bool from :meth:`text_gates`: a fired text
+        gate rotates the row from its first token; an "encoder" pack whose text gate did not fire
+        does not apply to the row (its probe never decides)."""
         r, p = len(rows), self.num_packs
         active = torch.zeros(r, p, dtype=torch.bool)
         force = torch.zeros(r, p, dtype=torch.bool)
@@ -143,7 +155,44 @@ class SteeringBank:
                 force[i, j] = forced
                 if deg is not None:
                     angle[i, j] = math.radians(deg)
+        if text_fired is not None:
+            text_fired = text_fired.cpu() & active
+            force |= text_fired
+            active &= ~self.encoder_only | text_fired
         return RowSettings(active.to(self.device), force.to(self.device), angle.to(self.device))
+
+    def text_gates(self, texts: list[str], pack_ids: list[Iterable[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-gate decisions before the forward: ``texts[i]`` is row i's request text
+        (:func:`steering.text_gate.request_text`), ``pack_ids[i]`` the packs it uses. Returns
+        (fired (R, P) bool, score (R, P) float32, -inf where no text gate was scored). Each row's
+        text is embedded once (one encoder batch for all rows), whatever the number of packs."""
+        from steering.text_gate import check_encoder
+
+        r, p = len(texts), self.num_packs
+        fired = torch.zeros(r, p, dtype=torch.bool)
+        score = torch.full((r, p), -math.inf)
+        uses = [set(ids) for ids in pack_ids]
+        by_encoder: dict[tuple[str, str], list[int]] = {}
+        for j in self.text_packs:
+            tg = self.packs[j].meta.gate.text
+            assert tg is not None
+            by_encoder.setdefault((tg.encoder, tg.encoder_sha256), []).append(j)
+        for (name, sha), cols in by_encoder.items():
+            rows = [i for i in range(r) if any(self.packs[j].id in uses[i] for j in cols)]
+            if not rows:
+                continue
+            enc = check_encoder(self.packs[cols[0]].id, name, sha)
+            embs = enc.window_embeddings([texts[i] for i in rows])
+            weight = torch.stack([self.packs[j].text_weight for j in cols])  # type: ignore[misc]
+            bias = torch.tensor([self.packs[j].text_bias for j in cols])
+            s = torch.stack([(e @ weight.t() + bias).max(0).values for e in embs])  # (rows, cols)
+            thr = torch.tensor([self.packs[j].meta.gate.text.threshold for j in cols])  # type: ignore[union-attr]
+            for k, i in enumerate(rows):
+                for c, j in enumerate(cols):
+                    if self.packs[j].id in uses[i]:
+                        score[i, j] = s[k, c]
+                        fired[i, j] = bool(s[k, c] > thr[c])
+        return fired, score
 
     def update_gates(
         self,

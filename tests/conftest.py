@@ -40,10 +40,24 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def text_variants(packs_dir, tmp_path_factory):
+    """The Harry Potter pack with its text gate always open ('hp-text-open') or, as an encoder-only
+    gate, always closed ('hp-text-closed'): the serving mechanics, independent of what the text
+    gate learnt."""
+    from helpers import variant_pack
+
+    d = tmp_path_factory.mktemp("variants")
+    variant_pack(packs_dir / "harry-potter", d / "hp-text-open", "hp-text-open", text={"threshold": -1e6})
+    variant_pack(packs_dir / "harry-potter", d / "hp-text-closed", "hp-text-closed", kind="encoder",
+                 text={"threshold": 1e6})
+    return d
+
+
 # Test tiers follow from what a test asks for, so a new test cannot land in the wrong one:
 # a test that uses the bundled model (directly or through packs) is marked 'model'; one that
 # starts a vLLM engine or server (or runs the vLLM reference) is marked 'vllm' too.
-MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir"}
+MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir", "text_variants"}
 VLLM_FIXTURES = {"engine", "server", "vanilla_tokens"}
 
 

@@ -37,3 +37,20 @@ def edit_tensors(pack_dir, edit) -> None:
     meta = json.loads((d / "pack.json").read_text())
     meta["tensors_sha256"] = hashlib.sha256((d / "pack.safetensors").read_bytes()).hexdigest()
     (d / "pack.json").write_text(json.dumps(meta))
+
+
+def variant_pack(src, dst, concept_id: str, **gate) -> None:
+    """A copy of a saved pack under another concept id, with some gate fields changed (pack.json
+    only, so the tensors and their checksum stay valid): e.g. a text gate that always fires."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(src, dst)
+    meta_path = Path(dst) / "pack.json"
+    meta = json.loads(meta_path.read_text())
+    meta["concept_id"] = concept_id
+    text = gate.pop("text", {})
+    meta["gate"].update(gate)
+    meta["gate"]["text"].update(text)
+    meta_path.write_text(json.dumps(meta))

@@ -128,3 +128,28 @@ def test_forgetting_on_the_example_test_splits(hf_model, packs_dir, concept):
     # fluent, not gibberish: perplexity of steered answers under the vanilla model stays close
     ppl = lambda rows: perplexity(model, tok, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])  # noqa: E731
     assert ppl(st_f) <= 2.5 * ppl(van_f)
+
+
+@torch.no_grad()
+def test_text_gate_decides_before_the_forward_in_hf(hf_model, hp, text_variants):
+    """A fired text gate rotates the prompt from its first token, exactly as force does; a closed
+    encoder-only gate leaves the row bit-identical to the unhooked model. Texts come from the
+    model's own tokenizer (loaded from its folder when steer() is given none)."""
+    model, tok = hf_model
+    assert hp.meta.gate.kind == "hybrid"  # the CLI's default
+    opened = ConceptPack.from_pretrained(text_variants / "hp-text-open")
+    closed = ConceptPack.from_pretrained(text_variants / "hp-text-closed")
+    inp, mask = _batch(tok, RETAIN)
+    ref = model(input_ids=inp, attention_mask=mask).logits
+    with steer(model, [hp], force=True) as s:
+        forced = model(input_ids=inp, attention_mask=mask).logits
+    with steer(model, [opened]) as s:
+        got = model(input_ids=inp, attention_mask=mask).logits
+        gates = s.gates()
+    assert torch.equal(got, forced) and not torch.equal(got, ref)
+    assert all(g["hp-text-open"].fired and g["hp-text-open"].text_score is not None for g in gates)
+    with steer(model, [closed], tokenizer=tok) as s:
+        got = model(input_ids=inp, attention_mask=mask).logits
+        gates = s.gates()
+    assert torch.equal(got, ref)
+    assert not any(g["hp-text-closed"].fired for g in gates)

@@ -36,11 +36,12 @@ def _records():
 
 
 @pytest.fixture(scope="module")
-def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens):
+def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens, text_variants):
     """The plugin engine; started after the vanilla reference so two engines never share memory."""
     from guardit.vllm_generation import make_llm, shutdown
 
-    llm = make_llm(model_dir, [packs_dir / "harry-potter", packs_dir / "einstein", packs_dir / "lord-of-the-rings"],
+    llm = make_llm(model_dir, [packs_dir / "harry-potter", packs_dir / "einstein", packs_dir / "lord-of-the-rings",
+                               text_variants / "hp-text-open", text_variants / "hp-text-closed"],
                    run_dir=tmp_path_factory.mktemp("run"), **ENGINE_KW)
     yield llm
     shutdown(llm)
@@ -195,3 +196,20 @@ def test_compiled_runner_or_unrun_hook_stops_the_engine():
     state.called = {state.bank.layers[0]}
     with pytest.raises(RuntimeError, match=r"hooks of decoder layers \[3, 4\] did not run"):
         state.check_hooks_ran()
+
+
+def test_text_gate_decides_before_prefill_on_vllm(engine, vanilla_tokens):
+    """The text gate runs in the engine, once per request before its prefill (chunked here): fired,
+    the request is rotated from its first chunk exactly as a forced one; closed (encoder-only), it
+    is vanilla token for token. The decision is the engine's: a client field cannot set it."""
+    from guardit.vllm_generation import engine_generate
+
+    recs = _records()
+    prompts = recs[("harry_potter", "retain_test")][:6] + recs[("harry_potter", "forget_test")][:2]
+    forced = engine_generate(engine, prompts, ["harry-potter"], MAX_TOKENS, force=True)
+    opened = engine_generate(engine, prompts, ["hp-text-open"], MAX_TOKENS)
+    assert [r["token_ids"] for r in opened] == [r["token_ids"] for r in forced]
+    assert all(r["gate"]["hp-text-open"]["fired"] and "text_score" in r["gate"]["hp-text-open"] for r in opened)
+    closed = engine_generate(engine, prompts, ["hp-text-closed"], MAX_TOKENS)
+    assert all(r["token_ids"] == vanilla_tokens[r["prompt"]] for r in closed)
+    assert not any(r["gate"]["hp-text-closed"]["fired"] for r in closed)

@@ -21,6 +21,7 @@ from steering.modules import decoder_layers
 from steering.pack import ConceptPack
 from steering.rotation import check_angle
 from steering.runtime import GateStats, RowSettings, SteeringBank
+from steering.text_gate import request_text
 
 
 RowSpec = Mapping[str, tuple[float | None, bool]]  # pack id -> (angle in degrees or None, force)
@@ -28,16 +29,20 @@ RowSpec = Mapping[str, tuple[float | None, bool]]  # pack id -> (angle in degree
 
 @dataclass
 class GateReading:
-    score: float
+    score: float  # the in-model probe's pooled value
     fired: bool
+    text_score: float | None = None  # the text gate's score, for packs that have one
 
 
 class SteerSession:
     """Per-row gate state of one steered model; created by :func:`steer`."""
 
-    def __init__(self, model: torch.nn.Module, bank: SteeringBank, rows: Sequence[RowSpec] | None, default: RowSpec):
+    def __init__(self, model: torch.nn.Module, bank: SteeringBank, rows: Sequence[RowSpec] | None, default: RowSpec,
+                 tokenizer=None):
         self.model = model
         self.bank = bank
+        self.tokenizer = tokenizer
+        self.text_score: torch.Tensor | None = None
         self._rows_spec = list(rows) if rows is not None else None
         self._default = dict(default)
         self.stats: GateStats | None = None
@@ -68,10 +73,10 @@ class SteerSession:
         if past is not None and hasattr(past, "get_seq_length"):
             cached = int(past.get_seq_length())
         device = ref.device
-        if cached == 0 or self.stats is None or self.stats.total.shape[0] != bsz:
+        starting = cached == 0 or self.stats is None or self.stats.total.shape[0] != bsz
+        if starting:
             if cached and self.stats is not None and self.stats.total.shape[0] != bsz:
                 raise RuntimeError("guardit: the batch size changed in the middle of a generation")
-            self._start(bsz, device)
         elif self._is_prompt:  # first decode step: only scope-"all" gates and rotations still matter
             self._is_prompt = False
             assert self.settings is not None
@@ -85,29 +90,47 @@ class SteerSession:
         else:
             valid = torch.ones(bsz, step, dtype=torch.bool, device=device)
         steerable = valid.clone()
-        if self._is_prompt and ids is not None:
+        prompts: list[list[int]] = []
+        heads: list[int] = []
+        if (starting or self._is_prompt) and ids is not None:
             # Leave each row's template head (and at least its first token, the sink) unrotated.
             for r in range(bsz):
                 pos = valid[r].nonzero().squeeze(-1)
+                prompts.append(ids[r, pos].tolist())
+                heads.append(self.bank.head_length(prompts[-1]) if pos.numel() else 0)
                 if pos.numel():
-                    head = self.bank.head_length(ids[r, pos].tolist())
-                    steerable[r, pos[:head]] = False
+                    steerable[r, pos[: heads[-1]]] = False
+        if starting:
+            self._start(bsz, device, prompts, heads)
         self._valid = valid.reshape(-1)
         self._steerable = steerable.reshape(-1)
         self._prompt_mask = torch.full_like(self._valid, self._is_prompt)
         self._token_row = torch.arange(bsz, device=device).repeat_interleave(step)
         return None
 
-    def _start(self, bsz: int, device: torch.device) -> None:
+    def _start(self, bsz: int, device: torch.device, prompts: list[list[int]], heads: list[int]) -> None:
         specs = self._rows_spec if self._rows_spec is not None else [self._default] * bsz
         if len(specs) != bsz:
             raise PolicyError(f"rows: {len(specs)} row settings given for a batch of {bsz}")
         self.bank_device(device)
-        self.settings = self.bank.settings([dict(s) for s in specs])
+        text_fired, self.text_score = self._text_gates(specs, prompts, heads)
+        self.settings = self.bank.settings([dict(s) for s in specs], text_fired)
         self.stats = GateStats.empty(bsz, self.bank.num_packs, device)
         self._is_prompt = True
         self._used = {pid for s in specs for pid in s}
         self._layers = self.bank.layers_needed(self._used, prompt_pending=True)
+
+    def _text_gates(self, specs, prompts: list[list[int]], heads: list[int]):
+        """The text gates' decisions for a new batch, before its forward (None when no pack has one)."""
+        used = [set(s) for s in specs]
+        if not any(self.bank.packs[j].id in u for j in self.bank.text_packs for u in used):
+            return None, None
+        if self.tokenizer is None:
+            self.tokenizer = _model_tokenizer(self.model)
+        if len(prompts) != len(specs):
+            raise PolicyError("a pack has a text gate: the forward needs input_ids, not inputs_embeds")
+        texts = [request_text(self.tokenizer, p, h) for p, h in zip(prompts, heads)]
+        return self.bank.text_gates(texts, [list(u) for u in used])
 
     def bank_device(self, device: torch.device) -> None:
         if self.bank.device != device:
@@ -149,14 +172,28 @@ class SteerSession:
         fired = (self.stats.fired | self.settings.force).cpu()
         active = (self.settings.active | self.settings.force).cpu()
         out = []
+        text = self.text_score
         for r in range(value.shape[0]):
             row = {}
             for p, pack in enumerate(self.bank.packs):
-                if active[r, p]:
+                if active[r, p] or (text is not None and math.isfinite(float(text[r, p]))):
                     v = float(value[r, p])
-                    row[pack.id] = GateReading(v if math.isfinite(v) else float("-inf"), bool(fired[r, p]))
+                    t = float(text[r, p]) if text is not None and math.isfinite(float(text[r, p])) else None
+                    row[pack.id] = GateReading(v if math.isfinite(v) else float("-inf"), bool(fired[r, p]), t)
             out.append(row)
         return out
+
+
+def _model_tokenizer(model: torch.nn.Module):
+    """The tokenizer saved with the model (its folder), for packs with a text gate."""
+    from transformers import AutoTokenizer
+
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PolicyError(f"a pack has a text gate and the model's tokenizer cannot be loaded from {path!r} ({e}); "
+                          "pass it: steer(model, packs, tokenizer=tok)") from None
 
 
 @contextmanager
@@ -167,12 +204,15 @@ def steer(
     angles: Mapping[str, float] | None = None,
     force: bool = False,
     rows: Sequence[RowSpec] | None = None,
+    tokenizer=None,
 ) -> Iterator[SteerSession]:
     """Steer ``model`` with ``packs`` inside the block; the hooks are removed on exit.
 
     By default every pack applies to every row, gated, at its calibrated angle. ``angles`` overrides
     angles (degrees) by pack id; ``force`` rotates without the gate (for evaluation); ``rows`` gives
-    per-row settings {pack_id: (angle_deg or None, force)} for the next batch.
+    per-row settings {pack_id: (angle_deg or None, force)} for the next batch. Packs with a text
+    gate decode each row's prompt for the encoder with ``tokenizer`` (default: the one saved in
+    the model's folder).
     """
     bank = SteeringBank(list(packs))
     angles = dict(angles or {})
@@ -185,7 +225,7 @@ def steer(
             bad = set(row) - set(bank.index)
             if bad:
                 raise PolicyError(f"rows[{i}]: unknown concept id(s) {sorted(bad)}")
-    session = SteerSession(model, bank, rows, default)
+    session = SteerSession(model, bank, rows, default, tokenizer)
     session.attach()
     try:
         yield session

@@ -36,6 +36,7 @@ from steering.modules import decoder_layers
 from steering.pack import ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs, parse_request
 from steering.runtime import GateStats, RowSettings, SteeringBank
+from steering.text_gate import request_text
 
 from integrations.vllm import config
 
@@ -53,6 +54,8 @@ class _Request:
     count: torch.Tensor | None = None
     peak: torch.Tensor | None = None
     fired: torch.Tensor | None = None
+    text_fired: torch.Tensor | None = None  # (P,) bool: the text gates' decision, made before its prefill
+    text_score: torch.Tensor | None = None  # (P,) float, -inf where no text gate applies
     reported: set[str] = field(default_factory=set)
     evaluated: bool = False
     # The prompt was split into prefill chunks and the gate decided after the first one: those
@@ -90,6 +93,7 @@ class EngineState:
         self.step: _Step | None = None
         self.hooked: set[int] = set()
         self.called: set[int] = set()  # layers whose hook ran in the current forward
+        self.tokenizer = None  # decodes prompts for packs with a text gate
 
     # -- set-up ----------------------------------------------------------------------------------
     def ensure(self, runner) -> None:
@@ -104,6 +108,8 @@ class EngineState:
                         raise ValueError(f"guardit: pack at {dirs[cid]} has id '{pack.id}', config names it '{cid}'")
                 self.bank = SteeringBank(packs, device=runner.device)
                 log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
+                if self.bank.text_packs:
+                    self._load_text_gates(runner)
         model = runner.model
         if self.bank is not None and id(model) not in self.hooked:
             _check_eager(runner)
@@ -111,6 +117,36 @@ class EngineState:
             for i in self.bank.layers:
                 layers[i].register_forward_hook(self._hook(i))
             self.hooked.add(id(model))
+
+    def _load_text_gates(self, runner) -> None:
+        """Packs with a text gate: load the model's tokenizer and each pack's encoder at start-up
+        (a pack whose encoder is missing or different stops the engine here, not at a request)."""
+        from transformers import AutoTokenizer
+
+        from steering.text_gate import check_encoder
+
+        bank = self.bank
+        assert bank is not None
+        cfg = runner.model_config
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, revision=cfg.tokenizer_revision,
+                                                       trust_remote_code=cfg.trust_remote_code)
+        for j in bank.text_packs:
+            tg = bank.packs[j].meta.gate.text
+            assert tg is not None
+            check_encoder(bank.packs[j].id, tg.encoder, tg.encoder_sha256)
+
+    def _text_gates(self, new: list[tuple[_Request, list[int]]]) -> None:
+        """Decide the text gates of the requests that arrived this step, in one encoder batch."""
+        bank = self.bank
+        assert bank is not None
+        use = [(st, ids) for st, ids in new if st.spec is not None
+               and any(bank.packs[j].id in st.spec.packs for j in bank.text_packs)]
+        if not use:
+            return
+        texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
+        fired, score = bank.text_gates(texts, [list(st.spec.packs) for st, _ in use])  # type: ignore[union-attr]
+        for k, (st, _) in enumerate(use):
+            st.text_fired, st.text_score = fired[k], score[k]
 
     def check_hooks_ran(self) -> None:
         """After a forward: every hooked layer's hook must have run, or nothing was steered."""
@@ -135,12 +171,14 @@ class EngineState:
             del self.requests[rid]
         n = runner.input_batch.num_reqs
         req_ids = runner.input_batch.req_ids[:n]
+        new = [(self._new_request(rid, live[rid]), list(live[rid].prompt_token_ids or []))
+               for rid in req_ids if rid not in self.requests]
+        if new and self.bank.text_packs:
+            self._text_gates(new)
         states = []
         any_active = False
         for rid in req_ids:
-            st = self.requests.get(rid)
-            if st is None:
-                st = self._new_request(rid, live[rid])
+            st = self.requests[rid]
             if st.settled and st.reported and live[rid].num_computed_tokens < live[rid].num_prompt_tokens:
                 st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
             states.append(st)
@@ -188,8 +226,10 @@ class EngineState:
             torch.stack([s.fired if s.fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]).to(dev),
         )
         t = lambda x: torch.from_numpy(x).to(dev)  # noqa: E731
-        self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats, bank.settings(rows),
-                          layers)
+        text_fired = torch.stack([s.text_fired if s.text_fired is not None else torch.zeros(p, dtype=torch.bool)
+                                  for s in states])
+        self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats,
+                          bank.settings(rows, text_fired), layers)
         self._states = states
         self._req_ids = req_ids
 
@@ -200,7 +240,8 @@ class EngineState:
         bank = self.bank
         assert bank is not None
         stats = step.stats
-        fired_all = (stats.fired | step.settings.force).cpu()
+        forced = step.settings.force.cpu()
+        fired_all = stats.fired.cpu() | forced
         value = stats.value(bank.max_pool).cpu()
         ready = step.ready.cpu()
         events = []
@@ -210,9 +251,13 @@ class EngineState:
             st.total, st.count = stats.total[i].cpu(), stats.count[i].cpu()
             st.peak, st.fired = stats.peak[i].cpu(), stats.fired[i].cpu()
             fired = {pid for pid in st.spec.packs if fired_all[i, bank.index[pid]]}
-            if fired and i in self._split:
+            # Only a gate that opened in the forward pass left earlier prompt chunks unrotated; a pack
+            # forced or fired by its text gate was rotated from the first chunk.
+            if i in self._split and any(not forced[i, bank.index[pid]] for pid in fired):
                 st.compensate = True
-            if (ready[i] and not st.evaluated) or (fired - st.reported):
+            # One event when the whole prompt has been seen (the score is the prompt's), then one per
+            # pack that opens later.
+            if (ready[i] and not st.evaluated) or (st.evaluated and fired - st.reported):
                 st.evaluated = True
                 st.reported |= fired
                 events.append({
@@ -222,6 +267,7 @@ class EngineState:
                     "evaluated": list(st.spec.packs),
                     "fired": sorted(fired),
                     "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
+                    **_text_scores(st, bank),
                 })
             if st.evaluated and not bank.layers_after_prompt(st.spec.packs, bool(fired), st.compensate):
                 st.settled = True
@@ -275,6 +321,14 @@ class EngineState:
 
 
 STATE = EngineState()
+
+
+def _text_scores(st: _Request, bank: SteeringBank) -> dict:
+    if st.text_score is None or st.spec is None:
+        return {}
+    out = {pid: round(float(st.text_score[bank.index[pid]]), 5) for pid in st.spec.packs
+           if math.isfinite(float(st.text_score[bank.index[pid]]))}
+    return {"text_scores": out} if out else {}
 
 
 def _write_events(events: list[dict]) -> None:

