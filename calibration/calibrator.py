@@ -33,7 +33,8 @@ from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
 
 
 def builtin_prompts(name: str) -> list[PromptRecord]:
-    """A built-in prompt set: ``neutral`` (everyday prompts) or ``idk`` ("I don't know" answers)."""
+    """A built-in prompt set: ``neutral`` and ``everyday`` (everyday requests: the gate's negatives
+    besides the retain set; see calibration/data/README.md) or ``idk`` ("I don't know" answers)."""
     path = resources.files("calibration").joinpath("data", f"{name}.jsonl")
     return read_prompts(str(path))
 
@@ -57,9 +58,9 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
     for a in (0.05, 0.1, 0.2):
         tau = gate_threshold(gate.oof_retain, gate.oof_neutral, a)
         levels.append({"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)})
-    kind, scores = binding_negatives(gate.oof_retain, gate.oof_neutral, gate.alpha)
-    rank = conformal_rank(len(scores), gate.alpha)
-    bound = {"set": kind, "rank": rank, "n": len(scores), "n_for_next_rank": negatives_for_rank(rank + 1, gate.alpha)}
+    kind, scores, level = binding_negatives(gate.oof_retain, gate.oof_neutral, gate.alpha)
+    rank = conformal_rank(len(scores), level)
+    bound = {"set": kind, "rank": rank, "n": len(scores), "n_for_next_rank": negatives_for_rank(rank + 1, level)}
     return {
         "threshold_from": bound,
         "alpha_levels": levels,
@@ -129,7 +130,7 @@ class ConceptCalibrator:
                 f"the retain set needs at least {need} prompts for alpha={self.alpha} "
                 f"(conformal threshold), got {len(rp)}"
             )
-        neutral = [r.prompt for r in builtin_prompts("neutral")]
+        neutral = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
         pad = tokenizer.pad_token_id or 0
         ids_f, ids_r, ids_n = encode_chat(tokenizer, fp), encode_chat(tokenizer, rp), encode_chat(tokenizer, neutral)
         cap = lambda ids, desc: capture(model, ids, self.batch_size, desc, pad, self.progress)  # noqa: E731

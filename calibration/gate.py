@@ -70,18 +70,28 @@ def negatives_for_rank(rank: int, alpha: float) -> int:
     return n
 
 
-def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> tuple[str, np.ndarray]:
-    """The negative set ("retain" or "neutral") whose conformal threshold is the gate's τ: the
-    retain set's, unless there are neutral scores and theirs is higher."""
-    if len(oof_neutral) and conformal_threshold(oof_neutral, alpha) > conformal_threshold(oof_retain, alpha):
-        return "neutral", oof_neutral
-    return "retain", oof_retain
+# Level of the everyday ("neutral") negatives: a false fire there changes an ordinary user's output,
+# and the built-in set (neutral + everyday, ~200 prompts) is large enough for a tight level.
+EVERYDAY_ALPHA = 0.01
+
+
+def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> tuple[str, np.ndarray, float]:
+    """The negative set ("retain" or "neutral"), its scores and its level, whose conformal
+    threshold is the gate's τ: the retain set's at α, unless there are neutral scores and theirs,
+    at min(α, EVERYDAY_ALPHA), is higher."""
+    a_n = min(alpha, EVERYDAY_ALPHA)
+    if len(oof_neutral) and conformal_threshold(oof_neutral, a_n) > conformal_threshold(oof_retain, alpha):
+        return "neutral", oof_neutral, a_n
+    return "retain", oof_retain, alpha
 
 
 def gate_threshold(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> float:
-    """The gate's τ: the conformal threshold of the retain scores and, when there are any, of the
-    neutral scores, whichever is higher (each set's false-fire rate stays ≤ α)."""
-    return conformal_threshold(binding_negatives(oof_retain, oof_neutral, alpha)[1], alpha)
+    """The gate's τ: the higher of the retain scores' conformal threshold at α and the neutral
+    scores' at min(α, EVERYDAY_ALPHA), so false fires stay ≤ α on the concept's neighbours and
+    ≤ min(α, EVERYDAY_ALPHA) on everyday requests (when there are enough of them for that level:
+    a set too small for its level gives +inf, and the gate never fires)."""
+    _, scores, level = binding_negatives(oof_retain, oof_neutral, alpha)
+    return conformal_threshold(scores, level)
 
 
 @dataclass

@@ -57,12 +57,12 @@ def test_gate_diagnostics_name_what_bounds_the_gate():
     from calibration.gate import GateFit
 
     retain = np.array([0.1, 2.5, -1.0, 1.4] + [-2.0] * 28)  # 32 retain: at α = 0.05 τ is their max
-    neutral = np.full(48, -3.0)
+    neutral = np.full(202, -3.0)  # the built-in everyday negatives: at α = 0.01 τ is their 2nd-highest
     forget = np.array([3.0, 2.4, 1.5, -0.5])
-    tau = max(conformal_threshold(retain, 0.05), conformal_threshold(neutral, 0.05))
+    tau = max(conformal_threshold(retain, 0.05), conformal_threshold(neutral, 0.01))
     gate = GateFit(0, "mean", torch.zeros(2), 0.0, tau, 0.05, forget, retain, neutral)
     names = lambda prefix, n: [f"{prefix} {i}" for i in range(n)]
-    d = gate_diagnostics(gate, names("f", 4), names("r", 32), names("n", 48))
+    d = gate_diagnostics(gate, names("f", 4), names("r", 32), names("n", 202))
     assert [x["prompt"] for x in d["highest_negatives"]] == ["r 1", "r 3", "r 0"]
     assert d["highest_negatives"][0] == {"prompt": "r 1", "set": "retain", "score": 2.5}
     assert [x["prompt"] for x in d["missed_forget"]] == ["f 1", "f 2", "f 3"]
@@ -179,3 +179,17 @@ def test_calibrate_seed_reaches_the_pack_and_the_report(tmp_path, capsys, model_
     assert rc == 0
     assert "(fold seed 7)" in capsys.readouterr().out
     assert json.loads((out / "pack.json").read_text())["stats"]["seed"] == 7
+
+
+def test_everyday_negatives_bind_at_their_own_tighter_level():
+    """τ is the higher of the retain set's threshold at α and the everyday set's at min(α, 0.01):
+    one everyday prompt scoring above every retain prompt no longer hides under α = 0.05."""
+    from calibration.gate import EVERYDAY_ALPHA, binding_negatives, gate_threshold
+
+    retain = np.linspace(-3, 0, 32)
+    everyday = np.r_[np.full(200, -5.0), 1.0, 2.0]  # two outliers among 202
+    assert EVERYDAY_ALPHA == 0.01
+    kind, _, level = binding_negatives(retain, everyday, 0.05)
+    assert (kind, level) == ("neutral", 0.01)
+    assert gate_threshold(retain, everyday, 0.05) == 1.0  # the 2nd-highest: at most 1 % fire above it
+    assert conformal_threshold(everyday, 0.05) == -5.0  # at α = 0.05 both outliers would fire

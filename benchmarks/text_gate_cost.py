@@ -1,0 +1,66 @@
+"""What the text gate costs a request: the sentence encoder's time for a batch of 1, 8 and 32
+request texts, against the prefill of the same prompts on vanilla vLLM CPU (eager, float32,
+plugin off, one output token), both measured in this run; reported as milliseconds and ratio.
+
+Usage: python benchmarks/text_gate_cost.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import EXAMPLES, machine, median, save  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    args = ap.parse_args()
+    os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"  # vanilla vLLM: guardit's plugin off
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from calibration import read_prompts
+    from calibration.capture import encode_chat
+    from guardit.model_prep import prepare_model
+    from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
+    from vllm import LLM, SamplingParams
+
+    model_dir = prepare_model()
+    prompts = [r.prompt for c in ("harry_potter", "einstein") for s in ("forget_test", "retain_test")
+               for r in read_prompts(EXAMPLES / c / f"{s}.jsonl")]
+    llm = LLM(model=str(model_dir), enforce_eager=True, dtype="float32", max_model_len=1024, seed=0,
+              enable_prefix_caching=False)
+    tok = llm.get_tokenizer()
+    ids = encode_chat(tok, prompts)
+    texts = [request_text(tok, i, 0) for i in ids]
+    enc = load_encoder(DEFAULT_ENCODER)
+    enc.window_embeddings(texts[:4])  # warm-up
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    llm.generate([{"prompt_token_ids": x} for x in ids[:4]], params, use_tqdm=False)
+    rows = []
+    for b in args.batches:
+        batch_ids, batch_texts = (ids * 4)[:b], (texts * 4)[:b]
+        t_enc, t_pre = [], []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            enc.window_embeddings(batch_texts)
+            t_enc.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            llm.generate([{"prompt_token_ids": x} for x in batch_ids], params, use_tqdm=False)
+            t_pre.append(time.perf_counter() - start)
+        e, p = median(t_enc) * 1000, median(t_pre) * 1000
+        rows.append({"batch": b, "prompt_tokens_mean": round(sum(map(len, batch_ids)) / b, 1),
+                     "encoder_ms": round(e, 1), "vllm_prefill_ms": round(p, 1), "encoder_over_prefill": round(e / p, 3)})
+        print(rows[-1], flush=True)
+    save("text_gate_cost", {"machine": machine(), "settings": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
