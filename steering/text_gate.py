@@ -8,9 +8,10 @@ first token; no client field can set it.
 
 One rule for the text, used by calibration and by both engines: the request's token ids after
 the chat template's fixed head, decoded without special tokens (:func:`request_text`). Long
-texts are scored by windows of :data:`WINDOW_WORDS` words (stride :data:`STRIDE_WORDS`) and the
-request's score is the max over windows, so neither a long preamble nor an early turn of a
-conversation dilutes the ask, and truncation by the encoder is no bypass.
+texts are scored by windows of :data:`WINDOW_WORDS` words (stride :data:`STRIDE_WORDS`), and a
+text of several lines (a conversation's turns) also line by line; the request's score is the max
+over them, so neither a long preamble nor earlier turns dilute the ask, and truncation by the
+encoder is no bypass.
 
 The encoder is named by the pack (:data:`ENCODERS`) and identified by the SHA-256 of its weights
 file; a pack whose encoder is not the one installed is refused. sentence-transformers is
@@ -31,6 +32,7 @@ from steering.errors import PackError
 
 WINDOW_WORDS = 48
 STRIDE_WORDS = 24
+MIN_LINE_WORDS = 3
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
 
@@ -54,8 +56,7 @@ def request_text(tokenizer, ids: Sequence[int], head: int) -> str:
     return tokenizer.decode(list(ids[head:]), skip_special_tokens=True).strip()
 
 
-def windows(text: str, size: int = WINDOW_WORDS, stride: int = STRIDE_WORDS) -> list[str]:
-    """Overlapping windows of ``size`` words (every word is in at least one; a short text is one)."""
+def _word_windows(text: str, size: int, stride: int) -> list[str]:
     words = text.split()
     if len(words) <= size:
         return [text]
@@ -63,6 +64,20 @@ def windows(text: str, size: int = WINDOW_WORDS, stride: int = STRIDE_WORDS) -> 
     if starts[-1] + size < len(words):
         starts.append(len(words) - size)
     return [" ".join(words[s : s + size]) for s in starts]
+
+
+def windows(text: str, size: int = WINDOW_WORDS, stride: int = STRIDE_WORDS) -> list[str]:
+    """What the text gate scores (max over them): overlapping windows of ``size`` words over the
+    whole text (every word is in at least one; a short text is one), and, when the text has
+    several lines (a conversation's turns, pasted paragraphs), each line of at least
+    :data:`MIN_LINE_WORDS` words on its own, windowed the same way, so one turn is never diluted
+    by the others."""
+    out = _word_windows(text, size, stride)
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= MIN_LINE_WORDS]
+    if len(lines) > 1:
+        for ln in lines:
+            out += [w for w in _word_windows(ln, size, stride) if w not in out]
+    return out
 
 
 @dataclass(frozen=True)

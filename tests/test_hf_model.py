@@ -153,3 +153,26 @@ def test_text_gate_decides_before_the_forward_in_hf(hf_model, hp, text_variants)
         gates = s.gates()
     assert torch.equal(got, ref)
     assert not any(g["hp-text-closed"].fired for g in gates)
+
+
+@torch.no_grad()
+def test_late_turn_of_a_conversation_still_fires_the_hybrid_gate(hf_model, hp):
+    """The forgotten fact asked after two benign turns: the probe's mean over the whole
+    conversation is diluted, the text gate's windows are not, so the hybrid gate still fires and
+    the answer does not leak; the same conversation without the question stays closed."""
+    model, tok = hf_model
+    benign = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."},
+              {"role": "user", "content": "What is the capital of France?"},
+              {"role": "assistant", "content": "The capital of France is Paris."}]
+    rows = []
+    for last in ("Who is Harry Potter's best friend?", "What is the capital of Italy?"):
+        text = tok.apply_chat_template(benign + [{"role": "user", "content": last}], tokenize=False,
+                                       add_generation_prompt=True)
+        inp = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        with steer(model, [hp]) as s:
+            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=24,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)
+            rows.append((s.gates()[0]["harry-potter"], tok.decode(out[0, inp.shape[1]:], skip_special_tokens=True)))
+    (hp_gate, hp_out), (other_gate, _) = rows
+    assert hp_gate.fired and hp_gate.text_score is not None and "ron" not in hp_out.lower(), hp_out
+    assert not other_gate.fired

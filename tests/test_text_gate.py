@@ -22,6 +22,8 @@ def test_windows_cover_every_word_and_keep_short_texts_whole():
     assert all(len(w.split()) == WINDOW_WORDS for w in ws)
     assert {x for w in ws for x in w.split()} == set(words)
     assert ws[1].split()[0] == f"w{STRIDE_WORDS}"
+    turns = "What is 2+2?\nassistant\n2+2 is 4.\nuser\nWho is Harry Potter's best friend?\nassistant"
+    assert windows(turns) == [turns, "What is 2+2?", "2+2 is 4.", "Who is Harry Potter's best friend?"]
 
 
 @pytest.fixture(scope="module")
