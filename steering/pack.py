@@ -23,10 +23,10 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
@@ -57,6 +57,15 @@ class ModelFingerprint(BaseModel):
         return [f for f in fields if getattr(self, f) != getattr(other, f)]
 
 
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("threshold must be finite")
+    return v
+
+
+Threshold = Annotated[float, AfterValidator(_finite)]
+
+
 class TextGateMeta(BaseModel):
     """The text gate: a head on a sentence encoder's embedding of the request text (max over
     windows); fires when its score is above ``threshold``."""
@@ -65,14 +74,7 @@ class TextGateMeta(BaseModel):
 
     encoder: str = Field(description="name of the sentence encoder (steering.text_gate.ENCODERS)")
     encoder_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hash of the encoder's weights")
-    threshold: float
-
-    @field_validator("threshold")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("text gate threshold must be finite")
-        return v
+    threshold: Threshold
 
 
 class GateMeta(BaseModel):
@@ -83,7 +85,7 @@ class GateMeta(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     layer: int = Field(ge=0)
-    threshold: float
+    threshold: Threshold
     alpha: float = Field(gt=0.0, lt=1.0)
     pooling: Literal["mean", "max"] = "mean"
     scope: Literal["prompt", "all"] = "prompt"
@@ -95,13 +97,6 @@ class GateMeta(BaseModel):
         if (self.kind == "probe") != (self.text is None):
             raise ValueError(f"gate kind '{self.kind}' {'needs' if self.text is None else 'takes no'} a text gate")
         return self
-
-    @field_validator("threshold")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("gate threshold must be finite")
-        return v
 
 
 class PackMeta(BaseModel):
