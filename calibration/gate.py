@@ -78,8 +78,11 @@ EVERYDAY_ALPHA = 0.01
 def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> tuple[str, np.ndarray, float]:
     """The negative set ("retain" or "neutral"), its scores and its level, whose conformal
     threshold is the gate's τ: the retain set's at α, unless there are neutral scores and theirs,
-    at min(α, EVERYDAY_ALPHA), is higher."""
+    at min(α, EVERYDAY_ALPHA), is higher. A neutral set too small for EVERYDAY_ALPHA (fewer than
+    99) is held to α instead (its threshold would be +inf: a gate that never fires)."""
     a_n = min(alpha, EVERYDAY_ALPHA)
+    if math.isinf(conformal_threshold(oof_neutral, a_n)):
+        a_n = alpha
     if len(oof_neutral) and conformal_threshold(oof_neutral, a_n) > conformal_threshold(oof_retain, alpha):
         return "neutral", oof_neutral, a_n
     return "retain", oof_retain, alpha
@@ -88,8 +91,8 @@ def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: fl
 def gate_threshold(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> float:
     """The gate's τ: the higher of the retain scores' conformal threshold at α and the neutral
     scores' at min(α, EVERYDAY_ALPHA), so false fires stay ≤ α on the concept's neighbours and
-    ≤ min(α, EVERYDAY_ALPHA) on everyday requests (when there are enough of them for that level:
-    a set too small for its level gives +inf, and the gate never fires)."""
+    ≤ min(α, EVERYDAY_ALPHA) on everyday requests (α when there are too few of them for that
+    level)."""
     _, scores, level = binding_negatives(oof_retain, oof_neutral, alpha)
     return conformal_threshold(scores, level)
 

@@ -193,3 +193,5 @@ def test_everyday_negatives_bind_at_their_own_tighter_level():
     assert (kind, level) == ("neutral", 0.01)
     assert gate_threshold(retain, everyday, 0.05) == 1.0  # the 2nd-highest: at most 1 % fire above it
     assert conformal_threshold(everyday, 0.05) == -5.0  # at α = 0.05 both outliers would fire
+    few = everyday[-48:]  # too few for 1 %: held to α, never a gate that cannot fire
+    assert binding_negatives(retain, few, 0.05)[2] == 0.05 and math.isfinite(gate_threshold(retain, few, 0.05))
