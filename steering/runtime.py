@@ -161,6 +161,11 @@ class SteeringBank:
             active &= ~self.encoder_only | text_fired
         return RowSettings(active.to(self.device), force.to(self.device), angle.to(self.device))
 
+    def uses_text_gate(self, pack_ids: Iterable[str]) -> bool:
+        """Does a row using these packs need a text-gate decision before its forward?"""
+        ids = set(pack_ids)
+        return any(self.packs[j].id in ids for j in self.text_packs)
+
     def text_gates(self, texts: list[str], pack_ids: list[Iterable[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-gate decisions before the forward: ``texts[i]`` is row i's request text
         (:func:`steering.text_gate.request_text`), ``pack_ids[i]`` the packs it uses. Returns

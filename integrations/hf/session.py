@@ -123,7 +123,7 @@ class SteerSession:
     def _text_gates(self, specs, prompts: list[list[int]], heads: list[int]):
         """The text gates' decisions for a new batch, before its forward (None when no pack has one)."""
         used = [set(s) for s in specs]
-        if not any(self.bank.packs[j].id in u for j in self.bank.text_packs for u in used):
+        if not any(self.bank.uses_text_gate(u) for u in used):
             return None, None
         if self.tokenizer is None:
             self.tokenizer = _model_tokenizer(self.model)

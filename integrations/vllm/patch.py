@@ -139,8 +139,7 @@ class EngineState:
         """Decide the text gates of the requests that arrived this step, in one encoder batch."""
         bank = self.bank
         assert bank is not None
-        use = [(st, ids) for st, ids in new if st.spec is not None
-               and any(bank.packs[j].id in st.spec.packs for j in bank.text_packs)]
+        use = [(st, ids) for st, ids in new if st.spec is not None and bank.uses_text_gate(st.spec.packs)]
         if not use:
             return
         texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
@@ -226,8 +225,10 @@ class EngineState:
             torch.stack([s.fired if s.fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]).to(dev),
         )
         t = lambda x: torch.from_numpy(x).to(dev)  # noqa: E731
-        text_fired = torch.stack([s.text_fired if s.text_fired is not None else torch.zeros(p, dtype=torch.bool)
-                                  for s in states])
+        text_fired = None
+        if bank.text_packs:
+            text_fired = torch.stack([s.text_fired if s.text_fired is not None else torch.zeros(p, dtype=torch.bool)
+                                      for s in states])
         self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats,
                           bank.settings(rows, text_fired), layers)
         self._states = states
@@ -378,14 +379,15 @@ def _force_eager(original):
     """Wrap ``EngineArgs.create_engine_config``: with packs configured, the engine runs eager."""
 
     def create_engine_config(self, *args, **kwargs):
-        if config.pack_dirs():
+        packs = bool(config.pack_dirs())
+        if packs:
             if not self.enforce_eager:
                 log.warning("guardit: concept packs are configured and guardit's hooks need eager mode; "
                             "setting enforce_eager=True (no torch.compile, no CUDA graphs)")
             self.enforce_eager = True
         vllm_config = original(self, *args, **kwargs)
         device = vllm_config.device_config.device_type
-        if config.pack_dirs() and device not in _RUNNER_DEVICES:
+        if packs and device not in _RUNNER_DEVICES:
             raise RuntimeError(f"guardit: concept packs are configured but the '{device}' platform's model "
                                f"runner is not one guardit can hook (supported: {list(_RUNNER_DEVICES)})")
         return vllm_config
