@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLES, machine, median, save  # noqa: E402
+from common import EXAMPLES, machine, median, save
 
 
 def main() -> None:
@@ -38,15 +38,38 @@ def main() -> None:
         for _ in range(args.reps):
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "guardit.cli", "calibrate", "--model", str(model_dir),
-                                "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
-                                "--out", str(Path(tmp) / "pack"), "--quiet"], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "guardit.cli",
+                        "calibrate",
+                        "--model",
+                        str(model_dir),
+                        "--forget",
+                        str(d / "forget.jsonl"),
+                        "--retain",
+                        str(d / "retain.jsonl"),
+                        "--out",
+                        str(Path(tmp) / "pack"),
+                        "--quiet",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
                 cli.append(time.perf_counter() - start)
             start = time.perf_counter()
             ConceptCalibrator(concept.replace("_", "-"), progress=False).fit(model, tok, forget, retain)
             fit.append(time.perf_counter() - start)
-        rows.append({"concept": concept, "forget": len(forget), "retain": len(retain),
-                     "cli_seconds": round(median(cli), 1), "fit_seconds": round(median(fit), 1)})
+        rows.append(
+            {
+                "concept": concept,
+                "forget": len(forget),
+                "retain": len(retain),
+                "cli_seconds": round(median(cli), 1),
+                "fit_seconds": round(median(fit), 1),
+            }
+        )
         print(rows[-1], flush=True)
     save("calibration_time", {"machine": machine(), "settings": vars(args), "rows": rows})
 

@@ -30,8 +30,14 @@ def machine() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def median(xs: list[float]) -> float:
@@ -43,9 +49,24 @@ def calibrated_pack(model_dir: Path, concept: str = "harry_potter") -> Path:
     out = CACHE / "packs" / concept.replace("_", "-")
     if not (out / "pack.json").is_file():
         d = EXAMPLES / concept
-        subprocess.run([sys.executable, "-m", "guardit.cli", "calibrate", "--model", str(model_dir),
-                        "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"),
-                        "--out", str(out), "--quiet"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "guardit.cli",
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--forget",
+                str(d / "forget.jsonl"),
+                "--retain",
+                str(d / "retain.jsonl"),
+                "--out",
+                str(out),
+                "--quiet",
+            ],
+            check=True,
+        )
     return out
 
 
@@ -68,11 +89,18 @@ def synthetic_packs(base_dir: Path, n: int, seed: int = 0) -> list[Path]:
         gate_layer = int(torch.randint(2, 9, (1,), generator=g))
         choices = torch.randperm(num_layers - gate_layer - 1, generator=g)[:count] + gate_layer + 1
         layers = sorted(int(x) for x in choices)
-        planes = torch.stack([make_plane(torch.randn(dim, generator=g), torch.randn(dim, generator=g)).float()
-                              for _ in layers])
-        meta = base.meta.model_copy(update={
-            "concept_id": f"synthetic-{k:03d}", "description": "benchmark filler", "layers": layers,
-            "gate": GateMeta(layer=gate_layer, threshold=1e9, alpha=base.meta.gate.alpha), "stats": {}})
+        planes = torch.stack(
+            [make_plane(torch.randn(dim, generator=g), torch.randn(dim, generator=g)).float() for _ in layers]
+        )
+        meta = base.meta.model_copy(
+            update={
+                "concept_id": f"synthetic-{k:03d}",
+                "description": "benchmark filler",
+                "layers": layers,
+                "gate": GateMeta(layer=gate_layer, threshold=1e9, alpha=base.meta.gate.alpha),
+                "stats": {},
+            }
+        )
         ConceptPack(meta, planes, base.gate_weight[torch.randperm(dim, generator=g)], 0.0).save_pretrained(d)
     return dirs
 
@@ -80,8 +108,12 @@ def synthetic_packs(base_dir: Path, n: int, seed: int = 0) -> list[Path]:
 def bench_prompts(n: int) -> list[str]:
     """``n`` retain-side prompts of ~40–60 tokens (two example retain questions each); the same
     prompts serve every mode, so prefill work is identical across modes."""
-    qs = [json.loads(l)["prompt"] for f in ("retain.jsonl", "retain_test.jsonl")
-          for l in (EXAMPLES / "harry_potter" / f).read_text().splitlines() if l.strip()]
+    qs = [
+        json.loads(l)["prompt"]
+        for f in ("retain.jsonl", "retain_test.jsonl")
+        for l in (EXAMPLES / "harry_potter" / f).read_text().splitlines()
+        if l.strip()
+    ]
     return [" ".join(qs[(2 * i + j) % len(qs)] for j in range(2)) for i in range(n)]
 
 

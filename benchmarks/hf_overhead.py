@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from common import bench_prompts, calibrated_pack, machine, median, save, synthetic_packs  # noqa: E402
+import torch
+from common import bench_prompts, calibrated_pack, machine, median, save, synthetic_packs
 
 MODES = ("vanilla", "closed", "open", "closed-100", "open-100")
 
@@ -64,6 +63,7 @@ def main() -> None:
                 return fn(*a, **kw)
             finally:
                 spent[0] += time.perf_counter() - start
+
         return wrapper
 
     SteerSession._pre_forward = timed(SteerSession._pre_forward)
@@ -84,8 +84,14 @@ def main() -> None:
         spent[0] = 0.0
         start = time.perf_counter()
         with ctx(mode, b):
-            model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=t, min_new_tokens=t, do_sample=False,
-                           pad_token_id=pad)
+            model.generate(
+                input_ids=inp,
+                attention_mask=mask,
+                max_new_tokens=t,
+                min_new_tokens=t,
+                do_sample=False,
+                pad_token_id=pad,
+            )
         total = time.perf_counter() - start
         spent[1] = spent[0] / max(total - spent[0], 1e-9)  # hook time over the rest
         return total
@@ -100,9 +106,13 @@ def main() -> None:
             for mode in MODES:
                 t1 = run(mode, b, 1)
                 tt = run(mode, b, args.tokens)
-                samples[f"{mode}@{b}"].append({"prefill_tps": n_prompt / t1,
-                                               "decode_tps": b * (args.tokens - 1) / max(tt - t1, 1e-9),
-                                               "overhead": spent[1]})
+                samples[f"{mode}@{b}"].append(
+                    {
+                        "prefill_tps": n_prompt / t1,
+                        "decode_tps": b * (args.tokens - 1) / max(tt - t1, 1e-9),
+                        "overhead": spent[1],
+                    }
+                )
     rows = []
     for b in args.batches:
         for what in ("prefill_tps", "decode_tps"):
@@ -112,8 +122,14 @@ def main() -> None:
                 row[f"{m}/vanilla"] = round(med[m] / med["vanilla"], 3)
             rows.append(row)
         over = {m: median([s["overhead"] for s in samples[f"{m}@{b}"]]) for m in MODES[1:]}
-        rows.append({"batch": b, "metric": "hook time / rest of generate", "vanilla": "—",
-                     **{f"{m}/vanilla": f"{over[m]:.2%}" for m in MODES[1:]}})
+        rows.append(
+            {
+                "batch": b,
+                "metric": "hook time / rest of generate",
+                "vanilla": "—",
+                **{f"{m}/vanilla": f"{over[m]:.2%}" for m in MODES[1:]},
+            }
+        )
     save("hf_overhead", {"machine": machine(), "settings": vars(args), "rows": rows, "samples": samples})
 
 

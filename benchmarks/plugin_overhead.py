@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_prompts, calibrated_pack, machine, save, synthetic_packs  # noqa: E402
+from common import bench_prompts, calibrated_pack, machine, save, synthetic_packs
 
 
 class Timer:
@@ -46,6 +46,7 @@ class Timer:
                     self.forward += time.perf_counter() - start
                 else:
                     self.parts[part] += time.perf_counter() - start
+
         return timed
 
 
@@ -91,18 +92,31 @@ def main() -> None:
     rows = []
     for b in args.batches:
         for mode in ("no_policy", "closed", "open"):
-            extra = None if mode == "no_policy" else {"guardit_packs": "harry-potter", **({"guardit_force": True} if mode == "open" else {})}
-            sp = SamplingParams(temperature=0.0, max_tokens=args.tokens, min_tokens=args.tokens, ignore_eos=True, extra_args=extra)
+            extra = (
+                None
+                if mode == "no_policy"
+                else {"guardit_packs": "harry-potter", **({"guardit_force": True} if mode == "open" else {})}
+            )
+            sp = SamplingParams(
+                temperature=0.0, max_tokens=args.tokens, min_tokens=args.tokens, ignore_eos=True, extra_args=extra
+            )
             llm.generate([{"prompt_token_ids": x} for x in ids[:b]], sp, use_tqdm=False)  # warm-up
             timer.reset()
             llm.generate([{"prompt_token_ids": x} for x in ids[:b]], sp, use_tqdm=False)
             base = timer.forward - timer.guardit
-            rows.append({"packs_loaded": args.packs, "batch": b, "mode": mode, "steps": timer.steps,
-                         "forward_ms_per_step": round(1e3 * timer.forward / timer.steps, 2),
-                         "guardit_ms_per_step": round(1e3 * timer.guardit / timer.steps, 3),
-                         **{f"{k}_ms": round(1e3 * v / timer.steps, 3) for k, v in timer.parts.items()},
-                         "overhead": round(timer.guardit / base, 4),
-                         "est_throughput_ratio": round(base / timer.forward, 4)})
+            rows.append(
+                {
+                    "packs_loaded": args.packs,
+                    "batch": b,
+                    "mode": mode,
+                    "steps": timer.steps,
+                    "forward_ms_per_step": round(1e3 * timer.forward / timer.steps, 2),
+                    "guardit_ms_per_step": round(1e3 * timer.guardit / timer.steps, 3),
+                    **{f"{k}_ms": round(1e3 * v / timer.steps, 3) for k, v in timer.parts.items()},
+                    "overhead": round(timer.guardit / base, 4),
+                    "est_throughput_ratio": round(base / timer.forward, 4),
+                }
+            )
             print(rows[-1], flush=True)
     save(f"plugin_overhead_{args.packs}", {"machine": machine(), "settings": vars(args), "rows": rows})
 

@@ -22,20 +22,28 @@ def _table(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     lines: list[str] = []
-    for name, title in (("plugin_overhead_1", "vLLM: time in guardit code per engine step, 1 pack loaded"),
-                        ("plugin_overhead_100", "vLLM: time in guardit code per engine step, 100 packs loaded"),
-                        ("vllm_throughput", "vLLM end-to-end tokens/s (ratios to vanilla vLLM, same run)"),
-                        ("hf_overhead", "HF generate (ratios to vanilla HF, same process)"),
-                        ("calibration_time", "Calibration wall time")):
+    for name, title in (
+        ("plugin_overhead_1", "vLLM: time in guardit code per engine step, 1 pack loaded"),
+        ("plugin_overhead_100", "vLLM: time in guardit code per engine step, 100 packs loaded"),
+        ("vllm_throughput", "vLLM end-to-end tokens/s (ratios to vanilla vLLM, same run)"),
+        ("hf_overhead", "HF generate (ratios to vanilla HF, same process)"),
+        ("calibration_time", "Calibration wall time"),
+    ):
         path = RESULTS / f"{name}.json"
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
         m = data["machine"]
-        lines += [f"### {title}", "",
-                  f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · torch {m['torch']} · "
-                  f"settings: `{json.dumps({k: v for k, v in data['settings'].items() if k not in ('worker', 'packs', 'model')})}`",
-                  "", *_table(data["rows"]), ""]
+        settings = {k: v for k, v in data["settings"].items() if k not in ("worker", "packs", "model")}
+        lines += [
+            f"### {title}",
+            "",
+            f"{m['date']} · {m['cpu']} · {m['cores']} cores · GPU: {m['gpu'] or 'none'} · torch {m['torch']} · "
+            f"settings: `{json.dumps(settings)}`",
+            "",
+            *_table(data["rows"]),
+            "",
+        ]
     sys.stdout.write("\n".join(lines))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLES, machine, median, save  # noqa: E402
+from common import EXAMPLES, machine, median, save
 
 
 def main() -> None:
@@ -26,17 +26,28 @@ def main() -> None:
     os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"  # vanilla vLLM: guardit's plugin off
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+    from vllm import LLM, SamplingParams
+
     from calibration import read_prompts
     from calibration.capture import encode_chat
     from guardit.model_prep import prepare_model
     from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
-    from vllm import LLM, SamplingParams
 
     model_dir = prepare_model()
-    prompts = [r.prompt for c in ("harry_potter", "einstein") for s in ("forget_test", "retain_test")
-               for r in read_prompts(EXAMPLES / c / f"{s}.jsonl")]
-    llm = LLM(model=str(model_dir), enforce_eager=True, dtype="float32", max_model_len=1024, seed=0,
-              enable_prefix_caching=False)
+    prompts = [
+        r.prompt
+        for c in ("harry_potter", "einstein")
+        for s in ("forget_test", "retain_test")
+        for r in read_prompts(EXAMPLES / c / f"{s}.jsonl")
+    ]
+    llm = LLM(
+        model=str(model_dir),
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=1024,
+        seed=0,
+        enable_prefix_caching=False,
+    )
     tok = llm.get_tokenizer()
     ids = encode_chat(tok, prompts)
     texts = [request_text(tok, i, 0) for i in ids]
@@ -56,8 +67,15 @@ def main() -> None:
             llm.generate([{"prompt_token_ids": x} for x in batch_ids], params, use_tqdm=False)
             t_pre.append(time.perf_counter() - start)
         e, p = median(t_enc) * 1000, median(t_pre) * 1000
-        rows.append({"batch": b, "prompt_tokens_mean": round(sum(map(len, batch_ids)) / b, 1),
-                     "encoder_ms": round(e, 1), "vllm_prefill_ms": round(p, 1), "encoder_over_prefill": round(e / p, 3)})
+        rows.append(
+            {
+                "batch": b,
+                "prompt_tokens_mean": round(sum(map(len, batch_ids)) / b, 1),
+                "encoder_ms": round(e, 1),
+                "vllm_prefill_ms": round(p, 1),
+                "encoder_over_prefill": round(e / p, 3),
+            }
+        )
         print(rows[-1], flush=True)
     save("text_gate_cost", {"machine": machine(), "settings": vars(args), "rows": rows})
 

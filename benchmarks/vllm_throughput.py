@@ -29,10 +29,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_prompts, calibrated_pack, machine, median, save, synthetic_packs  # noqa: E402
+from common import bench_prompts, calibrated_pack, machine, median, save, synthetic_packs
 
-ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", gpu_memory_utilization=0.5, max_model_len=1024,
-                   seed=0, enable_prefix_caching=False)
+ENGINE_ARGS = dict(
+    enforce_eager=True,
+    dtype="float32",
+    gpu_memory_utilization=0.5,
+    max_model_len=1024,
+    seed=0,
+    enable_prefix_caching=False,
+)
 MODES = {"vanilla": ["vanilla"], "plugin-1": ["no_policy", "closed", "open"], "plugin-100": ["closed", "open"]}
 
 
@@ -79,8 +85,9 @@ def worker(engine: str, model_dir: str, pack_dirs: list[str], batches: list[int]
             for mode in modes:  # interleaved, so drift hits every mode alike
                 t1, n_prompt = run(mode, b, 1)
                 tt, _ = run(mode, b, tokens)
-                samples[f"{mode}@{b}"].append({"prefill_tps": n_prompt / t1,
-                                               "decode_tps": b * (tokens - 1) / max(tt - t1, 1e-9)})
+                samples[f"{mode}@{b}"].append(
+                    {"prefill_tps": n_prompt / t1, "decode_tps": b * (tokens - 1) / max(tt - t1, 1e-9)}
+                )
     return samples
 
 
@@ -109,9 +116,22 @@ def main() -> None:
     for r in range(args.rounds):
         for engine in order if r % 2 == 0 else order[::-1]:
             print(f"[round {r + 1}/{args.rounds}] {engine} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model_dir), "--reps", str(args.reps),
-                   "--tokens", str(args.tokens), "--batches", *map(str, args.batches),
-                   "--packs", *map(str, packs[engine])]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                engine,
+                "--model",
+                str(model_dir),
+                "--reps",
+                str(args.reps),
+                "--tokens",
+                str(args.tokens),
+                "--batches",
+                *map(str, args.batches),
+                "--packs",
+                *map(str, packs[engine]),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -131,10 +151,16 @@ def main() -> None:
             for mode in ("no_policy", "closed", "open"):
                 row[f"{mode}/vanilla"] = round(med("plugin-1", mode, b, what) / van, 3)
             for mode in ("closed", "open"):
-                row[f"{mode} 100 packs/1 pack"] = round(med("plugin-100", mode, b, what) / med("plugin-1", mode, b, what), 3)
+                row[f"{mode} 100 packs/1 pack"] = round(
+                    med("plugin-100", mode, b, what) / med("plugin-1", mode, b, what), 3
+                )
             rows.append(row)
-    result = {"machine": machine(), "settings": {**vars(args), "engine_args": ENGINE_ARGS}, "rows": rows,
-              "samples": samples}
+    result = {
+        "machine": machine(),
+        "settings": {**vars(args), "engine_args": ENGINE_ARGS},
+        "rows": rows,
+        "samples": samples,
+    }
     save("vllm_throughput", result)
 
 

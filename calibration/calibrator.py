@@ -53,11 +53,15 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
     negatives = [(float(s), "retain", p) for s, p in zip(gate.oof_retain, retain)]
     negatives += [(float(s), "neutral", p) for s, p in zip(gate.oof_neutral, neutral)]
     negatives.sort(key=lambda x: -x[0])
-    missed = sorted(((float(s), p) for s, p in zip(gate.oof_forget, forget) if s <= gate.threshold), key=lambda x: -x[0])
+    missed = sorted(
+        ((float(s), p) for s, p in zip(gate.oof_forget, forget) if s <= gate.threshold), key=lambda x: -x[0]
+    )
     levels = []
     for a in (0.05, 0.1, 0.2):
         tau = gate_threshold(gate.oof_retain, gate.oof_neutral, a)
-        levels.append({"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)})
+        levels.append(
+            {"alpha": a, "threshold": round(tau, 4), "oof_tpr_forget": round(float(np.mean(gate.oof_forget > tau)), 4)}
+        )
     kind, scores, level = binding_negatives(gate.oof_retain, gate.oof_neutral, gate.alpha)
     rank = conformal_rank(len(scores), level)
     bound = {"set": kind, "rank": rank, "n": len(scores), "n_for_next_rank": negatives_for_rank(rank + 1, level)}
@@ -151,8 +155,14 @@ class ConceptCalibrator:
         if bad:
             raise GuarditError(f"gate_layers {bad} out of range for a {n_layers}-layer model")
         fit = lambda layers: fit_gate(  # noqa: E731
-            acts_f.tokens, acts_r.tokens, acts_n.tokens, ids_f + ids_r + ids_n,
-            layers, self.alpha, self.gate_poolings, seed=self.seed,
+            acts_f.tokens,
+            acts_r.tokens,
+            acts_n.tokens,
+            ids_f + ids_r + ids_n,
+            layers,
+            self.alpha,
+            self.gate_poolings,
+            seed=self.seed,
         )
         gate = fit(gate_candidates)
         if not math.isfinite(gate.threshold):
@@ -217,8 +227,14 @@ class ConceptCalibrator:
             description=self.description,
             model=hf_fingerprint(model),
             layers=steer,
-            gate=GateMeta(layer=gate.layer, threshold=probe_threshold, alpha=self.alpha, pooling=gate.pooling,  # type: ignore[arg-type]
-                          kind=self.gate_kind, text=text_meta),
+            gate=GateMeta(
+                layer=gate.layer,
+                threshold=probe_threshold,
+                alpha=self.alpha,
+                pooling=gate.pooling,  # type: ignore[arg-type]
+                kind=self.gate_kind,
+                text=text_meta,
+            ),
             angle_deg=self.angle_deg,
             angle_mode=self.angle_mode,
             target=self.target,
@@ -226,16 +242,26 @@ class ConceptCalibrator:
             skip_head=list(ids_f[0][:skip]),
             stats=dict(report),
         )
-        return ConceptPack(meta, planes, gate.weight, gate.bias,
-                           None if text_fit is None else text_fit.weight, None if text_fit is None else text_fit.bias)
+        return ConceptPack(
+            meta,
+            planes,
+            gate.weight,
+            gate.bias,
+            None if text_fit is None else text_fit.weight,
+            None if text_fit is None else text_fit.bias,
+        )
 
     def _text_gate(self, gate: GateFit, texts: list[str], nf: int, nr: int):
         """Fit the text gate on the request texts (forget, retain, neutral order) unless the kind
         is "probe"; returns (per-kind out-of-fold comparison, TextGateMeta or None, the text fit or
         None, the probe's served threshold)."""
+
         def row(tpr, orr, on, thr) -> dict:
-            return {"oof_tpr_forget": round(tpr, 4), "oof_fpr_retain": round(float(np.mean(orr > thr)), 4),
-                    "oof_fpr_neutral": round(float(np.mean(on > thr)) if len(on) else 0.0, 4)}
+            return {
+                "oof_tpr_forget": round(tpr, 4),
+                "oof_fpr_retain": round(float(np.mean(orr > thr)), 4),
+                "oof_fpr_neutral": round(float(np.mean(on > thr)) if len(on) else 0.0, 4),
+            }
 
         kinds = {"probe": row(gate.tpr, gate.oof_retain, gate.oof_neutral, gate.threshold)}
         if self.gate_kind == "probe":

@@ -36,7 +36,6 @@ from sklearn.preprocessing import StandardScaler
 
 from calibration.capture import common_prefix_length
 
-
 # Out-of-fold recall below which a gate counts as weak: calibration then also tries later gate
 # layers, and the CLI warns. Measured (README): the early gates at 81 % and 84 % (Harry Potter,
 # Einstein) fired on every held-out forget prompt; those at 66 % and 56 % (Lord of the Rings,
@@ -187,7 +186,9 @@ def fit_gate(
                     w, b = _fit_probe(means[train], y[train], c, seed)
                 else:
                     xs = [per_prompt[i][prefix:] if len(per_prompt[i]) > prefix else per_prompt[i][-1:] for i in train]
-                    w, b = _fit_token_probe([x for x, i in zip(xs, train) if y[i]], [x for x, i in zip(xs, train) if not y[i]], c, seed)
+                    w, b = _fit_token_probe(
+                        [x for x, i in zip(xs, train) if y[i]], [x for x, i in zip(xs, train) if not y[i]], c, seed
+                    )
                 oof[test] = _pooled_scores([per_prompt[i] for i in test], w, b, pooling)
                 ws.append(w)
                 bs.append(b)
@@ -204,7 +205,13 @@ def fit_gate(
                 oof_retain=orr,
                 oof_neutral=on,
             )
-            cand = {"layer": layer, "pooling": pooling, "tpr": round(fit.tpr, 4), "fpr": round(fit.fpr, 4), "auroc": round(fit.auroc, 4)}
+            cand = {
+                "layer": layer,
+                "pooling": pooling,
+                "tpr": round(fit.tpr, 4),
+                "fpr": round(fit.fpr, 4),
+                "auroc": round(fit.auroc, 4),
+            }
             candidates.append(cand)
             if best is None or (fit.tpr, fit.auroc) > (best.tpr, best.auroc):
                 best = fit
@@ -255,8 +262,14 @@ def fit_text_gate(
         ws.append(w)
         bs.append(b)
     of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
-    return TextGateFit(torch.tensor(np.mean(ws, axis=0), dtype=torch.float32), float(np.mean(bs)),
-                       gate_threshold(orr, on, alpha), of, orr, on)
+    return TextGateFit(
+        torch.tensor(np.mean(ws, axis=0), dtype=torch.float32),
+        float(np.mean(bs)),
+        gate_threshold(orr, on, alpha),
+        of,
+        orr,
+        on,
+    )
 
 
 @dataclass

@@ -17,10 +17,13 @@ if __name__ == "__main__":
     calibrator = ConceptCalibrator("einstein", alpha=0.05)
     pack = calibrator.fit(model, tok, read_prompts(HERE / "forget.jsonl"), read_prompts(HERE / "retain.jsonl"))
     print("gate:", {k: v for k, v in calibrator.report_["gate"].items() if k != "candidates"})
-    questions = [PromptRecord(prompt=q) for q in (
-        "Who developed the theory of relativity?",  # about the concept
-        "Who discovered gravity?",                 # nearby, must keep working
-    )]
+    questions = [
+        PromptRecord(prompt=q)
+        for q in (
+            "Who developed the theory of relativity?",  # about the concept
+            "Who discovered gravity?",  # nearby, must keep working
+        )
+    ]
     before = hf_generate(model, tok, questions, max_tokens=40, progress=False)
     after = hf_generate(model, tok, questions, [pack], max_tokens=40, progress=False)
     for b, a in zip(before, after):

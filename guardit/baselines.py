@@ -17,10 +17,12 @@ def edit_layers(model, layers: list[int], fn):
     mods = decoder_layers(model)
     handles = []
     for i in layers:
+
         def hook(_m, _a, out, i=i):
             h = out[0] if isinstance(out, tuple) else out
             new = fn(i, h)
             return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
         handles.append(mods[i].register_forward_hook(hook))
     try:
         yield

@@ -45,8 +45,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     poolings = ("mean", "max") if args.gate_pooling == "best" else (args.gate_pooling,)
     angle = {} if args.angle is None else {"angle_deg": args.angle}
     cal = ConceptCalibrator(
-        concept_id, alpha=args.alpha, target=target, gate_poolings=poolings, late_gate=args.late_gate,
-        progress=not args.quiet, seed=args.seed, gate_kind=args.gate, **angle,
+        concept_id,
+        alpha=args.alpha,
+        target=target,
+        gate_poolings=poolings,
+        late_gate=args.late_gate,
+        progress=not args.quiet,
+        seed=args.seed,
+        gate_kind=args.gate,
+        **angle,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
     out = pack.save_pretrained(args.out)
@@ -70,8 +77,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fp = hf_fingerprint(model)
         for pack in packs:
             pack.check_model(fp)
-        rows = hf_generate(model, tok, records, packs, max_tokens=args.max_tokens, force=args.force,
-                           batch_size=args.batch_size)
+        rows = hf_generate(
+            model, tok, records, packs, max_tokens=args.max_tokens, force=args.force, batch_size=args.batch_size
+        )
     else:
         from guardit.vllm_generation import vllm_generate
 
@@ -100,11 +108,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from guardit.evaluate import run_eval
 
-    report = run_eval(_model_dir(args.model), args.pack, args.suite, args.out, engine=args.engine,
-                      max_tokens=args.max_tokens, baselines=not args.no_baselines)
+    report = run_eval(
+        _model_dir(args.model),
+        args.pack,
+        args.suite,
+        args.out,
+        engine=args.engine,
+        max_tokens=args.max_tokens,
+        baselines=not args.no_baselines,
+    )
     g = report["methods"]["guardit"]
-    print(f"report: {Path(args.out) / 'report.md'}  (guardit: forget leak {g['forget_test.leak_rate']:.0%}, "
-          f"retain bit-identical {g['retain.bit_identical']:.0%})")
+    print(
+        f"report: {Path(args.out) / 'report.md'}  (guardit: forget leak {g['forget_test.leak_rate']:.0%}, "
+        f"retain bit-identical {g['retain.bit_identical']:.0%})"
+    )
     return 0
 
 
@@ -121,34 +138,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="calibrate a concept pack from forget/retain prompt files")
     c.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
-    c.add_argument("--forget", required=True, nargs="+", action="extend",
-                   help="JSONL prompts about the concept (several files are joined)")
-    c.add_argument("--retain", required=True, nargs="+", action="extend",
-                   help="JSONL nearby prompts that must keep working (several files are joined)")
+    c.add_argument(
+        "--forget",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="JSONL prompts about the concept (several files are joined)",
+    )
+    c.add_argument(
+        "--retain",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="JSONL nearby prompts that must keep working (several files are joined)",
+    )
     c.add_argument("--out", required=True, help="concept pack directory to write")
     c.add_argument("--alpha", type=float, default=0.05, help="bound on the gate's false-fire rate (default 0.05)")
     c.add_argument("--id", default=None, help="concept id (default: the --out folder name)")
-    c.add_argument("--angle", type=float, default=None,
-                   help="the pack's rotation angle in degrees (default 60, steering.rotation.DEFAULT_ANGLE_DEG)")
+    c.add_argument(
+        "--angle",
+        type=float,
+        default=None,
+        help="the pack's rotation angle in degrees (default 60, steering.rotation.DEFAULT_ANGLE_DEG)",
+    )
     c.add_argument("--target", default="idk", help="'idk' (built-in), 'retain', or a JSONL file of prompts+answers")
     c.add_argument(
-        "--gate-pooling", choices=["mean", "max", "best"], default="mean",
+        "--gate-pooling",
+        choices=["mean", "max", "best"],
+        default="mean",
         help="gate value of a prompt: mean or max of its token scores; 'best' keeps whichever has the "
         "higher out-of-fold recall (max pooling trains longer)",
     )
     c.add_argument(
-        "--late-gate", action="store_true",
+        "--late-gate",
+        action="store_true",
         help="when no early gate reaches 75%% out-of-fold recall, also try the later layers and keep the "
         "better gate; steered layers before it then rotate only generated tokens (higher recall, "
         "less fluent answers: see README)",
     )
     c.add_argument(
-        "--seed", type=int, default=0,
+        "--seed",
+        type=int,
+        default=0,
         help="seed of the cross-conformal fold split (default 0); a weak gate's held-out recall moves "
         "with it (see README)",
     )
     c.add_argument(
-        "--gate", choices=["hybrid", "encoder", "probe"], default="hybrid",
+        "--gate",
+        choices=["hybrid", "encoder", "probe"],
+        default="hybrid",
         help="how requests are gated: 'hybrid' (default: a text gate on a sentence encoder's embedding of "
         "the request, before the forward pass, or the in-model probe, one conformal threshold on the "
         "max of their standardised scores), 'encoder' (the text gate alone) or 'probe' (the in-model "
@@ -177,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start 'vllm serve' with the guardit plugin, tenants and policies")
     s.add_argument("--config", required=True, help="policies YAML")
     s.add_argument("model", nargs="?", default=None, help="HF model folder (default: the bundled model)")
-    s.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                   help="further arguments for 'vllm serve' (after MODEL, or after '--')")
+    s.add_argument(
+        "vllm_args", nargs=argparse.REMAINDER, help="further arguments for 'vllm serve' (after MODEL, or after '--')"
+    )
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="evaluate a pack on a suite; writes report.md/json and plots")
@@ -199,7 +238,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     passthrough: list[str] = []
     if argv[:1] == ["serve"] and "--" in argv:
         i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+        argv, passthrough = argv[:i], argv[i + 1 :]
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         args.vllm_args = list(args.vllm_args) + passthrough

@@ -7,8 +7,10 @@ import sys
 _SHOW = 6  # missed forget prompts printed; the report holds all of them
 # Measured (README): forget prompts of the kinds a gate missed took Lord of the Rings from 6/12 to
 # 11/12 held-out prompts fired; 32 more retain prompts of the same kind, Shakespeare from 5/12 to 9/12.
-_ADVICE = ("add forget prompts of the kinds it missed (e.g. who made it, who is in it), or more retain "
-           "prompts of the same kinds (the threshold is one of their highest scores)")
+_ADVICE = (
+    "add forget prompts of the kinds it missed (e.g. who made it, who is in it), or more retain "
+    "prompts of the same kinds (the threshold is one of their highest scores)"
+)
 
 
 def _ordinal(rank: int) -> str:
@@ -29,27 +31,37 @@ def weak_gate_warning(r: dict) -> str | None:
     if tpr >= WEAK_RECALL:
         return None
     late = "" if r.get("late_gate") else "; or calibrate with --late-gate (higher recall, less fluent answers)"
-    return (f"weak gate: it caught {tpr:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
-            f"(below {WEAK_RECALL:.0%}: in our measurements such gates stayed closed on about half of the held-out "
-            f"prompts about the concept); {_ADVICE}{late}")
+    return (
+        f"weak gate: it caught {tpr:.0%} of the forget prompts out of fold at alpha={r['alpha']} "
+        f"(below {WEAK_RECALL:.0%}: in our measurements such gates stayed closed on about half of the held-out "
+        f"prompts about the concept); {_ADVICE}{late}"
+    )
 
 
 def print_report(r: dict) -> None:
     g = r["gate"]
-    print(f"concept '{r['concept_id']}': {r['n_forget']} forget / {r['n_retain']} retain prompts "
-          f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s")
+    print(
+        f"concept '{r['concept_id']}': {r['n_forget']} forget / {r['n_retain']} retain prompts "
+        f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s"
+    )
     kinds = g.get("kinds", {})
     if len(kinds) > 1:
         print(f"gate: {g['kind']} (out of fold at alpha={r['alpha']}; every kind below is fitted on the same folds)")
         for name, k in kinds.items():
             mark = "*" if name == g["kind"] else " "
-            print(f"    {mark} {name:<8} TPR on forget {k['oof_tpr_forget']:.1%}, FPR on retain {k['oof_fpr_retain']:.1%}, "
-                  f"FPR on neutral {k['oof_fpr_neutral']:.1%}")
-        print("      (calibration forget prompts name the concept, so these rates cannot show which kind catches "
-              "indirect, other-language or wrapped asks: see README)")
+            print(
+                f"    {mark} {name:<8} TPR on forget {k['oof_tpr_forget']:.1%}, "
+                f"FPR on retain {k['oof_fpr_retain']:.1%}, FPR on neutral {k['oof_fpr_neutral']:.1%}"
+            )
+        print(
+            "      (calibration forget prompts name the concept, so these rates cannot show which kind catches "
+            "indirect, other-language or wrapped asks: see README)"
+        )
     print(f"probe: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
-    print(f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
-          f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} (fold seed {r.get('seed', 0)})")
+    print(
+        f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
+        f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} (fold seed {r.get('seed', 0)})"
+    )
     diag = r.get("diagnostics")
     if diag:
         lv = ", ".join(f"alpha={d['alpha']:g}: {d['oof_tpr_forget']:.0%}" for d in diag["alpha_levels"])
@@ -71,11 +83,15 @@ def print_report(r: dict) -> None:
     print(f"steered layers: {r['steer_layers']} (target: {r['target']})")
     before = [l for l in r["steer_layers"] if l <= g["layer"]]
     if before:
-        print(f"      the gate (layer {g['layer']}) decides after {before}: there they rotate only the tokens "
-              "generated once it fired")
+        print(
+            f"      the gate (layer {g['layer']}) decides after {before}: there they rotate only the tokens "
+            "generated once it fired"
+        )
     if r.get("steer_topped_up"):
-        print(f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after layer "
-              f"{r.get('steer_after', g['layer'])} had opposite signs; these are the nearest to opposite signs")
+        print(
+            f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after layer "
+            f"{r.get('steer_after', g['layer'])} had opposite signs; these are the nearest to opposite signs"
+        )
     print("layer  forget_proj  retain_proj  auroc  selected")
     for s in r["layers"]:
         mark = "*" if s["layer"] in r["steer_layers"] else ("." if s["selected"] else "")

@@ -26,7 +26,9 @@ QUESTIONS = [
 def _show(title: str, rows: list[dict]) -> None:
     print(f"\n=== {title}")
     for r in rows:
-        gate = ", ".join(f"{k}: {'FIRED' if v['fired'] else 'closed'} ({v['score']:+.2f})" for k, v in r["gate"].items())
+        gate = ", ".join(
+            f"{k}: {'FIRED' if v['fired'] else 'closed'} ({v['score']:+.2f})" for k, v in r["gate"].items()
+        )
         flag = "  [knows the answer]" if leaked(r["output"], r.get("answers", [])) else ""
         print(f"Q: {r['prompt']}" + (f"   gate {gate}" if gate else ""))
         print(textwrap.indent(textwrap.fill(r["output"].strip() or "(empty)", 96), "   A: ") + flag)
@@ -58,6 +60,9 @@ def run_demo(engine: str = "vllm", workdir: str | None = None) -> int:
     _show(f"vanilla ({engine})", before)
     _show(f"with the 'harry-potter' pack ({engine})", after)
     same = [a["output"] == b["output"] for a, b in zip(before, after)]
-    forgot = sum(leaked(b["output"], q.answers) and not leaked(a["output"], q.answers) for q, b, a in zip(QUESTIONS, before, after))
+    forgot = sum(
+        leaked(b["output"], q.answers) and not leaked(a["output"], q.answers)
+        for q, b, a in zip(QUESTIONS, before, after)
+    )
     print(f"\n{forgot} answers forgotten; {sum(same[3:])}/{len(same[3:])} retain answers unchanged.")
     return 0

@@ -94,7 +94,9 @@ class _Methods:
         if "actadd" not in methods and not any(m in GUARD_IT for m in methods):
             return
         pad = tok.pad_token_id or 0
-        acts = tuple(capture(model, encode_chat(tok, [r.prompt for r in recs]), pad_id=pad, progress=False) for recs in calib)
+        acts = tuple(
+            capture(model, encode_chat(tok, [r.prompt for r in recs]), pad_id=pad, progress=False) for recs in calib
+        )
         if "actadd" in methods:
             self.shift = _actadd_shift(pack, *acts)
         if any(m in GUARD_IT for m in methods):
@@ -104,7 +106,11 @@ class _Methods:
             self.guard_it = {m: base.with_strength(GUARD_IT[m]) for m in methods if m in GUARD_IT}
 
     def _edit(self, method: str):
-        return edits.ablation(self.model, self.pack) if method == "ablation" else edits.actadd(self.model, self.pack, self.shift)  # type: ignore[arg-type]
+        return (
+            edits.ablation(self.model, self.pack)
+            if method == "ablation"
+            else edits.actadd(self.model, self.pack, self.shift)
+        )  # type: ignore[arg-type]
 
     def generate(self, method: str, recs: list[PromptRecord], vanilla_rows: list[dict]) -> list[dict]:
         m, tok, n = self.model, self.tok, self.max_tokens
@@ -142,8 +148,9 @@ class _Methods:
         return math.exp(nll / count) if count else float("nan")
 
 
-def run_eval(model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_tokens: int = 40,
-             baselines: bool = True) -> dict:
+def run_eval(
+    model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_tokens: int = 40, baselines: bool = True
+) -> dict:
     if engine not in ("hf", "vllm"):
         raise GuarditError(f"--engine must be 'hf' or 'vllm', got '{engine}'")
     suite, out = Path(suite_dir), Path(out_dir)
@@ -171,7 +178,11 @@ def run_eval(model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_to
     (out / "outputs").mkdir(parents=True, exist_ok=True)
     done: dict[tuple[str, str], list[dict]] = {}
     if engine == "vllm":
-        done.update(_vllm_runs(model_dir, pack_dir, pack.id, all_splits, [m for m in methods if engines[m] == "vllm"], max_tokens))
+        done.update(
+            _vllm_runs(
+                model_dir, pack_dir, pack.id, all_splits, [m for m in methods if engines[m] == "vllm"], max_tokens
+            )
+        )
     steps = [(m, s) for m in methods for s in all_splits if engines[m] == "hf"]
     for method, split in tqdm(steps, desc="evaluating (hf)", unit="run"):
         ref = "vanilla" if engines["vanilla"] == "hf" else "vanilla_hf"
@@ -186,21 +197,39 @@ def run_eval(model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_to
         rows = done[method, "forget_test"]
         fluency[method] = perplexity(model, tok, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])
         van = done[ref_of[method], "neutral"]
-        neutral_ppl[method] = impl.neutral_perplexity(method, neutral, [r["token_ids"] for r in van], done[method, "neutral"])
-    (out / "utility.json").write_text(json.dumps({"neutral_perplexity": neutral_ppl, "answer_perplexity_under_vanilla": fluency}, indent=2))
-    meta = {"pack": pack.id, "alpha": pack.meta.gate.alpha, "threshold": pack.meta.gate.threshold,
-            "gate_layer": pack.meta.gate.layer, "layers": pack.meta.layers, "max_tokens": max_tokens,
-            "engine": engine, "engines": engines, "reference": ref_of, "methods": methods, "skipped": skipped,
-            "splits": list(splits), "guard_it": {m: {"threshold": g.threshold, "strength": g.strength, "layer": g.layer_,
-                                                      "clusters": g.num_clusters_} for m, g in impl.guard_it.items()}}
+        neutral_ppl[method] = impl.neutral_perplexity(
+            method, neutral, [r["token_ids"] for r in van], done[method, "neutral"]
+        )
+    (out / "utility.json").write_text(
+        json.dumps({"neutral_perplexity": neutral_ppl, "answer_perplexity_under_vanilla": fluency}, indent=2)
+    )
+    meta = {
+        "pack": pack.id,
+        "alpha": pack.meta.gate.alpha,
+        "threshold": pack.meta.gate.threshold,
+        "gate_layer": pack.meta.gate.layer,
+        "layers": pack.meta.layers,
+        "max_tokens": max_tokens,
+        "engine": engine,
+        "engines": engines,
+        "reference": ref_of,
+        "methods": methods,
+        "skipped": skipped,
+        "splits": list(splits),
+        "guard_it": {
+            m: {"threshold": g.threshold, "strength": g.strength, "layer": g.layer_, "clusters": g.num_clusters_}
+            for m, g in impl.guard_it.items()
+        },
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     report = summarize(out)
     write_report(out, report)
     return report
 
 
-def _vllm_runs(model_dir, pack_dir, pack_id: str, splits: dict[str, list[PromptRecord]], methods: list[str],
-               max_tokens: int) -> dict[tuple[str, str], list[dict]]:
+def _vllm_runs(
+    model_dir, pack_dir, pack_id: str, splits: dict[str, list[PromptRecord]], methods: list[str], max_tokens: int
+) -> dict[tuple[str, str], list[dict]]:
     """vanilla (requests naming no pack: token-identical to vLLM without the plugin, see the tests),
     guardit and rotation_no_gate, on one vLLM engine with the pack loaded."""
     from guardit.vllm_generation import engine_generate, make_llm, shutdown
@@ -210,7 +239,9 @@ def _vllm_runs(model_dir, pack_dir, pack_id: str, splits: dict[str, list[PromptR
         done = {}
         for method, split in tqdm([(m, s) for m in methods for s in splits], desc="evaluating (vllm)", unit="run"):
             packs = [] if method == "vanilla" else [pack_id]
-            done[method, split] = engine_generate(llm, splits[split], packs, max_tokens, force=method == "rotation_no_gate")
+            done[method, split] = engine_generate(
+                llm, splits[split], packs, max_tokens, force=method == "rotation_no_gate"
+            )
         return done
     finally:
         shutdown(llm)
@@ -243,11 +274,15 @@ def summarize(out_dir) -> dict:
                 knew = [i for i, r in enumerate(van) if leaked(r["output"], r.get("answers", []))]
                 row[f"{split}.leak_rate"] = float(np.mean([leaked(r["output"], r.get("answers", [])) for r in got]))
                 row[f"{split}.leak_among_known"] = (
-                    float(np.mean([leaked(got[i]["output"], got[i].get("answers", [])) for i in knew])) if knew else None
+                    float(np.mean([leaked(got[i]["output"], got[i].get("answers", [])) for i in knew]))
+                    if knew
+                    else None
                 )
                 row[f"{split}.gate_fire_rate"] = _fire_rate(method, got)
             else:
-                row["retain.bit_identical"] = float(np.mean([a["token_ids"] == b["token_ids"] for a, b in zip(van, got)]))
+                row["retain.bit_identical"] = float(
+                    np.mean([a["token_ids"] == b["token_ids"] for a, b in zip(van, got)])
+                )
                 row["retain.answer_accuracy"] = float(np.mean([leaked(r["output"], r.get("answers", [])) for r in got]))
                 row["retain.gate_false_fire_rate"] = _fire_rate(method, got)
         row["neutral.gate_fire_rate"] = _fire_rate(method, _load(out, method, "neutral"))
@@ -273,14 +308,22 @@ def write_report(out: Path, report: dict) -> None:
         vals = [table[m].get(f"{split}.leak_rate") or 0 for m in meta["methods"]]
         ax.bar(np.arange(len(meta["methods"])) + k * width, vals, width, label=split)
     ax.set_xticks(np.arange(len(meta["methods"])) + width * (len(forget_splits) - 1) / 2, meta["methods"], rotation=15)
-    ax.set_ylabel("leak rate"); ax.set_ylim(0, 1); ax.legend(); ax.set_title(f"Forgetting: {meta['pack']}")
-    fig.tight_layout(); fig.savefig(out / "leakage.png", dpi=110); plt.close(fig)
+    ax.set_ylabel("leak rate")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"Forgetting: {meta['pack']}")
+    fig.tight_layout()
+    fig.savefig(out / "leakage.png", dpi=110)
+    plt.close(fig)
     # gate scores
     f_scores = [list(r["gate"].values())[0]["score"] for r in _load(out, "guardit", "forget_test")]
     r_scores = [list(r["gate"].values())[0]["score"] for r in _load(out, "guardit", "retain_test")]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a1.hist(f_scores, bins=15, alpha=0.6, label="forget"); a1.hist(r_scores, bins=15, alpha=0.6, label="retain")
-    a1.axvline(meta["threshold"], color="k", ls="--", label=f"τ (α={meta['alpha']})"); a1.legend(); a1.set_title("gate scores")
+    a1.hist(f_scores, bins=15, alpha=0.6, label="forget")
+    a1.hist(r_scores, bins=15, alpha=0.6, label="retain")
+    a1.axvline(meta["threshold"], color="k", ls="--", label=f"τ (α={meta['alpha']})")
+    a1.legend()
+    a1.set_title("gate scores")
     from sklearn.metrics import roc_curve
 
     for method in [m for m in meta["methods"] if m == "guardit" or m in GUARD_IT][:2]:
@@ -292,38 +335,58 @@ def write_report(out: Path, report: dict) -> None:
         line = a2.plot(fpr, tpr, label=f"{method} gate")[0]
         a2.scatter([np.mean(fired_r)], [np.mean(fired_f)], color=line.get_color(), zorder=3)
     a2.plot([0, 1], [0, 1], ":", color="grey")
-    a2.set_xlabel("FPR"); a2.set_ylabel("TPR"); a2.legend(); a2.set_title("gate ROC (test splits; dot = chosen threshold)")
-    fig.tight_layout(); fig.savefig(out / "gate.png", dpi=110); plt.close(fig)
+    a2.set_xlabel("FPR")
+    a2.set_ylabel("TPR")
+    a2.legend()
+    a2.set_title("gate ROC (test splits; dot = chosen threshold)")
+    fig.tight_layout()
+    fig.savefig(out / "gate.png", dpi=110)
+    plt.close(fig)
 
     def fmt(v):
         return "—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
-    cols = [f"{s}.leak_rate" for s in forget_splits] + ["forget_test.leak_among_known", "retain.bit_identical",
-            "retain.answer_accuracy", "retain.gate_false_fire_rate", "neutral.gate_fire_rate",
-            "answer_perplexity_under_vanilla", "neutral_perplexity"]
+    cols = [f"{s}.leak_rate" for s in forget_splits] + [
+        "forget_test.leak_among_known",
+        "retain.bit_identical",
+        "retain.answer_accuracy",
+        "retain.gate_false_fire_rate",
+        "neutral.gate_fire_rate",
+        "answer_perplexity_under_vanilla",
+        "neutral_perplexity",
+    ]
     engines = meta.get("engines", {})
-    lines = [f"# guardit evaluation: `{meta['pack']}`", "",
-             f"Gate: layer {meta['gate_layer']}, threshold {meta['threshold']:.3f} at α = {meta['alpha']}; "
-             f"steered layers {meta['layers']}; greedy, {meta['max_tokens']} new tokens.", "",
-             "Columns: `*.leak_rate` share of outputs containing an answer string; `leak_among_known` the same "
-             "among prompts vanilla answered; `retain.bit_identical` retain outputs token-identical to vanilla; "
-             "`*.gate_fire_rate` share of requests the method edits (1.00 for ungated edits); "
-             "`answer_perplexity_under_vanilla` fluency of the forget answers; `neutral_perplexity` perplexity "
-             "of vanilla answers to everyday prompts with the method in place (gated methods edit only where "
-             "their gate fired on the prompt).", "",
-             "| method | engine | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines = [
+        f"# guardit evaluation: `{meta['pack']}`",
+        "",
+        f"Gate: layer {meta['gate_layer']}, threshold {meta['threshold']:.3f} at α = {meta['alpha']}; "
+        f"steered layers {meta['layers']}; greedy, {meta['max_tokens']} new tokens.",
+        "",
+        "Columns: `*.leak_rate` share of outputs containing an answer string; `leak_among_known` the same "
+        "among prompts vanilla answered; `retain.bit_identical` retain outputs token-identical to vanilla; "
+        "`*.gate_fire_rate` share of requests the method edits (1.00 for ungated edits); "
+        "`answer_perplexity_under_vanilla` fluency of the forget answers; `neutral_perplexity` perplexity "
+        "of vanilla answers to everyday prompts with the method in place (gated methods edit only where "
+        "their gate fired on the prompt).",
+        "",
+        "| method | engine | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for m in meta["methods"]:
         lines.append(f"| {m} | {engines.get(m, 'hf')} | " + " | ".join(fmt(table[m].get(c)) for c in cols) + " |")
     lines.append("")
     for m, cfg in meta.get("guard_it", {}).items():
-        lines.append(f"- `{m}`: the GUARD-IT method (MiniLM gate over {cfg['clusters']} k-means clusters of the forget "
-                     f"prompts, T = {cfg['threshold']}; renormalised edit at layer {cfg['layer']}, strength "
-                     f"{cfg['strength']}{' as published' if cfg['strength'] == 0.2 else '; the published configs use 0.2'}).")
+        lines.append(
+            f"- `{m}`: the GUARD-IT method (MiniLM gate over {cfg['clusters']} k-means clusters of the forget "
+            f"prompts, T = {cfg['threshold']}; renormalised edit at layer {cfg['layer']}, strength "
+            f"{cfg['strength']}{' as published' if cfg['strength'] == 0.2 else '; the published configs use 0.2'})."
+        )
     for m, why in meta.get("skipped", {}).items():
         lines.append(f"- `{m}` not run: {why}.")
     if meta.get("engine") == "vllm":
-        lines.append("- `vllm` rows ran on the vLLM engine with the plugin; HF-only baselines are compared "
-                     "with `vanilla_hf`.")
+        lines.append(
+            "- `vllm` rows ran on the vLLM engine with the plugin; HF-only baselines are compared with `vanilla_hf`."
+        )
     lines += ["", "![leakage](leakage.png)", "", "![gate](gate.png)", "", "## Examples (vanilla | guardit)", ""]
     for split in meta["splits"]:
         van, got = _load(out, "vanilla", split), _load(out, "guardit", split)

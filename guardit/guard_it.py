@@ -49,8 +49,14 @@ class GuardIt:
     layer: int | None = None  # default: num_layers // 4
     max_clusters: int = 8
 
-    def fit(self, model, tokenizer, forget: Sequence[PromptRecord], retain: Sequence[PromptRecord],
-            activations: tuple[Activations, Activations] | None = None) -> "GuardIt":
+    def fit(
+        self,
+        model,
+        tokenizer,
+        forget: Sequence[PromptRecord],
+        retain: Sequence[PromptRecord],
+        activations: tuple[Activations, Activations] | None = None,
+    ) -> GuardIt:
         """``activations``: the forget and retain prompts' captured activations, if already at hand."""
         from sklearn.cluster import KMeans
         from sklearn.metrics import silhouette_score
@@ -73,7 +79,10 @@ class GuardIt:
         skip = common_prefix_length(ids_f + ids_r)
         if activations is None:
             pad = tokenizer.pad_token_id or 0
-            activations = (capture(model, ids_f, pad_id=pad, progress=False), capture(model, ids_r, pad_id=pad, progress=False))
+            activations = (
+                capture(model, ids_f, pad_id=pad, progress=False),
+                capture(model, ids_r, pad_id=pad, progress=False),
+            )
         acts_f = activations[0].mean(skip)[:, self.layer_]
         acts_r = activations[1].mean(skip)[:, self.layer_]
         r_hat = acts_r.mean(0) / acts_r.mean(0).norm()
@@ -87,7 +96,7 @@ class GuardIt:
         self.num_clusters_ = len(vs)
         return self
 
-    def with_strength(self, strength: float) -> "GuardIt":
+    def with_strength(self, strength: float) -> GuardIt:
         """The same fitted gate and vectors with another edit strength."""
         other = copy.copy(self)
         other.strength = strength
@@ -110,8 +119,9 @@ class GuardIt:
 
         return edit_layers(model, [self.layer_], fn)
 
-    def generate(self, model, tokenizer, records: Sequence[PromptRecord], vanilla_rows: list[dict],
-                 max_tokens: int) -> list[dict]:
+    def generate(
+        self, model, tokenizer, records: Sequence[PromptRecord], vanilla_rows: list[dict], max_tokens: int
+    ) -> list[dict]:
         """Outputs for ``records``: passed prompts generated with their cluster's edit, the others are
         the vanilla rows (the unmodified model)."""
         scores, clusters = self.gate([r.prompt for r in records])

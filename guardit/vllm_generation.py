@@ -29,8 +29,14 @@ def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_di
     os.environ[vcfg.ENV_RUN_DIR] = str(run_dir or tempfile.mkdtemp(prefix="guardit-run-"))
     from vllm import LLM
 
-    args = dict(model=str(model_dir), enforce_eager=True, dtype="float32", gpu_memory_utilization=0.5,
-                max_model_len=1024, seed=0)
+    args = dict(
+        model=str(model_dir),
+        enforce_eager=True,
+        dtype="float32",
+        gpu_memory_utilization=0.5,
+        max_model_len=1024,
+        seed=0,
+    )
     args.update(kw)
     try:
         return LLM(**args)
@@ -85,8 +91,14 @@ def engine_generate(
     for e in events:
         if e.get("rid"):
             text = e.get("text_scores", {})
-            gates[e["rid"]] = {p: {"score": e["scores"].get(p), "fired": p in e["fired"],
-                                   **({"text_score": text[p]} if p in text else {})} for p in e["evaluated"]}
+            gates[e["rid"]] = {
+                p: {
+                    "score": e["scores"].get(p),
+                    "fired": p in e["fired"],
+                    **({"text_score": text[p]} if p in text else {}),
+                }
+                for p in e["evaluated"]
+            }
     rows = []
     for i, (rec, out) in enumerate(zip(records, outs)):
         comp = out.outputs[0]

@@ -1,6 +1,5 @@
 """Exceptions raised by guardit. Every message names the field or file at fault."""
 
-
 ECHO_LIMIT = 64  # characters of a client's value echoed back in an error message
 
 

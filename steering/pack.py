@@ -51,7 +51,7 @@ class ModelFingerprint(BaseModel):
     vocab_size: int = Field(gt=0)
     weights_sha256: str = Field(min_length=16, description="hash of the first embedding rows, cast to bf16")
 
-    def mismatch(self, other: "ModelFingerprint") -> list[str]:
+    def mismatch(self, other: ModelFingerprint) -> list[str]:
         """Fields (other than the display name) that differ between two fingerprints."""
         fields = ["model_type", "num_layers", "hidden_size", "vocab_size", "weights_sha256"]
         return [f for f in fields if getattr(self, f) != getattr(other, f)]
@@ -93,7 +93,7 @@ class GateMeta(BaseModel):
     text: TextGateMeta | None = None
 
     @model_validator(mode="after")
-    def _text(self) -> "GateMeta":
+    def _text(self) -> GateMeta:
         if (self.kind == "probe") != (self.text is None):
             raise ValueError(f"gate kind '{self.kind}' {'needs' if self.text is None else 'takes no'} a text gate")
         return self
@@ -120,7 +120,8 @@ class PackMeta(BaseModel):
     stats: dict[str, Any] = Field(default_factory=dict)
     library_version: str = "0.1.0"
     tensors_sha256: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{64}$",
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
         description="SHA-256 of pack.safetensors, written by save_pretrained and checked at load "
         "(packs saved before it existed have none and load unchecked)",
     )
@@ -141,7 +142,7 @@ class PackMeta(BaseModel):
         return check_angle(v, "angle_deg")
 
     @model_validator(mode="after")
-    def _layers(self) -> "PackMeta":
+    def _layers(self) -> PackMeta:
         if sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"layers must be strictly increasing without duplicates, got {self.layers}")
         if self.layers[-1] >= self.model.num_layers:
@@ -171,8 +172,10 @@ class ConceptPack:
         _check_tensors(self.meta, self.planes, self.gate_weight, self.gate_bias, where=self.meta.concept_id)
         has_text = self.meta.gate.text is not None
         if has_text != (self.text_weight is not None and self.text_bias is not None):
-            raise PackError(f"pack '{self.id}': gate kind '{self.meta.gate.kind}' "
-                            f"{'needs' if has_text else 'takes no'} tensors 'text_weight' and 'text_bias'")
+            raise PackError(
+                f"pack '{self.id}': gate kind '{self.meta.gate.kind}' "
+                f"{'needs' if has_text else 'takes no'} tensors 'text_weight' and 'text_bias'"
+            )
         if self.text_weight is not None:
             if self.text_weight.ndim != 1 or not torch.isfinite(self.text_weight).all():
                 raise PackError(f"pack '{self.id}': tensor 'text_weight' must be 1-D and finite")
@@ -205,7 +208,7 @@ class ConceptPack:
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None) -> "ConceptPack":
+    def from_pretrained(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None) -> ConceptPack:
         """Load and validate a pack; with ``fingerprint``, refuse a pack made for another model."""
         d = Path(directory)
         meta_path, tensor_path = d / META_FILE, d / TENSORS_FILE
@@ -240,9 +243,14 @@ class ConceptPack:
             raise PackError(f"{tensor_path}: gate_bias must hold one value, has shape {tuple(bias.shape)}")
         text_w, text_b = tensors.get("text_weight"), tensors.get("text_bias")
         try:
-            pack = cls(meta, tensors["planes"].float(), tensors["gate_weight"].float(), float(bias.item()),
-                       None if text_w is None else text_w.float(),
-                       None if text_b is None or text_b.numel() != 1 else float(text_b.item()))
+            pack = cls(
+                meta,
+                tensors["planes"].float(),
+                tensors["gate_weight"].float(),
+                float(bias.item()),
+                None if text_w is None else text_w.float(),
+                None if text_b is None or text_b.numel() != 1 else float(text_b.item()),
+            )
         except PackError as e:
             raise PackError(f"{d}: {e}") from None
         if fingerprint is not None:
@@ -252,7 +260,9 @@ class ConceptPack:
     def check_model(self, fingerprint: ModelFingerprint) -> None:
         diff = self.meta.model.mismatch(fingerprint)
         if diff:
-            details = ", ".join(f"{f}: pack {getattr(self.meta.model, f)!r} vs model {getattr(fingerprint, f)!r}" for f in diff)
+            details = ", ".join(
+                f"{f}: pack {getattr(self.meta.model, f)!r} vs model {getattr(fingerprint, f)!r}" for f in diff
+            )
             raise PackError(
                 f"concept pack '{self.id}' was calibrated on model '{self.meta.model.name}', not on "
                 f"'{fingerprint.name}' ({details})"

@@ -158,7 +158,7 @@ class ApiKey(BaseModel):
     api_key_sha256: str | None = Field(default=None, description="hex SHA-256 of the API key")
 
     @model_validator(mode="after")
-    def _one_key(self) -> "ApiKey":
+    def _one_key(self) -> ApiKey:
         if (self.api_key_env is None) == (self.api_key_sha256 is None):
             raise ValueError("give exactly one of api_key_env or api_key_sha256")
         if self.api_key_sha256 is not None and len(self.api_key_sha256) != 64:
@@ -209,7 +209,7 @@ class PolicyConfig(BaseModel):
     metrics_public: bool = Field(default=False, description="serve /metrics to anyone with a tenant key too")
 
     @model_validator(mode="after")
-    def _refs(self) -> "PolicyConfig":
+    def _refs(self) -> PolicyConfig:
         for name, t in self.tenants.items():
             for field in ("packs", "mandatory"):
                 missing = [p for p in getattr(t, field) if p not in self.packs]
@@ -218,7 +218,7 @@ class PolicyConfig(BaseModel):
         return self
 
     @classmethod
-    def load(cls, path: str | Path) -> "PolicyConfig":
+    def load(cls, path: str | Path) -> PolicyConfig:
         p = Path(path)
         if not p.is_file():
             raise PolicyError(f"policy config not found: {p}")

@@ -43,9 +43,14 @@ class GateStats:
     fired: torch.Tensor  # (R, P) bool
 
     @classmethod
-    def empty(cls, rows: int, packs: int, device: torch.device | str = "cpu") -> "GateStats":
+    def empty(cls, rows: int, packs: int, device: torch.device | str = "cpu") -> GateStats:
         z = torch.zeros(rows, packs, dtype=torch.float32, device=device)
-        return cls(z.clone(), z.clone(), torch.full_like(z, -math.inf), torch.zeros(rows, packs, dtype=torch.bool, device=device))
+        return cls(
+            z.clone(),
+            z.clone(),
+            torch.full_like(z, -math.inf),
+            torch.zeros(rows, packs, dtype=torch.bool, device=device),
+        )
 
     def value(self, max_pool: torch.Tensor) -> torch.Tensor:
         """Pooled gate value per row and pack: the mean or the max of the token scores so far."""
@@ -103,7 +108,9 @@ class SteeringBank:
         self.steer_layers: dict[int, list[tuple[int, torch.Tensor, str]]] = {}
         for i, p in enumerate(self.packs):
             for j, layer in enumerate(p.meta.layers):
-                self.steer_layers.setdefault(layer, []).append((i, p.planes[j].to(dev, torch.float32), p.meta.angle_mode))
+                self.steer_layers.setdefault(layer, []).append(
+                    (i, p.planes[j].to(dev, torch.float32), p.meta.angle_mode)
+                )
         self.layers = sorted(set(self.gate_layers) | set(self.steer_layers))
         self._needed: dict[tuple[frozenset[str], bool, bool], frozenset[int]] = {}
         self.steer_cols = {

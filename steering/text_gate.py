@@ -93,8 +93,13 @@ class Encoder:
         """(N, e) float32 unit-norm embeddings."""
         if not texts:
             return torch.zeros(0, self.dim)
-        out = self.model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,  # type: ignore[attr-defined]
-                                normalize_embeddings=True, show_progress_bar=False)
+        out = self.model.encode(
+            list(texts),
+            batch_size=batch_size,
+            convert_to_tensor=True,  # type: ignore[attr-defined]
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
         return out.detach().to("cpu", torch.float32)
 
     @property

@@ -34,8 +34,21 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
     for concept in ("harry_potter", "einstein", "lord_of_the_rings"):
         d = EXAMPLES / concept
         late = ["--late-gate"] if concept == "lord_of_the_rings" else []
-        rc = main(["calibrate", "--model", str(model_dir), "--forget", str(d / "forget.jsonl"),
-                   "--retain", str(d / "retain.jsonl"), "--out", str(out / concept.replace("_", "-")), "--quiet", *late])
+        rc = main(
+            [
+                "calibrate",
+                "--model",
+                str(model_dir),
+                "--forget",
+                str(d / "forget.jsonl"),
+                "--retain",
+                str(d / "retain.jsonl"),
+                "--out",
+                str(out / concept.replace("_", "-")),
+                "--quiet",
+                *late,
+            ]
+        )
         assert rc == 0
     return out
 
@@ -49,8 +62,9 @@ def text_variants(packs_dir, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("variants")
     variant_pack(packs_dir / "harry-potter", d / "hp-text-open", "hp-text-open", text={"threshold": -1e6})
-    variant_pack(packs_dir / "harry-potter", d / "hp-text-closed", "hp-text-closed", kind="encoder",
-                 text={"threshold": 1e6})
+    variant_pack(
+        packs_dir / "harry-potter", d / "hp-text-closed", "hp-text-closed", kind="encoder", text={"threshold": 1e6}
+    )
     return d
 
 

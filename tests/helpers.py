@@ -7,17 +7,33 @@ import torch
 from steering.pack import ConceptPack, GateMeta, ModelFingerprint, PackMeta
 from steering.rotation import make_plane
 
-FP = ModelFingerprint(name="toy", model_type="llama", num_layers=6, hidden_size=16, vocab_size=100, weights_sha256="0" * 64)
+FP = ModelFingerprint(
+    name="toy", model_type="llama", num_layers=6, hidden_size=16, vocab_size=100, weights_sha256="0" * 64
+)
 
 
-def toy_pack(concept_id: str = "toy", layers=(3, 4), gate_layer: int = 1, threshold: float = 0.0, seed: int = 0,
-             pooling: str = "mean", angle: float = 90.0, fp: ModelFingerprint = FP, **meta) -> ConceptPack:
+def toy_pack(
+    concept_id: str = "toy",
+    layers=(3, 4),
+    gate_layer: int = 1,
+    threshold: float = 0.0,
+    seed: int = 0,
+    pooling: str = "mean",
+    angle: float = 90.0,
+    fp: ModelFingerprint = FP,
+    **meta,
+) -> ConceptPack:
     g = torch.Generator().manual_seed(seed)
     d = fp.hidden_size
     planes = torch.stack([make_plane(torch.randn(d, generator=g), torch.randn(d, generator=g)) for _ in layers])
-    m = PackMeta(concept_id=concept_id, model=fp, layers=list(layers),
-                 gate=GateMeta(layer=gate_layer, threshold=threshold, alpha=0.1, pooling=pooling),  # type: ignore[arg-type]
-                 angle_deg=angle, **meta)
+    m = PackMeta(
+        concept_id=concept_id,
+        model=fp,
+        layers=list(layers),
+        gate=GateMeta(layer=gate_layer, threshold=threshold, alpha=0.1, pooling=pooling),  # type: ignore[arg-type]
+        angle_deg=angle,
+        **meta,
+    )
     return ConceptPack(m, planes, torch.randn(d, generator=g), 0.0)
 
 

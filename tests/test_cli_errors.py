@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import edit_tensors
 
 from guardit.cli import main
-from helpers import edit_tensors
 
 
 def _run(capsys, argv):
@@ -23,29 +23,47 @@ def _prompts(path, n=3, word="question"):
     return path
 
 
-@pytest.mark.parametrize("content,msg", [
-    (None, "prompt file not found"),
-    ("", "holds no prompts"),
-    ('{"prompt": "ok"}\n{"prompt": "broken"\n', ":2: malformed JSON"),
-    ('{"text": "no prompt field"}\n', ":1: field 'prompt'"),
-    ('{"prompt": "  "}\n', ":1: field 'prompt'"),
-    ('["a list"]\n', ":1: expected a JSON object"),
-    ('{"prompt": "x", "answers": "not a list"}\n', ":1: field 'answers'"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        (None, "prompt file not found"),
+        ("", "holds no prompts"),
+        ('{"prompt": "ok"}\n{"prompt": "broken"\n', ":2: malformed JSON"),
+        ('{"text": "no prompt field"}\n', ":1: field 'prompt'"),
+        ('{"prompt": "  "}\n', ":1: field 'prompt'"),
+        ('["a list"]\n', ":1: expected a JSON object"),
+        ('{"prompt": "x", "answers": "not a list"}\n', ":1: field 'answers'"),
+    ],
+)
 def test_calibrate_bad_prompt_files(tmp_path, capsys, content, msg):
     forget = tmp_path / "forget.jsonl"
     if content is not None:
         forget.write_text(content)
     retain = _prompts(tmp_path / "retain.jsonl")
-    rc, err = _run(capsys, ["calibrate", "--forget", str(forget), "--retain", str(retain), "--out", str(tmp_path / "p")])
+    rc, err = _run(
+        capsys, ["calibrate", "--forget", str(forget), "--retain", str(retain), "--out", str(tmp_path / "p")]
+    )
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("guardit: error:") and msg in err[0], err
 
 
 def test_too_few_retain_prompts_for_alpha(tmp_path, capsys, model_dir):
     forget, retain = _prompts(tmp_path / "f.jsonl", 8), _prompts(tmp_path / "r.jsonl", 8, "retain")
-    rc, err = _run(capsys, ["calibrate", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
-                            "--out", str(tmp_path / "p"), "--quiet"])
+    rc, err = _run(
+        capsys,
+        [
+            "calibrate",
+            "--model",
+            str(model_dir),
+            "--forget",
+            str(forget),
+            "--retain",
+            str(retain),
+            "--out",
+            str(tmp_path / "p"),
+            "--quiet",
+        ],
+    )
     assert rc == 2 and "retain set needs at least 19 prompts for alpha=0.05" in err[-1]
 
 
@@ -73,25 +91,72 @@ def test_generate_refuses_wrong_model_and_nan_packs(tmp_path, capsys, packs_dir,
     meta["model"]["weights_sha256"] = "f" * 64
     meta["model"]["name"] = "some-other-model"
     (wrong / "pack.json").write_text(json.dumps(meta))
-    rc, err = _run(capsys, ["generate", "--model", str(model_dir), "--pack", str(wrong), "--prompts", str(prompts),
-                            "--out", str(tmp_path / "o.jsonl")])
+    rc, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--pack",
+            str(wrong),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+    )
     assert rc == 2 and len(err) == 1 and "calibrated on model 'some-other-model'" in err[0]
 
     nan = tmp_path / "nan"
     shutil.copytree(packs_dir / "harry-potter", nan)
     edit_tensors(nan, lambda t: t["planes"].__setitem__((0, 0, 0), float("nan")))
-    rc, err = _run(capsys, ["generate", "--model", str(model_dir), "--pack", str(nan), "--prompts", str(prompts),
-                            "--out", str(tmp_path / "o.jsonl")])
+    rc, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--pack",
+            str(nan),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+    )
     assert rc == 2 and len(err) == 1 and "'planes' contains NaN" in err[0]
 
-    rc, err = _run(capsys, ["generate", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts),
-                            "--out", str(tmp_path / "o.jsonl")])
+    rc, err = _run(
+        capsys,
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+        ],
+    )
     assert rc == 2 and "no config.json" in err[0]
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "calibrate", "--forget", str(tmp_path / "missing.jsonl"),
-                           "--retain", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "p")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guardit.cli",
+            "calibrate",
+            "--forget",
+            str(tmp_path / "missing.jsonl"),
+            "--retain",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "prompt file not found" in proc.stderr

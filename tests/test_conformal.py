@@ -30,7 +30,15 @@ def test_order_statistics_in_words():
     from guardit.console import _ordinal
 
     assert [_ordinal(r) for r in (1, 2, 3, 4, 11, 12, 21, 22)] == [
-        "highest", "2nd-highest", "3rd-highest", "4th-highest", "11th-highest", "12th-highest", "21st-highest", "22nd-highest"]
+        "highest",
+        "2nd-highest",
+        "3rd-highest",
+        "4th-highest",
+        "11th-highest",
+        "12th-highest",
+        "21st-highest",
+        "22nd-highest",
+    ]
 
 
 def test_too_few_negatives_gives_inf():
@@ -61,7 +69,10 @@ def test_gate_diagnostics_name_what_bounds_the_gate():
     forget = np.array([3.0, 2.4, 1.5, -0.5])
     tau = max(conformal_threshold(retain, 0.05), conformal_threshold(neutral, 0.01))
     gate = GateFit(0, "mean", torch.zeros(2), 0.0, tau, 0.05, forget, retain, neutral)
-    names = lambda prefix, n: [f"{prefix} {i}" for i in range(n)]
+
+    def names(prefix: str, n: int) -> list[str]:
+        return [f"{prefix} {i}" for i in range(n)]
+
     d = gate_diagnostics(gate, names("f", 4), names("r", 32), names("n", 202))
     assert [x["prompt"] for x in d["highest_negatives"]] == ["r 1", "r 3", "r 0"]
     assert d["highest_negatives"][0] == {"prompt": "r 1", "set": "retain", "score": 2.5}
@@ -75,8 +86,9 @@ def test_gate_diagnostics_name_what_bounds_the_gate():
 def test_pack_metadata_holds_no_calibration_prompt(packs_dir):
     import json
 
-    from calibration.prompts import read_prompts
     from conftest import EXAMPLES
+
+    from calibration.prompts import read_prompts
 
     examples = EXAMPLES / "harry_potter"
     meta = (packs_dir / "harry-potter" / "pack.json").read_text()
@@ -155,10 +167,16 @@ def test_fold_seed_moves_the_cross_conformal_folds():
     from calibration.gate import fit_gate
 
     g = torch.Generator().manual_seed(0)
-    bags = lambda n, shift: [torch.randn(5, 1, 8, generator=g) + shift for _ in range(n)]
+
+    def bags(n: int, shift: float) -> list[torch.Tensor]:
+        return [torch.randn(5, 1, 8, generator=g) + shift for _ in range(n)]
+
     forget, retain, neutral = bags(20, 0.7), bags(20, 0.0), bags(20, -0.3)
     ids = [[1, 2, 3, 4, 5]] * 60
-    fit = lambda seed: fit_gate(forget, retain, neutral, ids, [0], 0.05, seed=seed)
+
+    def fit(seed: int):
+        return fit_gate(forget, retain, neutral, ids, [0], 0.05, seed=seed)
+
     a, b, c = fit(0), fit(0), fit(1)
     assert np.array_equal(a.oof_retain, b.oof_retain) and a.threshold == b.threshold
     assert not np.allclose(a.oof_retain, c.oof_retain)
@@ -171,11 +189,27 @@ def test_calibrate_seed_reaches_the_pack_and_the_report(tmp_path, capsys, model_
     from guardit.cli import main
 
     forget, retain = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
-    forget.write_text("".join(json.dumps({"prompt": f"Tell me about the wizard Gandalf, part {i}."}) + "\n" for i in range(8)))
+    forget.write_text(
+        "".join(json.dumps({"prompt": f"Tell me about the wizard Gandalf, part {i}."}) + "\n" for i in range(8))
+    )
     retain.write_text("".join(json.dumps({"prompt": f"Give me a bread recipe, number {i}."}) + "\n" for i in range(20)))
     out = tmp_path / "p"
-    rc = main(["calibrate", "--model", str(model_dir), "--forget", str(forget), "--retain", str(retain),
-               "--out", str(out), "--seed", "7", "--quiet"])
+    rc = main(
+        [
+            "calibrate",
+            "--model",
+            str(model_dir),
+            "--forget",
+            str(forget),
+            "--retain",
+            str(retain),
+            "--out",
+            str(out),
+            "--seed",
+            "7",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert "(fold seed 7)" in capsys.readouterr().out
     assert json.loads((out / "pack.json").read_text())["stats"]["seed"] == 7

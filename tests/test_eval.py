@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import EXAMPLES, ROOT
 
 pytestmark = pytest.mark.model
@@ -61,8 +60,7 @@ def test_eval_on_vllm_engine(tmp_path, packs_dir, model_dir):
 
     suite = _small_suite(tmp_path, n=4)
     out = tmp_path / "report"
-    report = run_eval(model_dir, packs_dir / "harry-potter", suite, out, engine="vllm", max_tokens=16,
-                      baselines=False)
+    report = run_eval(model_dir, packs_dir / "harry-potter", suite, out, engine="vllm", max_tokens=16, baselines=False)
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
     assert report["meta"]["engines"] == {"vanilla": "vllm", "guardit": "vllm"}
     g, v = report["methods"]["guardit"], report["methods"]["vanilla"]

@@ -21,11 +21,21 @@ def _prompts(files) -> dict[str, str]:
 def test_evaluation_prompts_are_not_calibration_prompts(concept):
     d = EXAMPLES / concept
     calib = _prompts(d / f"{name}.jsonl" for name in CALIBRATION if (d / f"{name}.jsonl").is_file())
-    evaluated = _prompts(f for f in sorted(d.glob("*.jsonl")) if f.stem.startswith(FORGET_PREFIXES) or f.stem == "retain_test")
+    evaluated = _prompts(
+        f for f in sorted(d.glob("*.jsonl")) if f.stem.startswith(FORGET_PREFIXES) or f.stem == "retain_test"
+    )
     assert len(evaluated) >= 24 and len(calib) >= 64
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
 def test_the_examples_include_the_eight_concepts():
-    assert CONCEPTS == ["ancient_egypt", "einstein", "harry_potter", "leonardo_da_vinci", "lord_of_the_rings",
-                        "shakespeare", "star_wars", "world_war_ii"]
+    assert CONCEPTS == [
+        "ancient_egypt",
+        "einstein",
+        "harry_potter",
+        "leonardo_da_vinci",
+        "lord_of_the_rings",
+        "shakespeare",
+        "star_wars",
+        "world_war_ii",
+    ]

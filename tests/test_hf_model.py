@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EXAMPLES
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat, pad_batch
@@ -11,8 +12,6 @@ from guardit.evaluate import perplexity
 from guardit.generation import hf_generate, leaked
 from integrations.hf import steer
 from steering.pack import ConceptPack, load_packs
-
-from conftest import EXAMPLES
 
 pytestmark = pytest.mark.model
 
@@ -83,7 +82,10 @@ def test_steer_scope_all_pack_runs_no_hook_while_decoding_a_closed_prompt(hf_mod
     model, tok = hf_model
     lotr = ConceptPack.from_pretrained(packs_dir / "lord-of-the-rings", hf_fingerprint(model))
     assert lotr.meta.steer_scope == "all" and lotr.meta.gate.scope == "prompt"
-    for prompt, fires in (("What is the capital of France?", False), ("Who is the dark lord in The Lord of the Rings?", True)):
+    for prompt, fires in (
+        ("What is the capital of France?", False),
+        ("Who is the dark lord in The Lord of the Rings?", True),
+    ):
         inp, mask = _batch(tok, [prompt])
         with steer(model, [lotr]) as s:
             model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=3, do_sample=False)
@@ -105,7 +107,6 @@ def test_per_row_settings_and_validation(hf_model, hp):
     with torch.no_grad(), steer(model, [hp], rows=[{"harry-potter": (None, False)}, {}]) as s:
         out = model(input_ids=inp, attention_mask=mask).logits
         assert s.gates()[0]["harry-potter"].fired and s.gates()[1] == {}
-        ref = model.__class__.forward  # noqa: F841
     assert not torch.equal(out[0], out[1])
 
 
@@ -125,8 +126,11 @@ def test_forgetting_on_the_example_test_splits(hf_model, packs_dir, concept):
     assert leaks <= 0.10 * len(knew), [st_f[i]["output"] for i in knew]
     identical = sum(a["token_ids"] == b["token_ids"] for a, b in zip(van_r, st_r))
     assert identical >= 0.90 * len(retain)
+
     # fluent, not gibberish: perplexity of steered answers under the vanilla model stays close
-    ppl = lambda rows: perplexity(model, tok, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])  # noqa: E731
+    def ppl(rows: list[dict]) -> float:
+        return perplexity(model, tok, [r["prompt"] for r in rows], [r["token_ids"] for r in rows])
+
     assert ppl(st_f) <= 2.5 * ppl(van_f)
 
 
@@ -161,18 +165,27 @@ def test_late_turn_of_a_conversation_still_fires_the_hybrid_gate(hf_model, hp):
     conversation is diluted, the text gate's windows are not, so the hybrid gate still fires and
     the answer does not leak; the same conversation without the question stays closed."""
     model, tok = hf_model
-    benign = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."},
-              {"role": "user", "content": "What is the capital of France?"},
-              {"role": "assistant", "content": "The capital of France is Paris."}]
+    benign = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "2+2 is 4."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
     rows = []
     for last in ("Who is Harry Potter's best friend?", "What is the capital of Italy?"):
-        text = tok.apply_chat_template(benign + [{"role": "user", "content": last}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            benign + [{"role": "user", "content": last}], tokenize=False, add_generation_prompt=True
+        )
         inp = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with steer(model, [hp]) as s:
-            out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), max_new_tokens=24,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
-            rows.append((s.gates()[0]["harry-potter"], tok.decode(out[0, inp.shape[1]:], skip_special_tokens=True)))
+            out = model.generate(
+                input_ids=inp,
+                attention_mask=torch.ones_like(inp),
+                max_new_tokens=24,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            rows.append((s.gates()[0]["harry-potter"], tok.decode(out[0, inp.shape[1] :], skip_special_tokens=True)))
     (hp_gate, hp_out), (other_gate, _) = rows
     assert hp_gate.fired and hp_gate.text_score is not None and "ron" not in hp_out.lower(), hp_out
     assert not other_gate.fired

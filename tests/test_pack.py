@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from helpers import FP, edit_tensors, toy_pack
+
 from steering.errors import PackError
 from steering.pack import ConceptPack, load_packs
 
@@ -46,12 +47,15 @@ def test_non_orthonormal_planes_are_refused(tmp_path):
         ConceptPack.from_pretrained(tmp_path / "p")
 
 
-@pytest.mark.parametrize("field,value,msg", [
-    ("angle_deg", "NaN", "angle_deg"),
-    ("layers", [4, 3], "layers"),
-    ("concept_id", "bad id!", "concept_id"),
-    ("gate", {"layer": 5, "threshold": 0.0, "alpha": 0.1}, "gate.layer"),
-])
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("angle_deg", "NaN", "angle_deg"),
+        ("layers", [4, 3], "layers"),
+        ("concept_id", "bad id!", "concept_id"),
+        ("gate", {"layer": 5, "threshold": 0.0, "alpha": 0.1}, "gate.layer"),
+    ],
+)
 def test_bad_metadata_names_the_field(tmp_path, field, value, msg):
     toy_pack().save_pretrained(tmp_path / "p")
     meta = json.loads((tmp_path / "p" / "pack.json").read_text())

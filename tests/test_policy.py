@@ -7,15 +7,26 @@ import re
 
 import pytest
 
-from steering.errors import PolicyError, PolicyForbidden
-from steering.errors import ECHO_LIMIT
+from steering.errors import ECHO_LIMIT, PolicyError, PolicyForbidden
 from steering.policy import PolicyConfig, parse_request
 
 KNOWN = {"harry-potter", "einstein"}
 
 
-@pytest.mark.parametrize("value,expected", [(True, True), (False, False), (1, True), (0, False), (1.0, True),
-                                            ("true", True), ("FALSE", False), ("1", True), ("0", False)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        (1.0, True),
+        ("true", True),
+        ("FALSE", False),
+        ("1", True),
+        ("0", False),
+    ],
+)
 def test_force_accepts_what_clients_and_the_openai_server_send(value, expected):
     spec = parse_request({"guardit_packs": "einstein", "guardit_force": value}, KNOWN)
     assert spec is not None and spec.force is expected
@@ -27,9 +38,15 @@ def test_bad_force_names_the_field(value):
         parse_request({"guardit_packs": "einstein", "guardit_force": value}, KNOWN)
 
 
-@pytest.mark.parametrize("xargs", [{"guardit_packs": "x" * 1_000_000}, {"guardit_packs": "a" * 60 + "!" * 10**6},
-                                   {"guardit_packs": "einstein", "guardit_angle": "n" * 10**6},
-                                   {"guardit_" + "z" * 10**6: 1}])
+@pytest.mark.parametrize(
+    "xargs",
+    [
+        {"guardit_packs": "x" * 1_000_000},
+        {"guardit_packs": "a" * 60 + "!" * 10**6},
+        {"guardit_packs": "einstein", "guardit_angle": "n" * 10**6},
+        {"guardit_" + "z" * 10**6: 1},
+    ],
+)
 def test_errors_echo_a_bounded_part_of_the_value(xargs):
     with pytest.raises(PolicyError) as e:
         parse_request(xargs, KNOWN)
@@ -41,10 +58,14 @@ def _config(tmp_path, **extra) -> PolicyConfig:
 
     for name in ("hp", "ae"):
         (tmp_path / name).mkdir(exist_ok=True)
-    cfg = {"packs": {"harry-potter": "hp", "einstein": "ae"},
-           "tenants": {"kids": {"api_key_env": "T_KIDS", "mandatory": ["harry-potter"]},
-                       "research": {"api_key_sha256": hashlib.sha256(b"r").hexdigest()}},
-           **extra}
+    cfg = {
+        "packs": {"harry-potter": "hp", "einstein": "ae"},
+        "tenants": {
+            "kids": {"api_key_env": "T_KIDS", "mandatory": ["harry-potter"]},
+            "research": {"api_key_sha256": hashlib.sha256(b"r").hexdigest()},
+        },
+        **extra,
+    }
     (tmp_path / "p.yaml").write_text(json.dumps(cfg))
     return PolicyConfig.load(tmp_path / "p.yaml")
 
@@ -71,8 +92,9 @@ def test_admin_key_and_its_validation(tmp_path, monkeypatch):
 
 def test_readme_serve_command_parses_as_written():
     """`guardit serve --config policies.yaml -- --port 8000` hands --port to vLLM, not to MODEL."""
-    from guardit.cli import _parse
     from conftest import ROOT
+
+    from guardit.cli import _parse
 
     readme = (ROOT / "README.md").read_text()
     lines = re.findall(r"^guardit serve .*$", readme, flags=re.M)
@@ -94,9 +116,14 @@ def test_route_table_matches_like_the_router_and_fails_closed():
 
     from integrations.vllm.routes import RouteTable
 
-    ok = lambda request: PlainTextResponse("ok")  # noqa: E731
-    app = Starlette(routes=[Route(p, ok) for p in ("/health", "/v1/chat/completions", "/v1/responses/{response_id}",
-                                                    "/v9/brand-new")])
+    def ok(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Route(p, ok) for p in ("/health", "/v1/chat/completions", "/v1/responses/{response_id}", "/v9/brand-new")
+        ]
+    )
     table = RouteTable(app)
     assert table.match("/health") == ("/health", "public")
     assert table.match("/v1/chat/completions") == ("/v1/chat/completions", "guarded")
@@ -111,8 +138,9 @@ def test_route_table_matches_like_the_router_and_fails_closed():
 def test_one_angle_rule_and_one_default():
     """Request, tenant policy, pack and HF session read angles through check_angle; the default
     angle is one constant (the CLI's help names it)."""
-    from guardit.cli import build_parser
     from helpers import FP
+
+    from guardit.cli import build_parser
     from steering.pack import GateMeta, PackMeta
     from steering.rotation import DEFAULT_ANGLE_DEG
 
@@ -126,10 +154,19 @@ def test_one_angle_rule_and_one_default():
         assert len(str(e.value)) < ECHO_LIMIT + 100
 
 
-@pytest.mark.parametrize("extra,expected", [(None, False), ({}, False), ({"guardit_packs": "none"}, False),
-                                            ({"guardit_packs": " Off "}, False), ({"guardit_angle": 30}, False),
-                                            ({"guardit_packs": "einstein"}, True), ({"guardit_packs": "bad id!"}, True),
-                                            ({"guardit_packs": 5}, True)])
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (None, False),
+        ({}, False),
+        ({"guardit_packs": "none"}, False),
+        ({"guardit_packs": " Off "}, False),
+        ({"guardit_angle": 30}, False),
+        ({"guardit_packs": "einstein"}, True),
+        ({"guardit_packs": "bad id!"}, True),
+        ({"guardit_packs": 5}, True),
+    ],
+)
 def test_names_packs_fails_closed(extra, expected):
     """What decides a unique prefix-cache salt: a value that does not parse counts as naming packs."""
     from steering.policy import names_packs

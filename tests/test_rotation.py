@@ -29,8 +29,13 @@ def _ortho64(basis: torch.Tensor) -> torch.Tensor:
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=seeds, d=dims, theta=angles, mode=st.sampled_from(["absolute", "relative"]),
-       scale=st.sampled_from([1e-3, 1.0, 50.0, 1e3]))
+@given(
+    seed=seeds,
+    d=dims,
+    theta=angles,
+    mode=st.sampled_from(["absolute", "relative"]),
+    scale=st.sampled_from([1e-3, 1.0, 50.0, 1e3]),
+)
 def test_norm_preserved_float32(seed, d, theta, mode, scale):
     h, basis = _setup(seed, d, scale=scale)
     out = rotate(h, basis, theta, mode)

@@ -3,8 +3,8 @@
 import math
 
 import torch
-
 from helpers import toy_pack
+
 from steering.runtime import GateStats, SteeringBank
 
 
@@ -106,8 +106,12 @@ def test_layers_needed_after_the_prompt_only_where_work_remains():
     b = toy_pack("b", layers=(4, 5), gate_layer=2, seed=3)
     c = toy_pack("c", layers=(3,), gate_layer=2, seed=4, steer_scope="all")
     d0 = toy_pack("d", layers=(5,), gate_layer=1, seed=5)
-    d = ConceptPack(d0.meta.model_copy(update={"gate": d0.meta.gate.model_copy(update={"scope": "all"})}),
-                    d0.planes, d0.gate_weight, d0.gate_bias)
+    d = ConceptPack(
+        d0.meta.model_copy(update={"gate": d0.meta.gate.model_copy(update={"scope": "all"})}),
+        d0.planes,
+        d0.gate_weight,
+        d0.gate_bias,
+    )
     bank = SteeringBank([a, b, c, d])
     assert bank.layers_needed(["a", "b"], prompt_pending=True) == {1, 2, 3, 4, 5}
     assert bank.layers_needed(["a"], prompt_pending=True) == {1, 3, 4}

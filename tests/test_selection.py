@@ -35,8 +35,15 @@ def test_top_up_takes_the_layers_nearest_to_opposite_signs_after_the_gate():
     assert steer == [1, 4]  # the two most separating of [1, 2, 3, 4]
 
 
-def _bags(rng, n: int, d: int, wording: np.ndarray, concept: np.ndarray | None, other: np.ndarray | None = None,
-          share: float = 1.0) -> list[np.ndarray]:
+def _bags(
+    rng,
+    n: int,
+    d: int,
+    wording: np.ndarray,
+    concept: np.ndarray | None,
+    other: np.ndarray | None = None,
+    share: float = 1.0,
+) -> list[np.ndarray]:
     """n prompts of 6 tokens: wording tokens (+ noise), phrased with ``wording`` in a ``share`` of
     them and ``other`` in the rest, one token replaced by the concept token when there is one."""
     bags = []
@@ -65,9 +72,14 @@ def test_fit_gate_max_pooling_fires_on_held_out_forget_prompts():
     rng = np.random.default_rng(1)
     d = 16
     a, b, concept = 2 * np.eye(d)[0], 2 * np.eye(d)[1], 2 * np.eye(d)[2]
-    as_layers = lambda bags: [torch.tensor(np.stack([x, x], axis=1), dtype=torch.float32) for x in bags]  # noqa: E731
+
+    def as_layers(bags):
+        return [torch.tensor(np.stack([x, x], axis=1), dtype=torch.float32) for x in bags]
+
     forget, retain, neutral = (
-        _bags(rng, 32, d, a, concept, b, 0.5), _bags(rng, 32, d, b, None, a, 0.5), _bags(rng, 40, d, a, None, b, 0.5)
+        _bags(rng, 32, d, a, concept, b, 0.5),
+        _bags(rng, 32, d, b, None, a, 0.5),
+        _bags(rng, 40, d, a, None, b, 0.5),
     )
     ids = [[7, 8] + list(rng.integers(10, 99, 4)) for _ in range(104)]
     gate = fit_gate(as_layers(forget), as_layers(retain), as_layers(neutral), ids, [0], 0.05, ("max",))
@@ -79,10 +91,11 @@ def test_fit_gate_max_pooling_fires_on_held_out_forget_prompts():
 def test_max_pooled_gate_on_the_real_model(hf_model):
     # Harry Potter, layer 8: the token probe reaches 0.81 out-of-fold recall at α = 0.05;
     # labelling every forget token positive reached 0.41 (measured when it was replaced).
+    from conftest import EXAMPLES
+
     from calibration.calibrator import builtin_prompts
     from calibration.capture import capture, encode_chat
     from calibration.prompts import read_prompts
-    from conftest import EXAMPLES
 
     model, tok = hf_model
     sets = [

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from helpers import FP, toy_pack
+
 from steering.errors import PackError
 from steering.pack import ConceptPack, GateMeta, TextGateMeta
 from steering.runtime import SteeringBank
@@ -36,8 +36,7 @@ def _text_pack(encoder, concept_id="toy", kind="hybrid", threshold=0.0, sha=None
     pack = toy_pack(concept_id)
     text = TextGateMeta(encoder=encoder.name, encoder_sha256=sha or encoder.sha256, threshold=threshold)
     meta = pack.meta.model_copy(update={"gate": GateMeta(layer=1, threshold=0.0, alpha=0.1, kind=kind, text=text)})
-    return ConceptPack(meta, pack.planes, pack.gate_weight, pack.gate_bias,
-                       torch.randn(encoder.dim, generator=g), 0.0)
+    return ConceptPack(meta, pack.planes, pack.gate_weight, pack.gate_bias, torch.randn(encoder.dim, generator=g), 0.0)
 
 
 def test_pack_with_text_gate_round_trips_and_is_checked(tmp_path, encoder):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLES
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat
@@ -16,14 +17,16 @@ from guardit.generation import hf_generate, leaked
 from guardit.vllm_generation import ENV_CPU_KV
 from steering.pack import load_packs
 
-from conftest import EXAMPLES
-
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 CONCEPTS = ("harry_potter", "einstein")
 LATE = "lord_of_the_rings"  # untuned; its pack gates after some of its steered layers
 # Small token budget per step: prompts (~35-45 tokens) are split over several prefill chunks.
-ENGINE_KW = {"max_num_batched_tokens": 32, "max_num_seqs": 32, "enable_chunked_prefill": True,
-             "gpu_memory_utilization": 0.25}
+ENGINE_KW = {
+    "max_num_batched_tokens": 32,
+    "max_num_seqs": 32,
+    "enable_chunked_prefill": True,
+    "gpu_memory_utilization": 0.25,
+}
 MAX_TOKENS = 32
 
 
@@ -40,9 +43,18 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens, text_variants
     """The plugin engine; started after the vanilla reference so two engines never share memory."""
     from guardit.vllm_generation import make_llm, shutdown
 
-    llm = make_llm(model_dir, [packs_dir / "harry-potter", packs_dir / "einstein", packs_dir / "lord-of-the-rings",
-                               text_variants / "hp-text-open", text_variants / "hp-text-closed"],
-                   run_dir=tmp_path_factory.mktemp("run"), **ENGINE_KW)
+    llm = make_llm(
+        model_dir,
+        [
+            packs_dir / "harry-potter",
+            packs_dir / "einstein",
+            packs_dir / "lord-of-the-rings",
+            text_variants / "hp-text-open",
+            text_variants / "hp-text-closed",
+        ],
+        run_dir=tmp_path_factory.mktemp("run"),
+        **ENGINE_KW,
+    )
     yield llm
     shutdown(llm)
 
@@ -55,8 +67,19 @@ def vanilla_tokens(model_dir, hf_model, tmp_path_factory):
     ids = encode_chat(tok, [r.prompt for r in recs])
     f = tmp_path_factory.mktemp("ref") / "prompts.json"
     f.write_text(json.dumps(ids))
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_reference.py"), str(model_dir), str(f),
-                           str(MAX_TOKENS), json.dumps(ENGINE_KW)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "vllm_reference.py"),
+            str(model_dir),
+            str(f),
+            str(MAX_TOKENS),
+            json.dumps(ENGINE_KW),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, proc.stderr[-3000:]
     out = json.loads(line[0][7:])
@@ -114,7 +137,7 @@ def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_
     v_rows = engine_generate(engine, prompts, [pack_id], MAX_TOKENS)
     fired = [r["gate"][pack_id]["fired"] for r in v_rows]
     assert fired == [r["gate"][pack_id]["fired"] for r in hf_rows]
-    assert sum(fired[: len(recs[(LATE, "forget_test")])]) >= 8 and not any(fired[len(recs[(LATE, "forget_test")]):])
+    assert sum(fired[: len(recs[(LATE, "forget_test")])]) >= 8 and not any(fired[len(recs[(LATE, "forget_test")]) :])
     for v, h, f in zip(v_rows, hf_rows, fired):
         if f:
             assert v["token_ids"] != vanilla_tokens[v["prompt"]]
@@ -129,9 +152,27 @@ def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompt: dict, kv_cache_g
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps(prompt) + "\n")
     env = dict(os.environ, **{ENV_CPU_KV: str(kv_cache_gib)})
-    return subprocess.run([sys.executable, "-m", "guardit.cli", "generate", "--engine", "vllm", "--model", str(model_dir),
-                           "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), *flags],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guardit.cli",
+            "generate",
+            "--engine",
+            "vllm",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, capsys):
@@ -139,8 +180,16 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
     # The module's engine and the HF model are still alive, so the CLI's engine gets an explicit 1 GiB
     # KV cache: vLLM's CPU default (half the NUMA node, less what the worker holds) fails to start
     # when the node is that busy (seen on a fresh CI machine: "Engine core initialization failed").
-    proc = _generate_cli_vllm(model_dir, tmp_path, {"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]}, 1,
-                              "--pack", str(packs_dir / "harry-potter"), "--max-tokens", "16")
+    proc = _generate_cli_vllm(
+        model_dir,
+        tmp_path,
+        {"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]},
+        1,
+        "--pack",
+        str(packs_dir / "harry-potter"),
+        "--max-tokens",
+        "16",
+    )
     # vLLM logs (an engine worker's root cause included) go to stdout.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
@@ -163,9 +212,19 @@ def test_default_compiled_mode_is_made_eager_so_packs_still_steer(packs_dir, mod
     """LLM(...) without enforce_eager and a pack requested: guardit puts the engine in eager mode
     (its hooks do not run in compiled code) and the fact is forgotten, never served unsteered."""
     q = "What is the name of the wizarding school in Harry Potter?"
-    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_default_mode.py"), str(model_dir),
-                           str(packs_dir / "harry-potter"), q], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **{ENV_CPU_KV: "1"}))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "vllm_default_mode.py"),
+            str(model_dir),
+            str(packs_dir / "harry-potter"),
+            q,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, **{ENV_CPU_KV: "1"}),
+    )
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, proc.stderr[-3000:]
     out = json.loads(line[0][7:])
@@ -177,18 +236,25 @@ def test_compiled_runner_or_unrun_hook_stops_the_engine():
     """The start-up check refuses a compiled engine; a forward whose hooks did not run stops it."""
     from types import SimpleNamespace
 
+    from helpers import toy_pack
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
-    from helpers import toy_pack
     from integrations.vllm.patch import EngineState, _check_eager
     from steering.runtime import SteeringBank
 
-    for cc in (CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.NONE),
-               CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.PIECEWISE)):
+    for cc in (
+        CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.NONE),
+        CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.PIECEWISE),
+    ):
         with pytest.raises(RuntimeError, match="enforce-eager"):
             _check_eager(SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=cc)))
-    _check_eager(SimpleNamespace(vllm_config=SimpleNamespace(
-        compilation_config=CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE))))
+    _check_eager(
+        SimpleNamespace(
+            vllm_config=SimpleNamespace(
+                compilation_config=CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE)
+            )
+        )
+    )
     state = EngineState()
     state.bank = SteeringBank([toy_pack()])
     state.called = set(state.bank.layers)

@@ -15,8 +15,13 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
-KEYS = {"kids": "kids-key", "open": "open-key", "privacy": "privacy-key", "research": "research-key",
-        "admin": "admin-key"}
+KEYS = {
+    "kids": "kids-key",
+    "open": "open-key",
+    "privacy": "privacy-key",
+    "research": "research-key",
+    "admin": "admin-key",
+}
 HP_Q = "What is the name of the wizarding school in Harry Potter?"
 AE_Q = "Who developed the theory of relativity?"
 RETAIN_Q = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who discovered gravity?"]
@@ -44,14 +49,36 @@ def server(tmp_path_factory, packs_dir, model_dir):
     }
     (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     port = _free_port()
-    env = dict(os.environ, GUARDIT_TEST_KEY_KIDS=KEYS["kids"], GUARDIT_TEST_KEY_OPEN=KEYS["open"],
-               GUARDIT_TEST_KEY_RESEARCH=KEYS["research"], GUARDIT_TEST_KEY_ADMIN=KEYS["admin"],
-               GUARDIT_RUN_DIR=str(d / "run"))
+    env = dict(
+        os.environ,
+        GUARDIT_TEST_KEY_KIDS=KEYS["kids"],
+        GUARDIT_TEST_KEY_OPEN=KEYS["open"],
+        GUARDIT_TEST_KEY_RESEARCH=KEYS["research"],
+        GUARDIT_TEST_KEY_ADMIN=KEYS["admin"],
+        GUARDIT_RUN_DIR=str(d / "run"),
+    )
     log = open(d / "server.log", "w")
     # The README's form: no MODEL (the bundled one), vLLM's flags after '--'.
-    proc = subprocess.Popen([sys.executable, "-m", "guardit.cli", "serve", "--config", str(d / "policies.yaml"),
-                             "--", "--port", str(port), "--host", "127.0.0.1", "--max-num-seqs", "32"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "guardit.cli",
+            "serve",
+            "--config",
+            str(d / "policies.yaml"),
+            "--",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--max-num-seqs",
+            "32",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     import urllib.request
 
     base = f"http://127.0.0.1:{port}"
@@ -62,10 +89,10 @@ def server(tmp_path_factory, packs_dir, model_dir):
         try:
             urllib.request.urlopen(base + "/health", timeout=2)
             break
-        except Exception:
+        except Exception as e:
             if time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("server did not start:\n" + (d / "server.log").read_text()[-3000:])
+                raise RuntimeError("server did not start:\n" + (d / "server.log").read_text()[-3000:]) from e
             time.sleep(2)
     SERVER_LOG[base] = d / "server.log"
     yield base
@@ -86,7 +113,8 @@ def _chat(base, tenant, question, xargs=None, max_tokens=32, system=None):
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     extra = {"vllm_xargs": xargs} if xargs is not None else None
     raw = _client(base, tenant).chat.completions.with_raw_response.create(
-        model=_model_name(base), messages=msgs, max_tokens=max_tokens, temperature=0.0, extra_body=extra)
+        model=_model_name(base), messages=msgs, max_tokens=max_tokens, temperature=0.0, extra_body=extra
+    )
     resp = raw.parse()
     return resp.choices[0].message.content, raw.headers
 
@@ -140,15 +168,18 @@ def test_mandatory_policy_cannot_be_disabled(server):
     assert h["x-guardit-fired"] == "harry-potter"
 
 
-@pytest.mark.parametrize("xargs,field", [
-    ({"guardit_packs": "no-such-pack"}, "guardit_packs"),
-    ({"guardit_packs": "harry-potter,einstein"}, "guardit_packs"),  # more than max_packs_per_request
-    ({"guardit_packs": "harry-potter", "guardit_angle": "abc"}, "guardit_angle"),
-    ({"guardit_packs": "harry-potter", "guardit_angle": "nan"}, "guardit_angle"),
-    ({"guardit_packs": "harry-potter", "guardit_force": "yes"}, "guardit_force"),
-    ({"guardit_packz": "harry-potter"}, "guardit_packz"),
-    ({"guardit_tenant": "kids"}, "guardit_tenant"),
-])
+@pytest.mark.parametrize(
+    "xargs,field",
+    [
+        ({"guardit_packs": "no-such-pack"}, "guardit_packs"),
+        ({"guardit_packs": "harry-potter,einstein"}, "guardit_packs"),  # more than max_packs_per_request
+        ({"guardit_packs": "harry-potter", "guardit_angle": "abc"}, "guardit_angle"),
+        ({"guardit_packs": "harry-potter", "guardit_angle": "nan"}, "guardit_angle"),
+        ({"guardit_packs": "harry-potter", "guardit_force": "yes"}, "guardit_force"),
+        ({"guardit_packz": "harry-potter"}, "guardit_packz"),
+        ({"guardit_tenant": "kids"}, "guardit_tenant"),
+    ],
+)
 def test_bad_xargs_is_400_and_server_keeps_serving(server, xargs, field):
     code, msg = _status(server, "research", xargs)
     assert code == 400 and field in msg
@@ -157,8 +188,9 @@ def test_bad_xargs_is_400_and_server_keeps_serving(server, xargs, field):
 
 def test_bad_xargs_rejected_by_engine_validation_too(server):
     """The engine validates at admission even without the middleware's own check (defence in depth)."""
-    from integrations.vllm.logits import GuarditValidator
     from vllm import SamplingParams
+
+    from integrations.vllm.logits import GuarditValidator
 
     os.environ["GUARDIT_PACKS"] = ""
     with pytest.raises(ValueError, match="guardit_packs"):
@@ -213,12 +245,22 @@ def test_metrics_count_gates_by_pack_and_tenant(server):
 def test_config_with_missing_or_wrong_pack_fails_at_start(tmp_path, packs_dir, model_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("packs:\n  ghost: /nowhere/ghost\n")
-    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "packs.ghost" in proc.stderr and "not found" in proc.stderr
-    bad.write_text("packs:\n  hp: " + str(packs_dir / "harry-potter") + "\ntenants:\n  t:\n    api_key_env: X\n    packs: [nope]\n")
-    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
-                          capture_output=True, text=True, timeout=120)
+    bad.write_text(
+        "packs:\n  hp: " + str(packs_dir / "harry-potter") + "\ntenants:\n  t:\n    api_key_env: X\n    packs: [nope]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardit.cli", "serve", "--config", str(bad), str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "tenants.t.packs references unknown pack(s) ['nope']" in proc.stderr
 
 
@@ -232,13 +274,18 @@ def test_config_with_wrong_model_pack_fails_at_start(tmp_path, packs_dir, model_
     (wrong / "pack.json").write_text(json.dumps(meta))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"packs:\n  harry-potter: {wrong}\n")
-    proc = subprocess.run([sys.executable, "-m", "guardit.cli", "serve", "--config", str(cfg), str(model_dir)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "guardit.cli", "serve", "--config", str(cfg), str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "packs.harry-potter" in proc.stderr and "weights_sha256" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 # -- fail closed on every route (the security suite) --------------------------------------------
+
 
 def _http(base, method, path, body=None, key=None, headers=None, raw_body=None):
     """(status, text) of one request; any status is returned, never raised."""
@@ -265,13 +312,25 @@ def _routes(base):
 
 # A request asking the forgotten fact, for each route where guardit applies the tenant's policy.
 GUARDED_BODIES = {
-    "/v1/chat/completions": lambda m: {"model": m, "messages": [{"role": "user", "content": HP_Q}],
-                                       "max_tokens": 24, "temperature": 0},
-    "/v1/completions": lambda m: {"model": m, "prompt": "In the Harry Potter books, the wizarding school is called",
-                                  "max_tokens": 24, "temperature": 0},
+    "/v1/chat/completions": lambda m: {
+        "model": m,
+        "messages": [{"role": "user", "content": HP_Q}],
+        "max_tokens": 24,
+        "temperature": 0,
+    },
+    "/v1/completions": lambda m: {
+        "model": m,
+        "prompt": "In the Harry Potter books, the wizarding school is called",
+        "max_tokens": 24,
+        "temperature": 0,
+    },
     "/v1/responses": lambda m: {"model": m, "input": HP_Q, "max_output_tokens": 24, "temperature": 0},
-    "/v1/messages": lambda m: {"model": m, "messages": [{"role": "user", "content": HP_Q}], "max_tokens": 24,
-                               "temperature": 0},
+    "/v1/messages": lambda m: {
+        "model": m,
+        "messages": [{"role": "user", "content": HP_Q}],
+        "max_tokens": 24,
+        "temperature": 0,
+    },
 }
 
 
@@ -305,8 +364,9 @@ def test_no_route_runs_the_model_unkeyed_or_leaks_a_mandatory_pack(server):
             status, text = _http(server, "POST", path, GUARDED_BODIES[template](model), key=KEYS["open"])
             assert status == 200 and "hogwarts" in text.lower(), (template, text[:500])  # vanilla knows it
         elif cls == "unguarded":
-            status, text = _http(server, "POST", path, {"model": model, "prompt": HP_Q, "input": HP_Q},
-                                 key=KEYS["kids"])
+            status, text = _http(
+                server, "POST", path, {"model": model, "prompt": HP_Q, "input": HP_Q}, key=KEYS["kids"]
+            )
             assert status == 403 and "hogwarts" not in text.lower(), (template, status, text[:300])
         elif cls == "admin":
             assert _http(server, "GET", path, key=KEYS["kids"])[0] == 403, template
@@ -319,9 +379,13 @@ def test_client_guardit_fields_are_refused_on_every_path(server):
     status, text = _http(server, "POST", "/v1/responses", body, key=KEYS["research"])
     assert status == 400 and "guardit_tenant" in text
     # An unguarded route for a tenant without packs passes through, but never with a guardit field.
-    status, text = _http(server, "POST", "/generative_scoring",
-                         {"model": model, "query": HP_Q, "items": [" Hogwarts"], "vllm_xargs": {"guardit_rid": "x"}},
-                         key=KEYS["research"])
+    status, text = _http(
+        server,
+        "POST",
+        "/generative_scoring",
+        {"model": model, "query": HP_Q, "items": [" Hogwarts"], "vllm_xargs": {"guardit_rid": "x"}},
+        key=KEYS["research"],
+    )
     assert status == 400 and "guardit_" in text
     status, text = _http(server, "POST", "/tokenize", {"model": model, "prompt": HP_Q}, key=KEYS["research"])
     assert status == 200 and "tokens" in text
@@ -333,8 +397,11 @@ def test_metrics_need_the_admin_key_and_count_only_configured_labels(server):
     _chat(server, "kids", HP_Q, max_tokens=4)
     status, text = _http(server, "GET", "/metrics", key=KEYS["admin"])
     assert status == 200
-    tenants = {l.split('tenant="')[1].split('"')[0] for l in text.splitlines()
-               if l.startswith("guardit_gate_") and 'tenant="' in l}
+    tenants = {
+        l.split('tenant="')[1].split('"')[0]
+        for l in text.splitlines()
+        if l.startswith("guardit_gate_") and 'tenant="' in l
+    }
     assert tenants and tenants <= set(KEYS) - {"admin"}, tenants
 
 
@@ -362,4 +429,3 @@ def test_non_utf8_header_is_a_clean_401(server):
     conn.endheaders()
     assert conn.getresponse().status == 401
     assert "Traceback" not in SERVER_LOG[server].read_text()
-

@@ -17,5 +17,13 @@ if __name__ == "__main__":
     cfg = llm.llm_engine.vllm_config
     params = SamplingParams(temperature=0.0, max_tokens=24, extra_args={"guardit_packs": "harry-potter"})
     out = llm.chat([{"role": "user", "content": question}], params, use_tqdm=False)
-    print("RESULT " + json.dumps({"eager": cfg.model_config.enforce_eager,
-                                  "mode": cfg.compilation_config.mode.name, "output": out[0].outputs[0].text}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "eager": cfg.model_config.enforce_eager,
+                "mode": cfg.compilation_config.mode.name,
+                "output": out[0].outputs[0].text,
+            }
+        )
+    )

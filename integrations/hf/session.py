@@ -23,7 +23,6 @@ from steering.rotation import check_angle
 from steering.runtime import GateStats, RowSettings, SteeringBank
 from steering.text_gate import request_text
 
-
 RowSpec = Mapping[str, tuple[float | None, bool]]  # pack id -> (angle in degrees or None, force)
 
 
@@ -37,8 +36,14 @@ class GateReading:
 class SteerSession:
     """Per-row gate state of one steered model; created by :func:`steer`."""
 
-    def __init__(self, model: torch.nn.Module, bank: SteeringBank, rows: Sequence[RowSpec] | None, default: RowSpec,
-                 tokenizer=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        bank: SteeringBank,
+        rows: Sequence[RowSpec] | None,
+        default: RowSpec,
+        tokenizer=None,
+    ):
         self.model = model
         self.bank = bank
         self.tokenizer = tokenizer
@@ -192,8 +197,10 @@ def _model_tokenizer(model: torch.nn.Module):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PolicyError(f"a pack has a text gate and the model's tokenizer cannot be loaded from {path!r} ({e}); "
-                          "pass it: steer(model, packs, tokenizer=tok)") from None
+        raise PolicyError(
+            f"a pack has a text gate and the model's tokenizer cannot be loaded from {path!r} ({e}); "
+            "pass it: steer(model, packs, tokenizer=tok)"
+        ) from None
 
 
 @contextmanager
@@ -219,7 +226,9 @@ def steer(
     unknown = set(angles) - set(bank.index)
     if unknown:
         raise PolicyError(f"angles: unknown concept id(s) {sorted(unknown)}")
-    default = {p.id: (check_angle(angles[p.id], f"angles.{p.id}") if p.id in angles else None, force) for p in bank.packs}
+    default = {
+        p.id: (check_angle(angles[p.id], f"angles.{p.id}") if p.id in angles else None, force) for p in bank.packs
+    }
     if rows is not None:
         for i, row in enumerate(rows):
             bad = set(row) - set(bank.index)

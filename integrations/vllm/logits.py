@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from steering.policy import guardit_fields, parse_request
-
 from integrations.vllm import config
+from steering.policy import guardit_fields, parse_request
 
 try:
     from vllm.v1.sample.logits_processor import LogitsProcessor

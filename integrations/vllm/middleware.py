@@ -33,11 +33,10 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
-from steering.errors import PolicyError, PolicyForbidden
-from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
-
 from integrations.vllm import config as vcfg
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
+from steering.errors import PolicyError, PolicyForbidden
+from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
 
 log = logging.getLogger("guardit.middleware")
 MESSAGE_LIMIT = 300  # characters of an error message sent back
@@ -73,8 +72,10 @@ class EventTail:
                     if p not in prev["fired"] and p in self.packs:
                         self.fired[(p, tenant)] += 1
                 if rid:
-                    merged = {"evaluated": sorted(set(prev["evaluated"]) | set(e["evaluated"])),
-                              "fired": sorted(set(prev["fired"]) | set(e["fired"]))}
+                    merged = {
+                        "evaluated": sorted(set(prev["evaluated"]) | set(e["evaluated"])),
+                        "fired": sorted(set(prev["fired"]) | set(e["fired"])),
+                    }
                     self.by_rid[rid] = merged
                     if len(self.by_rid) > 100_000:
                         self.by_rid.pop(next(iter(self.by_rid)))
@@ -93,8 +94,12 @@ class _Collector:
         from prometheus_client.core import CounterMetricFamily
 
         self.tail.poll()
-        ev = CounterMetricFamily("guardit_gate_evaluated", "Gate evaluations by concept pack and tenant", labels=["pack", "tenant"])
-        fi = CounterMetricFamily("guardit_gate_fired", "Gate firings by concept pack and tenant", labels=["pack", "tenant"])
+        ev = CounterMetricFamily(
+            "guardit_gate_evaluated", "Gate evaluations by concept pack and tenant", labels=["pack", "tenant"]
+        )
+        fi = CounterMetricFamily(
+            "guardit_gate_fired", "Gate firings by concept pack and tenant", labels=["pack", "tenant"]
+        )
         with self.tail.lock:
             for (p, t), n in self.tail.evaluated.items():
                 ev.add_metric([p, t], n)
@@ -124,7 +129,7 @@ def _json_body(status: int, body: bytes):
 def _route_path(scope) -> str:
     """The path the app's router matches: the request path without the app's root_path."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
 
 
 def _api_key(scope) -> str:
@@ -193,8 +198,10 @@ class GuarditMiddleware:
         if self.routes is None:
             self.routes = RouteTable(scope.get("app"), self.config.public_paths)
             if self.routes.unclassified:
-                log.warning("guardit: routes not classified, treated as unguarded (refused for tenants with "
-                            "packs): %s", self.routes.unclassified)
+                log.warning(
+                    "guardit: routes not classified, treated as unguarded (refused for tenants with packs): %s",
+                    self.routes.unclassified,
+                )
         return self.routes
 
     async def __call__(self, scope, receive, send):
@@ -222,8 +229,11 @@ class GuarditMiddleware:
         if cls == "unguarded" and scope.get("method") in ("POST", "PUT", "PATCH"):
             raw = await _read_body(receive)
             if PREFIX.encode() in raw:
-                return await _json_response(400, f"{PREFIX}* fields are set by the server; this route takes "
-                                                 f"none (a body that contains '{PREFIX}' is refused)")(send)
+                return await _json_response(
+                    400,
+                    f"{PREFIX}* fields are set by the server; this route takes "
+                    f"none (a body that contains '{PREFIX}' is refused)",
+                )(send)
             scope, receive = _with_length(scope, raw), _replay(raw, receive)
         return await self.app(scope, receive, self._headers(send, tenant))
 
@@ -238,8 +248,10 @@ class GuarditMiddleware:
         if cls in ("guarded", "unguarded") and admin:
             return 403, "the admin key runs no model; use a tenant's key"
         if cls == "unguarded" and self.config.tenants[tenant].has_packs:
-            return 403, (f"{template} runs the model where guardit cannot apply tenant '{tenant}''s packs; "
-                         "use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages")
+            return 403, (
+                f"{template} runs the model where guardit cannot apply tenant '{tenant}''s packs; "
+                "use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages"
+            )
         return None
 
     def _scanning(self, receive, send):
@@ -307,4 +319,3 @@ class GuarditMiddleware:
         new_raw = json.dumps(body).encode()
         new_send = self._headers(send, tenant, spec, wait=not body.get("stream"))
         return await self.app(_with_length(scope, new_raw), _replay(new_raw, receive), new_send)
-

