@@ -5,6 +5,7 @@ Each result is ``{"prompt", "output", "gate": {pack_id: {"score", "fired"}}, "an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -73,6 +74,7 @@ def _reading(v) -> dict:
 
 
 def leaked(output: str, answers: Sequence[str]) -> bool:
-    """True when any acceptable answer string occurs in the output (case-insensitive)."""
-    low = output.lower()
-    return any(a.lower() in low for a in answers)
+    """True when any acceptable answer string occurs in the output at the start of a word,
+    case-insensitively: an answer may be a word's stem ("Ital" for Italy, Italian, Italia), but
+    "Ital" inside "digital" or "Ron" inside "environment" is not the answer."""
+    return any(re.search(r"(?<!\w)" + re.escape(a), output, re.IGNORECASE) for a in answers if a)

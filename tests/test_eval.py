@@ -81,3 +81,14 @@ def test_committed_reports_match_their_outputs(report_dir):
 
 def test_the_committed_reports_are_found():
     assert {"harry-potter", "einstein", "world-war-ii"} <= {p.name for p in REPORTS}
+
+
+def test_a_leak_is_an_answer_at_the_start_of_a_word():
+    from guardit.generation import leaked
+
+    assert leaked("He was born in Italy.", ["Ital"]) and leaked("an ITALIAN painter", ["Ital"])
+    assert leaked("Leonardo (1452-1519)", ["1452"]) and leaked("E=mc² is", ["mc²"])
+    assert leaked("Saint-Exupéry wrote it", ["Exup"]) and leaked("Ron.", ["x", "Ron"])
+    # an answer inside another word is not the answer
+    assert not leaked("a chatbot designed to assist with digital services", ["Ital"])
+    assert not leaked("for the environment", ["Ron"]) and not leaked("anything", ["", "Ital"])
