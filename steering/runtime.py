@@ -24,18 +24,37 @@ forward: :meth:`SteeringBank.text_gates` scores each new request once, and
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from steering.pack import ConceptPack
+from steering.policy import RequestSpec
 from steering.rotation import rotate_rows_
+
+
+class PackUse(NamedTuple):
+    """How one row uses one pack: the angle in degrees (None: the pack's calibrated angle) and
+    whether the rotation is forced (applied without consulting the gate)."""
+
+    angle: float | None = None
+    force: bool = False
+
+
+RowSpec = Mapping[str, PackUse | tuple[float | None, bool]]  # pack id -> how the row uses it
+
+
+def row_spec(spec: RequestSpec | None) -> dict[str, PackUse]:
+    """A request's spec as its row's pack uses (no packs for None)."""
+    return {} if spec is None else {pid: PackUse(spec.angle, spec.force) for pid in spec.packs}
 
 
 @dataclass
 class GateStats:
-    """Running gate statistics of R rows for P packs (float32 on the bank's device)."""
+    """Running gate statistics of R rows for P packs (float32 on the bank's device). One row of it,
+    kept between forward passes (vLLM: per request), is a GateStats with R = 1."""
 
     total: torch.Tensor  # (R, P) sum of token scores
     count: torch.Tensor  # (R, P) number of scored tokens
@@ -51,6 +70,15 @@ class GateStats:
             torch.full_like(z, -math.inf),
             torch.zeros(rows, packs, dtype=torch.bool, device=device),
         )
+
+    @classmethod
+    def stack(cls, rows: Sequence[GateStats], device: torch.device | str = "cpu") -> GateStats:
+        """The rows' statistics as one batch, in order, on ``device``."""
+        return cls(*(torch.cat([getattr(r, f) for r in rows]).to(device) for f in ("total", "count", "peak", "fired")))
+
+    def row(self, i: int) -> GateStats:
+        """Row ``i``'s statistics (a copy on the CPU), to keep until the row's next forward."""
+        return GateStats(*(getattr(self, f)[i : i + 1].cpu() for f in ("total", "count", "peak", "fired")))
 
     def value(self, max_pool: torch.Tensor) -> torch.Tensor:
         """Pooled gate value per row and pack: the mean or the max of the token scores so far."""
@@ -144,10 +172,11 @@ class SteeringBank:
 
     def settings(
         self,
-        rows: list[dict[str, tuple[float | None, bool]]],
+        rows: Sequence[RowSpec | RequestSpec | None],
         text_fired: torch.Tensor | None = None,
     ) -> RowSettings:
-        """Build per-row settings from, per row, {pack_id: (angle_deg or None, force)}, and the
+        """Per-row settings, the one path for both engines: each row is given as its pack uses
+        ({pack_id: (angle_deg or None, force)}) or as its request's spec (None: no pack), with the
         rows' text-gate decisions ``text_fired`` (R, P) bool from :meth:`text_gates`: a fired text
         gate rotates the row from its first token; an "encoder" pack whose text gate did not fire
         does not apply to the row (its probe never decides)."""
@@ -156,7 +185,8 @@ class SteeringBank:
         force = torch.zeros(r, p, dtype=torch.bool)
         angle = self.default_angle.cpu().expand(r, p).clone()
         for i, row in enumerate(rows):
-            for pid, (deg, forced) in row.items():
+            uses = row_spec(row) if row is None or isinstance(row, RequestSpec) else row
+            for pid, (deg, forced) in uses.items():
                 j = self.index[pid]
                 active[i, j] = True
                 force[i, j] = forced
@@ -167,6 +197,11 @@ class SteeringBank:
             force |= text_fired
             active &= ~self.encoder_only | text_fired
         return RowSettings(active.to(self.device), force.to(self.device), angle.to(self.device))
+
+    def readout(self, stats: GateStats, settings: RowSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the gates say, on the CPU: (the pooled probe value (R, P), fired (R, P) bool, a
+        forced pack counting as fired)."""
+        return stats.value(self.max_pool).cpu(), (stats.fired | settings.force).cpu()
 
     def uses_text_gate(self, pack_ids: Iterable[str]) -> bool:
         """Does a row using these packs need a text-gate decision before its forward?"""

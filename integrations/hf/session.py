@@ -20,10 +20,8 @@ from steering.errors import PolicyError
 from steering.modules import decoder_layers
 from steering.pack import ConceptPack
 from steering.rotation import check_angle
-from steering.runtime import GateStats, RowSettings, SteeringBank
+from steering.runtime import GateStats, RowSettings, RowSpec, SteeringBank
 from steering.text_gate import request_text
-
-RowSpec = Mapping[str, tuple[float | None, bool]]  # pack id -> (angle in degrees or None, force)
 
 
 @dataclass
@@ -119,7 +117,7 @@ class SteerSession:
             raise PolicyError(f"rows: {len(specs)} row settings given for a batch of {bsz}")
         self.bank_device(device)
         text_fired, self.text_score = self._text_gates(specs, prompts, heads)
-        self.settings = self.bank.settings([dict(s) for s in specs], text_fired)
+        self.settings = self.bank.settings(specs, text_fired)
         self.stats = GateStats.empty(bsz, self.bank.num_packs, device)
         self._is_prompt = True
         self._used = {pid for s in specs for pid in s}
@@ -173,8 +171,7 @@ class SteerSession:
         """Per row of the last batch, per pack it applies to: pooled gate score and whether it fired."""
         if self.stats is None or self.settings is None:
             return []
-        value = self.stats.value(self.bank.max_pool).cpu()
-        fired = (self.stats.fired | self.settings.force).cpu()
+        value, fired = self.bank.readout(self.stats, self.settings)
         active = (self.settings.active | self.settings.force).cpu()
         out = []
         text = self.text_score

@@ -46,15 +46,14 @@ _lock = threading.Lock()
 
 @dataclass
 class _Request:
+    """One live request: its spec and its gate state, kept between steps."""
+
     spec: RequestSpec | None
-    head: int = 1
+    gate: GateStats  # R = 1: the probe's running statistics and decisions (P packs)
+    text_fired: torch.Tensor  # (P,) bool: the text gates' decision, made before its prefill
+    text_score: torch.Tensor  # (P,) float, -inf where no text gate applies
+    head: int = 1  # leading prompt tokens never rotated (template head, attention sink)
     seen: int = 0  # prompt+output positions already scored by the gate
-    total: torch.Tensor | None = None
-    count: torch.Tensor | None = None
-    peak: torch.Tensor | None = None
-    fired: torch.Tensor | None = None
-    text_fired: torch.Tensor | None = None  # (P,) bool: the text gates' decision, made before its prefill
-    text_score: torch.Tensor | None = None  # (P,) float, -inf where no text gate applies
     reported: set[str] = field(default_factory=set)
     evaluated: bool = False
     # The prompt was split into prefill chunks and the gate decided after the first one: those
@@ -71,15 +70,31 @@ class _Request:
 
 
 @dataclass
+class _Tokens:
+    """Where each token of the flattened batch belongs, for one step (numpy, then on the device)."""
+
+    row: np.ndarray  # (T,) the token's request row
+    valid: np.ndarray  # tokens the gate counts (not padding, not already counted)
+    steerable: np.ndarray  # tokens a rotation may touch (not padding, not the template head)
+    is_prompt: np.ndarray
+    ready: np.ndarray  # (R,) rows whose prompt is complete after this step
+    split: set[int]  # rows whose prompt came in several chunks and is complete now
+    layers: frozenset[int]  # layers whose hooks have work this step (the others return at once)
+
+
+@dataclass
 class _Step:
+    req_ids: list[str]
+    requests: list[_Request]
     token_row: torch.Tensor
-    valid: torch.Tensor  # tokens the gate counts (not padding, not already counted)
-    steerable: torch.Tensor  # tokens a rotation may touch (not padding, not the template head)
+    valid: torch.Tensor
+    steerable: torch.Tensor
     is_prompt: torch.Tensor
-    ready: torch.Tensor  # (R,) rows whose prompt is complete after this step
+    ready: torch.Tensor
+    split: set[int]
     stats: GateStats
     settings: RowSettings
-    layers: frozenset[int]  # layers whose hooks have work this step (the others return at once)
+    layers: frozenset[int]
 
 
 class EngineState:
@@ -162,14 +177,36 @@ class EngineState:
 
     # -- per step --------------------------------------------------------------------------------
     def begin(self, runner, num_tokens: int) -> None:
+        """Before a forward: the step's requests (new ones parsed and text-gated), and, when any of
+        them still needs guardit, the token map and the row settings."""
         self.step = None
         bank = self.bank
         assert bank is not None
+        req_ids, requests = self._step_requests(runner)
+        if not any(st.active for st in requests):
+            return
+        tokens = self._token_map(runner, req_ids, requests, num_tokens)
+        dev = runner.device
+        stats = GateStats.stack([st.gate for st in requests], dev)
+        text_fired = torch.stack([st.text_fired for st in requests]) if bank.text_packs else None
+        rows = [st.spec if st.active else None for st in requests]
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(x).to(dev)
+
+        self.step = _Step(
+            req_ids, requests, t(tokens.row), t(tokens.valid), t(tokens.steerable), t(tokens.is_prompt),
+            t(tokens.ready), tokens.split, stats, bank.settings(rows, text_fired), tokens.layers,
+        )  # fmt: skip
+
+    def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
+        """This step's request ids and records, in batch order: finished requests dropped, new ones
+        added (their text gates decided in one batch), preempted ones made to rotate again."""
         live = runner.requests
         for rid in [r for r in self.requests if r not in live]:
             del self.requests[rid]
         n = runner.input_batch.num_reqs
-        req_ids = runner.input_batch.req_ids[:n]
+        req_ids = list(runner.input_batch.req_ids[:n])
         new = [
             (self._new_request(rid, live[rid]), list(live[rid].prompt_token_ids or []))
             for rid in req_ids
@@ -177,89 +214,73 @@ class EngineState:
         ]
         if new and self.bank.text_packs:
             self._text_gates(new)
-        states = []
-        any_active = False
-        for rid in req_ids:
-            st = self.requests[rid]
+        requests = [self.requests[rid] for rid in req_ids]
+        for rid, st in zip(req_ids, requests):
             if st.settled and st.reported and live[rid].num_computed_tokens < live[rid].num_prompt_tokens:
                 st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
-            states.append(st)
-            any_active |= st.active
-        if not any_active:
-            return
+        return req_ids, requests
+
+    def _token_map(self, runner, req_ids: list[str], requests: list[_Request], num_tokens: int) -> _Tokens:
+        """Each token's row and role in this step's flattened batch (``query_start_loc``), and each
+        active request's progress through its prompt."""
+        bank = self.bank
+        assert bank is not None
+        n = len(req_ids)
         qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
-        p = bank.num_packs
-        token_row = np.zeros(num_tokens, dtype=np.int64)
-        valid = np.zeros(num_tokens, dtype=bool)
-        steerable = np.zeros(num_tokens, dtype=bool)
-        is_prompt = np.zeros(num_tokens, dtype=bool)
-        ready = np.zeros(n, dtype=bool)
-        rows: list[dict] = []
-        self._split: set[int] = set()
-        layers: frozenset[int] = frozenset()
-        for i, (rid, st) in enumerate(zip(req_ids, states)):
-            cached = live[rid]
+        tok = _Tokens(
+            row=np.zeros(num_tokens, dtype=np.int64),
+            valid=np.zeros(num_tokens, dtype=bool),
+            steerable=np.zeros(num_tokens, dtype=bool),
+            is_prompt=np.zeros(num_tokens, dtype=bool),
+            ready=np.zeros(n, dtype=bool),
+            split=set(),
+            layers=frozenset(),
+        )
+        for i, (rid, st) in enumerate(zip(req_ids, requests)):
+            cached = runner.requests[rid]
             start = int(cached.num_computed_tokens)
             a, b = int(qsl[i]), int(qsl[i + 1])
-            pos = np.arange(start, start + (b - a))
-            token_row[a:b] = i
+            tok.row[a:b] = i
             if not st.active:
-                rows.append({})
                 continue
+            assert st.spec is not None
             if start > st.seen:
                 # Tokens we never scored (a cache hit we did not expect): fail closed.
                 log.warning("guardit: request %s skipped %d unscored tokens; steering it", rid, start - st.seen)
-                st.fired[:] = True
+                st.gate.fired[:] = True
+            pos = np.arange(start, start + (b - a))
             num_prompt = int(cached.num_prompt_tokens)
-            valid[a:b] = pos >= st.seen
-            steerable[a:b] = pos >= st.head
-            is_prompt[a:b] = (pos < num_prompt) | st.compensate
-            ready[i] = start + (b - a) >= num_prompt
-            if ready[i] and not st.evaluated and start > st.head:
-                self._split.add(i)
+            tok.valid[a:b] = pos >= st.seen
+            tok.steerable[a:b] = pos >= st.head
+            tok.is_prompt[a:b] = (pos < num_prompt) | st.compensate
+            tok.ready[i] = start + (b - a) >= num_prompt
+            if tok.ready[i] and not st.evaluated and start > st.head:
+                tok.split.add(i)
             st.seen = max(st.seen, start + (b - a))
-            rows.append({pid: (st.spec.angle, st.spec.force) for pid in st.spec.packs})
-            layers |= bank.layers_needed(st.spec.packs, start < num_prompt or not st.evaluated, st.compensate)
-        dev = runner.device
-        stats = GateStats(
-            torch.stack([s.total if s.total is not None else torch.zeros(p) for s in states]).to(dev),
-            torch.stack([s.count if s.count is not None else torch.zeros(p) for s in states]).to(dev),
-            torch.stack([s.peak if s.peak is not None else torch.full((p,), -math.inf) for s in states]).to(dev),
-            torch.stack([s.fired if s.fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]).to(dev),
-        )
-        t = lambda x: torch.from_numpy(x).to(dev)  # noqa: E731
-        text_fired = None
-        if bank.text_packs:
-            text_fired = torch.stack(
-                [s.text_fired if s.text_fired is not None else torch.zeros(p, dtype=torch.bool) for s in states]
-            )
-        self.step = _Step(
-            t(token_row), t(valid), t(steerable), t(is_prompt), t(ready), stats, bank.settings(rows, text_fired), layers
-        )
-        self._states = states
-        self._req_ids = req_ids
+            tok.layers |= bank.layers_needed(st.spec.packs, start < num_prompt or not st.evaluated, st.compensate)
+        return tok
 
     def end(self) -> None:
+        """After a forward: keep each request's gate state, write one event per decision, settle
+        the requests guardit has nothing left to do for."""
         step, self.step = self.step, None
         if step is None:
             return
         bank = self.bank
         assert bank is not None
-        stats = step.stats
         forced = step.settings.force.cpu()
-        fired_all = stats.fired.cpu() | forced
-        value = stats.value(bank.max_pool).cpu()
+        value, fired_all = bank.readout(step.stats, step.settings)
         ready = step.ready.cpu()
         events = []
-        for i, (rid, st) in enumerate(zip(self._req_ids, self._states)):
+        for i, (rid, st) in enumerate(zip(step.req_ids, step.requests)):
             if not st.active:
                 continue
-            st.total, st.count = stats.total[i].cpu(), stats.count[i].cpu()
-            st.peak, st.fired = stats.peak[i].cpu(), stats.fired[i].cpu()
+            assert st.spec is not None
+            st.gate = step.stats.row(i)
             fired = {pid for pid in st.spec.packs if fired_all[i, bank.index[pid]]}
             # Only a gate that opened in the forward pass left earlier prompt chunks unrotated; a pack
             # forced or fired by its text gate was rotated from the first chunk.
-            if i in self._split and any(not forced[i, bank.index[pid]] for pid in fired):
+            if i in step.split and any(not forced[i, bank.index[pid]] for pid in fired):
                 st.compensate = True
             # One event when the whole prompt has been seen (the score is the prompt's), then one per
             # pack that opens later.
@@ -286,17 +307,16 @@ class EngineState:
         bank = self.bank
         assert bank is not None
         sp = getattr(cached, "sampling_params", None)
-        known, limit = frozenset(bank.index), 10**6
+        known = frozenset(bank.index)
         try:
-            spec = parse_request(getattr(sp, "extra_args", None), known, limit)
-        except ValueError as e:  # validated at admission already; never let one request break a batch
+            # Validated at admission already; a request cannot name more packs than are loaded.
+            spec = parse_request(getattr(sp, "extra_args", None), known, max_packs=len(known))
+        except ValueError as e:  # never let one request break a batch
             log.error("guardit: request %s has an invalid spec (%s); steering all its packs", rid, e)
             spec = RequestSpec(packs=tuple(bank.index), force=True)
-        st = _Request(spec)
+        p = bank.num_packs
+        st = _Request(spec, GateStats.empty(1, p), torch.zeros(p, dtype=torch.bool), torch.full((p,), -math.inf))
         if spec is not None:
-            p = bank.num_packs
-            st.total, st.count = torch.zeros(p), torch.zeros(p)
-            st.peak, st.fired = torch.full((p,), -math.inf), torch.zeros(p, dtype=torch.bool)
             st.head = bank.head_length(list(cached.prompt_token_ids or []))
         self.requests[rid] = st
         return st
@@ -334,7 +354,7 @@ STATE = EngineState()
 
 
 def _text_scores(st: _Request, bank: SteeringBank) -> dict:
-    if st.text_score is None or st.spec is None:
+    if st.spec is None:
         return {}
     out = {
         pid: round(float(st.text_score[bank.index[pid]]), 5)
