@@ -11,11 +11,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from calibration.capture import capture, common_prefix_length, decoder_layers, encode_chat
+from calibration.capture import Activations, capture, common_prefix_length, decoder_layers, encode_chat
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
 from calibration.gate import (
     WEAK_RECALL,
     GateFit,
+    TextGateFit,
     binding_negatives,
     combine_gates,
     conformal_rank,
@@ -27,7 +28,7 @@ from calibration.gate import (
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, read_prompts
 from steering.errors import GuarditError
-from steering.pack import ConceptPack, GateMeta, PackMeta, TextGateMeta
+from steering.pack import ConceptPack, GateMeta, KindThresholds, PackMeta, TextGateMeta
 from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
 from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
 
@@ -73,6 +74,58 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
     }
 
 
+# ``--gate auto``: the kinds in order of preference when their out-of-fold recalls are within
+# AUTO_MARGIN of the best. Both text kinds come first: the forget prompts all name the concept, so
+# out-of-fold recall on them cannot show that the text gate catches indirect asks that the probe
+# misses (FINDINGS.md), and the hybrid keeps the probe's evidence as well.
+AUTO_PREFERENCE = ("hybrid", "encoder", "probe")
+AUTO_MARGIN = 0.05
+
+
+def choose_gate_kind(report: dict[str, dict]) -> str:
+    """The gate kind ``--gate auto`` serves, from the per-kind out-of-fold rates."""
+    best = max(r["oof_tpr_forget"] for r in report.values())
+    return next(k for k in AUTO_PREFERENCE if k in report and report[k]["oof_tpr_forget"] >= best - AUTO_MARGIN)
+
+
+@dataclass
+class _GateKinds:
+    """The gate kinds compared at calibration, and the one served."""
+
+    report: dict[str, dict]  # kind -> out-of-fold recall and false-fire rates
+    thresholds: dict[str, KindThresholds]  # the kinds the pack records (the served one included)
+    chosen: str
+    text: TextGateMeta | None  # the text gate (encoder identity, the chosen kind's threshold)
+    text_fit: TextGateFit | None
+
+    def probe_threshold(self, probe: GateFit) -> float:
+        """The probe's served threshold: the chosen kind's (the probe's own for "encoder", whose
+        probe never decides)."""
+        t = self.thresholds[self.chosen].probe
+        return probe.threshold if t is None else t
+
+
+@dataclass
+class _Captured:
+    """The calibration prompts as the model saw them: forget, retain, neutral, in that order."""
+
+    neutral: list[str]
+    ids: list[list[list[int]]]  # token ids per set
+    acts: list[Activations]  # captured activations per set
+    pad: int
+    skip: int  # length of the chat template head that every prompt shares
+    num_layers: int
+
+    @property
+    def all_ids(self) -> list[list[int]]:
+        return self.ids[0] + self.ids[1] + self.ids[2]
+
+    def pooled(self, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forget and retain prompts' (N, L, d) features for the concept directions."""
+        f, r = self.acts[0], self.acts[1]
+        return (f.mean(self.skip), r.mean(self.skip)) if how == "mean" else (f.last(), r.last())
+
+
 @dataclass
 class ConceptCalibrator:
     """Calibrate one concept on one HF model.
@@ -92,7 +145,7 @@ class ConceptCalibrator:
     gate_layers: list[int] | None = None
     gate_poolings: tuple[str, ...] = ("mean",)
     late_gate: bool = False  # when the best early gate is weak, let a later layer gate
-    gate_kind: Literal["probe", "encoder", "hybrid"] = "hybrid"
+    gate_kind: Literal["auto", "probe", "encoder", "hybrid"] = "auto"
     encoder: str = DEFAULT_ENCODER
     max_steer_layers: int | None = None
     min_steer_layers: int = 4
@@ -110,9 +163,86 @@ class ConceptCalibrator:
         retain: list[PromptRecord] | list[str],
         target_set: list[PromptRecord] | None = None,
     ) -> ConceptPack:
+        """Calibrate: validate the sets, capture activations, fit the probe gate, choose the steered
+        layers and their planes, fit the text gate, then build the pack and ``report_``."""
         t0 = time.perf_counter()
         fp = [r.prompt if isinstance(r, PromptRecord) else r for r in forget]
         rp = [r.prompt if isinstance(r, PromptRecord) else r for r in retain]
+        self._validate(fp, rp)
+        data = self._capture(model, tokenizer, fp, rp)
+        pooled_f, pooled_r = data.pooled(self.direction_pooling)
+        directions = mean_difference(pooled_f, pooled_r)
+        stats = layer_stats(pooled_f, pooled_r, directions)
+        gate, anchor = self._fit_probe(data)
+        steer, topped_up = choose_steer_layers(stats, anchor, self.min_steer_layers, self.max_steer_layers)
+        steer_scope = "all" if gate.layer >= steer[0] else "prompt"
+        targets = self._targets(model, tokenizer, target_set, pooled_r, data.pad)
+        self.directions_ = directions
+        t_orth = orthogonal_target(targets, directions)
+        planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
+        texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
+        kinds = self._gate_kinds(gate, texts, len(fp), len(rp))
+        fpr_neutral = float(np.mean(gate.oof_neutral > gate.threshold)) if len(gate.oof_neutral) else 0.0
+        report = {
+            "concept_id": self.concept_id,
+            "n_forget": len(fp),
+            "n_retain": len(rp),
+            "n_neutral": len(data.neutral),
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "gate": {
+                "layer": gate.layer,
+                "pooling": gate.pooling,
+                "threshold": gate.threshold,
+                "oof_tpr_forget": round(gate.tpr, 4),
+                "oof_fpr_retain": round(gate.fpr, 4),
+                "oof_fpr_neutral": round(fpr_neutral, 4),
+                "oof_auroc": round(gate.auroc, 4),
+                "candidates": gate.candidates,
+                "kind": kinds.chosen,
+                "kinds": kinds.report,
+            },
+            "steer_layers": steer,
+            "steer_topped_up": topped_up,
+            "steer_scope": steer_scope,
+            "steer_after": anchor,
+            "late_gate": self.late_gate,
+            "min_steer_layers": self.min_steer_layers,
+            "layers": [s.as_dict() for s in stats],
+            "target": self.target,
+            "direction_pooling": self.direction_pooling,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        # Prompt texts stay out of the pack (its metadata travels to servers; a forget prompt may
+        # itself be the private data): they are for the person running the calibration.
+        self.report_ = {**report, "diagnostics": gate_diagnostics(gate, fp, rp, data.neutral)}
+        meta = PackMeta(
+            concept_id=self.concept_id,
+            description=self.description,
+            model=hf_fingerprint(model),
+            layers=steer,
+            gate=GateMeta(
+                layer=gate.layer,
+                threshold=kinds.probe_threshold(gate),
+                alpha=self.alpha,
+                pooling=gate.pooling,  # type: ignore[arg-type]
+                kind=kinds.chosen,  # type: ignore[arg-type]
+                text=kinds.text,
+                kinds=kinds.thresholds,  # type: ignore[arg-type]
+            ),
+            angle_deg=self.angle_deg,
+            angle_mode=self.angle_mode,
+            target=self.target,
+            steer_scope=steer_scope,
+            skip_head=list(data.all_ids[0][: data.skip]),
+            stats=dict(report),
+        )
+        fit = kinds.text_fit
+        text_weight, text_bias = (None, None) if fit is None else (fit.weight, fit.bias)
+        return ConceptPack(meta, planes, gate.weight, gate.bias, text_weight, text_bias)
+
+    def _validate(self, fp: list[str], rp: list[str]) -> None:
+        """The settings and the two prompt sets, before any model work."""
         if not 0.0 < self.alpha < 1.0:
             raise GuarditError(f"alpha must be in (0, 1), got {self.alpha}")
         bad = sorted(set(self.gate_poolings) - {"mean", "max"})
@@ -134,127 +264,57 @@ class ConceptCalibrator:
                 f"the retain set needs at least {need} prompts for alpha={self.alpha} "
                 f"(conformal threshold), got {len(rp)}"
             )
+
+    def _capture(self, model, tokenizer, fp: list[str], rp: list[str]) -> _Captured:
+        """Chat-encode the forget, retain and built-in neutral prompts and capture every layer."""
         neutral = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
         pad = tokenizer.pad_token_id or 0
-        ids_f, ids_r, ids_n = encode_chat(tokenizer, fp), encode_chat(tokenizer, rp), encode_chat(tokenizer, neutral)
-        cap = lambda ids, desc: capture(model, ids, self.batch_size, desc, pad, self.progress)  # noqa: E731
-        acts_f = cap(ids_f, "forget prompts")
-        acts_r = cap(ids_r, "retain prompts")
-        acts_n = cap(ids_n, "neutral prompts")
-        n_layers = len(decoder_layers(model))
+        ids = [encode_chat(tokenizer, prompts) for prompts in (fp, rp, neutral)]
+        names = ("forget prompts", "retain prompts", "neutral prompts")
+        acts = [capture(model, x, self.batch_size, name, pad, self.progress) for x, name in zip(ids, names)]
+        return _Captured(
+            neutral=neutral,
+            ids=ids,
+            acts=acts,
+            pad=pad,
+            skip=common_prefix_length(ids[0] + ids[1] + ids[2]),
+            num_layers=len(decoder_layers(model)),
+        )
 
-        skip = common_prefix_length(ids_f + ids_r + ids_n)
-        pooled_f = acts_f.mean(skip) if self.direction_pooling == "mean" else acts_f.last()
-        pooled_r = acts_r.mean(skip) if self.direction_pooling == "mean" else acts_r.last()
-        directions = mean_difference(pooled_f, pooled_r)
-        stats = layer_stats(pooled_f, pooled_r, directions)
-
+    def _fit_probe(self, data: _Captured) -> tuple[GateFit, int]:
+        """The probe gate over the candidate layers, and the layer the steered layers must follow
+        (the best early gate's, which sees the prompt before any of them)."""
+        n_layers = data.num_layers
         early = list(range(2, max(3, n_layers // 2), 2))
-        gate_candidates = self.gate_layers or early
-        bad = [g for g in gate_candidates if not 0 <= g < n_layers - 1]
+        candidates = self.gate_layers or early
+        bad = [g for g in candidates if not 0 <= g < n_layers - 1]
         if bad:
             raise GuarditError(f"gate_layers {bad} out of range for a {n_layers}-layer model")
-        fit = lambda layers: fit_gate(  # noqa: E731
-            acts_f.tokens,
-            acts_r.tokens,
-            acts_n.tokens,
-            ids_f + ids_r + ids_n,
-            layers,
-            self.alpha,
-            self.gate_poolings,
-            seed=self.seed,
-        )
-        gate = fit(gate_candidates)
+        acts_f, acts_r, acts_n = data.acts
+
+        def fit(layers: list[int]) -> GateFit:
+            tokens = (acts_f.tokens, acts_r.tokens, acts_n.tokens)
+            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, seed=self.seed)
+
+        gate = fit(candidates)
         if not math.isfinite(gate.threshold):
             raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
-        # The steered layers follow the best early gate, which sees the prompt before any of them.
-        anchor, candidates = gate.layer, list(gate.candidates)
+        anchor, tried = gate.layer, list(gate.candidates)
         if self.gate_layers is None and self.late_gate and gate.tpr < WEAK_RECALL:
             # A weak early gate: try the later layers too. A late gate decides when the prompt has
             # passed the steered layers before it; those then rotate the generated tokens only.
             late = fit(list(range(early[-1] + 1, n_layers - 1)))
-            candidates += late.candidates
+            tried += late.candidates
             if late.tpr > gate.tpr:
                 gate = late
-            gate.candidates = candidates
+            gate.candidates = tried
+        return gate, anchor
 
-        steer, topped_up = choose_steer_layers(stats, anchor, self.min_steer_layers, self.max_steer_layers)
-        steer_scope = "all" if gate.layer >= steer[0] else "prompt"
-
-        targets = self._targets(model, tokenizer, target_set, pooled_r, pad)
-        self.directions_ = directions
-        t_orth = orthogonal_target(targets, directions)
-        planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
-
-        fpr_neutral = float(np.mean(gate.oof_neutral > gate.threshold)) if len(gate.oof_neutral) else 0.0
-        texts = [request_text(tokenizer, ids, skip) for ids in ids_f + ids_r + ids_n]
-        kinds, text_meta, text_fit, probe_threshold = self._text_gate(gate, texts, len(fp), len(rp))
-        report = {
-            "concept_id": self.concept_id,
-            "n_forget": len(fp),
-            "n_retain": len(rp),
-            "n_neutral": len(neutral),
-            "alpha": self.alpha,
-            "seed": self.seed,
-            "gate": {
-                "layer": gate.layer,
-                "pooling": gate.pooling,
-                "threshold": gate.threshold,
-                "oof_tpr_forget": round(gate.tpr, 4),
-                "oof_fpr_retain": round(gate.fpr, 4),
-                "oof_fpr_neutral": round(fpr_neutral, 4),
-                "oof_auroc": round(gate.auroc, 4),
-                "candidates": gate.candidates,
-                "kind": self.gate_kind,
-                "kinds": kinds,
-            },
-            "steer_layers": steer,
-            "steer_topped_up": topped_up,
-            "steer_scope": steer_scope,
-            "steer_after": anchor,
-            "late_gate": self.late_gate,
-            "min_steer_layers": self.min_steer_layers,
-            "layers": [s.as_dict() for s in stats],
-            "target": self.target,
-            "direction_pooling": self.direction_pooling,
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        # Prompt texts stay out of the pack (its metadata travels to servers; a forget prompt may
-        # itself be the private data): they are for the person running the calibration.
-        self.report_ = {**report, "diagnostics": gate_diagnostics(gate, fp, rp, neutral)}
-        meta = PackMeta(
-            concept_id=self.concept_id,
-            description=self.description,
-            model=hf_fingerprint(model),
-            layers=steer,
-            gate=GateMeta(
-                layer=gate.layer,
-                threshold=probe_threshold,
-                alpha=self.alpha,
-                pooling=gate.pooling,  # type: ignore[arg-type]
-                kind=self.gate_kind,
-                text=text_meta,
-            ),
-            angle_deg=self.angle_deg,
-            angle_mode=self.angle_mode,
-            target=self.target,
-            steer_scope=steer_scope,
-            skip_head=list(ids_f[0][:skip]),
-            stats=dict(report),
-        )
-        return ConceptPack(
-            meta,
-            planes,
-            gate.weight,
-            gate.bias,
-            None if text_fit is None else text_fit.weight,
-            None if text_fit is None else text_fit.bias,
-        )
-
-    def _text_gate(self, gate: GateFit, texts: list[str], nf: int, nr: int):
+    def _gate_kinds(self, gate: GateFit, texts: list[str], nf: int, nr: int) -> _GateKinds:
         """Fit the text gate on the request texts (forget, retain, neutral order) unless the kind
-        is "probe"; returns (per-kind out-of-fold comparison, TextGateMeta or None, the text fit or
-        None, the probe's served threshold)."""
+        is "probe"; compare the kinds out of fold (each held to the same false-fire bound) and
+        pick the served one: ``gate_kind``, or with "auto" the highest out-of-fold recall, a kind
+        within AUTO_MARGIN of it that comes first in AUTO_PREFERENCE winning."""
 
         def row(tpr, orr, on, thr) -> dict:
             return {
@@ -263,23 +323,25 @@ class ConceptCalibrator:
                 "oof_fpr_neutral": round(float(np.mean(on > thr)) if len(on) else 0.0, 4),
             }
 
-        kinds = {"probe": row(gate.tpr, gate.oof_retain, gate.oof_neutral, gate.threshold)}
+        report = {"probe": row(gate.tpr, gate.oof_retain, gate.oof_neutral, gate.threshold)}
+        thresholds = {"probe": KindThresholds(probe=gate.threshold)}
         if self.gate_kind == "probe":
-            return kinds, None, None, gate.threshold
+            return _GateKinds(report, thresholds, "probe", None, None)
         enc = load_encoder(self.encoder)
         embs = enc.window_embeddings(texts)
         text = fit_text_gate(embs[:nf], embs[nf : nf + nr], embs[nf + nr :], self.alpha, seed=self.seed)
         hybrid = combine_gates(gate, text, self.alpha)
-        kinds["encoder"] = row(text.tpr, text.oof_retain, text.oof_neutral, text.threshold)
-        kinds["hybrid"] = row(hybrid.tpr, hybrid.oof_retain, hybrid.oof_neutral, hybrid.threshold)
-        if self.gate_kind == "encoder":
-            text_threshold, probe_threshold = text.threshold, gate.threshold
-        else:
-            text_threshold, probe_threshold = hybrid.text_threshold, hybrid.probe_threshold
-        if not math.isfinite(text_threshold):
+        if not (math.isfinite(text.threshold) and math.isfinite(hybrid.text_threshold)):
             raise GuarditError("text gate threshold is not finite: add retain prompts or raise alpha")
-        meta = TextGateMeta(encoder=enc.name, encoder_sha256=enc.sha256, threshold=text_threshold)
-        return kinds, meta, text, probe_threshold
+        report["encoder"] = row(text.tpr, text.oof_retain, text.oof_neutral, text.threshold)
+        report["hybrid"] = row(hybrid.tpr, hybrid.oof_retain, hybrid.oof_neutral, hybrid.threshold)
+        thresholds["encoder"] = KindThresholds(text=text.threshold)
+        thresholds["hybrid"] = KindThresholds(probe=hybrid.probe_threshold, text=hybrid.text_threshold)
+        chosen = self.gate_kind if self.gate_kind != "auto" else choose_gate_kind(report)
+        if chosen == "probe":
+            return _GateKinds(report, {"probe": thresholds["probe"]}, "probe", None, None)
+        meta = TextGateMeta(encoder=enc.name, encoder_sha256=enc.sha256, threshold=thresholds[chosen].text)
+        return _GateKinds(report, thresholds, chosen, meta, text)
 
     def _targets(self, model, tokenizer, target_set, pooled_retain: torch.Tensor, pad: int) -> torch.Tensor:
         """(L, d) target vectors (not yet orthogonalised)."""

@@ -25,6 +25,7 @@ on forget prompts at τ is what the layer and pooling are chosen by, and it is r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +123,11 @@ class GateFit:
         y = np.r_[np.ones(len(self.oof_forget)), np.zeros(len(self.oof_retain))]
         return float(roc_auc_score(y, np.r_[self.oof_forget, self.oof_retain]))
 
+    def summary(self) -> dict:
+        """The candidate's line in the calibration report."""
+        return {"layer": self.layer, "pooling": self.pooling, "tpr": round(self.tpr, 4), "fpr": round(self.fpr, 4),
+                "auroc": round(self.auroc, 4)}  # fmt: skip
+
 
 def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
     """Standardise + logistic regression, folded back into raw space: returns (w, b)."""
@@ -148,6 +154,62 @@ def _pooled_scores(tokens: list[np.ndarray], w: np.ndarray, b: float, pooling: s
     return out
 
 
+def _fold_splits(nf: int, nr: int, nn: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The cross-conformal folds over forget, retain and neutral prompts (in that order), each set
+    stratified across the folds; at least 2 folds, at most as many as the smaller labelled set."""
+    group = np.r_[np.zeros(nf), np.ones(nr), np.full(nn, 2)]
+    skf = StratifiedKFold(n_splits=max(2, min(folds, nf, nr)), shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros((len(group), 1)), group))
+
+
+def _cross_fit(
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    n: int,
+    fit_fold: Callable[[np.ndarray], tuple[np.ndarray, float]],
+    score_fold: Callable[[np.ndarray, np.ndarray, float], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit on each fold's training part and score its held-out part. Returns the out-of-fold
+    scores of all ``n`` prompts and the served linear head: the mean of the fold heads."""
+    oof = np.empty(n)
+    ws, bs = [], []
+    for train, test in splits:
+        w, b = fit_fold(train)
+        oof[test] = score_fold(test, w, b)
+        ws.append(w)
+        bs.append(b)
+    return oof, np.mean(ws, axis=0), float(np.mean(bs))
+
+
+def _layer_probe(
+    per_prompt: list[np.ndarray],
+    y: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    prefix: int,
+    pooling: str,
+    c: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One layer's probe for one pooling, cross-fitted: (out-of-fold pooled scores, w, b).
+    ``per_prompt[i]`` is prompt i's (T_i, d) activations at the layer."""
+    if pooling == "mean":
+        means = np.stack([t.mean(0) for t in per_prompt])
+
+        def fit_fold(train: np.ndarray) -> tuple[np.ndarray, float]:
+            return _fit_probe(means[train], y[train], c, seed)
+
+    else:  # a token-level probe, trained on the tokens after the template head
+        content = [t[prefix:] if len(t) > prefix else t[-1:] for t in per_prompt]
+
+        def fit_fold(train: np.ndarray) -> tuple[np.ndarray, float]:
+            pos, neg = [content[i] for i in train if y[i]], [content[i] for i in train if not y[i]]
+            return _fit_token_probe(pos, neg, c, seed)
+
+    def score(test: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+        return _pooled_scores([per_prompt[i] for i in test], w, b, pooling)
+
+    return _cross_fit(splits, len(per_prompt), fit_fold, score)
+
+
 def fit_gate(
     forget_tokens: list[torch.Tensor],
     retain_tokens: list[torch.Tensor],
@@ -170,49 +232,17 @@ def fit_gate(
     all_tokens = forget_tokens + retain_tokens + neutral_tokens
     nf, nr = len(forget_tokens), len(retain_tokens)
     y = np.r_[np.ones(nf), np.zeros(len(all_tokens) - nf)].astype(int)
-    group = np.r_[np.zeros(nf), np.ones(nr), np.full(len(neutral_tokens), 2)]
-    k = max(2, min(folds, nf, nr))
-    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    splits = _fold_splits(nf, nr, len(neutral_tokens), folds, seed)
     best: GateFit | None = None
     candidates = []
     for layer in layers:
         per_prompt = [t[:, layer].numpy().astype(np.float64) for t in all_tokens]
-        means = np.stack([t.mean(0) for t in per_prompt])
         for pooling in poolings:
-            oof = np.empty(len(all_tokens))
-            ws, bs = [], []
-            for train, test in skf.split(means, group):
-                if pooling == "mean":
-                    w, b = _fit_probe(means[train], y[train], c, seed)
-                else:
-                    xs = [per_prompt[i][prefix:] if len(per_prompt[i]) > prefix else per_prompt[i][-1:] for i in train]
-                    w, b = _fit_token_probe(
-                        [x for x, i in zip(xs, train) if y[i]], [x for x, i in zip(xs, train) if not y[i]], c, seed
-                    )
-                oof[test] = _pooled_scores([per_prompt[i] for i in test], w, b, pooling)
-                ws.append(w)
-                bs.append(b)
+            oof, w, b = _layer_probe(per_prompt, y, splits, prefix, pooling, c, seed)
             of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
             tau = gate_threshold(orr, on, alpha)
-            fit = GateFit(
-                layer=layer,
-                pooling=pooling,
-                weight=torch.tensor(np.mean(ws, axis=0), dtype=torch.float32),
-                bias=float(np.mean(bs)),
-                threshold=tau,
-                alpha=alpha,
-                oof_forget=of,
-                oof_retain=orr,
-                oof_neutral=on,
-            )
-            cand = {
-                "layer": layer,
-                "pooling": pooling,
-                "tpr": round(fit.tpr, 4),
-                "fpr": round(fit.fpr, 4),
-                "auroc": round(fit.auroc, 4),
-            }
-            candidates.append(cand)
+            fit = GateFit(layer, pooling, torch.tensor(w, dtype=torch.float32), b, tau, alpha, of, orr, on)
+            candidates.append(fit.summary())
             if best is None or (fit.tpr, fit.auroc) > (best.tpr, best.auroc):
                 best = fit
     assert best is not None
@@ -252,24 +282,14 @@ def fit_text_gate(
     nf, nr = len(forget), len(retain)
     x = np.stack([w.mean(0) for w in all_w])
     y = np.r_[np.ones(nf), np.zeros(len(all_w) - nf)].astype(int)
-    group = np.r_[np.zeros(nf), np.ones(nr), np.full(len(neutral), 2)]
-    skf = StratifiedKFold(n_splits=max(2, min(folds, nf, nr)), shuffle=True, random_state=seed)
-    oof = np.empty(len(all_w))
-    ws, bs = [], []
-    for train, test in skf.split(x, group):
-        w, b = _fit_probe(x[train], y[train], c, seed)
-        oof[test] = [float((all_w[i] @ w + b).max()) for i in test]
-        ws.append(w)
-        bs.append(b)
+
+    def score(test: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+        return np.array([float((all_w[i] @ w + b).max()) for i in test])
+
+    splits = _fold_splits(nf, nr, len(neutral), folds, seed)
+    oof, w, b = _cross_fit(splits, len(all_w), lambda train: _fit_probe(x[train], y[train], c, seed), score)
     of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
-    return TextGateFit(
-        torch.tensor(np.mean(ws, axis=0), dtype=torch.float32),
-        float(np.mean(bs)),
-        gate_threshold(orr, on, alpha),
-        of,
-        orr,
-        on,
-    )
+    return TextGateFit(torch.tensor(w, dtype=torch.float32), b, gate_threshold(orr, on, alpha), of, orr, on)
 
 
 @dataclass

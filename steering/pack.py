@@ -77,10 +77,26 @@ class TextGateMeta(BaseModel):
     threshold: Threshold
 
 
+GateKind = Literal["probe", "encoder", "hybrid"]
+GATE_KINDS: tuple[str, ...] = ("probe", "encoder", "hybrid")
+
+
+class KindThresholds(BaseModel):
+    """The thresholds one gate kind decides with: the probe's and the text gate's (None where that
+    kind does not use the score)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    probe: Threshold | None = None
+    text: Threshold | None = None
+
+
 class GateMeta(BaseModel):
     """How a request's gate decides. ``kind``: "probe" (the in-forward probe on ``layer``),
     "encoder" (the text gate alone, before the forward), "hybrid" (either; the two thresholds
-    come from one conformal threshold on the max of their standardised scores)."""
+    come from one conformal threshold on the max of their standardised scores). ``kinds``: the
+    thresholds of every kind calibrated with the same guarantee, the served one included, so that
+    another can be compared or served (:meth:`ConceptPack.with_gate_kind`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -89,13 +105,20 @@ class GateMeta(BaseModel):
     alpha: float = Field(gt=0.0, lt=1.0)
     pooling: Literal["mean", "max"] = "mean"
     scope: Literal["prompt", "all"] = "prompt"
-    kind: Literal["probe", "encoder", "hybrid"] = "probe"
+    kind: GateKind = "probe"
     text: TextGateMeta | None = None
+    kinds: dict[GateKind, KindThresholds] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _text(self) -> GateMeta:
         if (self.kind == "probe") != (self.text is None):
             raise ValueError(f"gate kind '{self.kind}' {'needs' if self.text is None else 'takes no'} a text gate")
+        text_kinds = [k for k in self.kinds if k != "probe"]
+        if text_kinds and self.text is None:
+            raise ValueError(f"kinds {text_kinds} need a text gate, and this gate has none")
+        for k, t in self.kinds.items():
+            if (t.probe is None) != (k == "encoder") or (t.text is None) != (k == "probe"):
+                raise ValueError(f"kinds.{k}: a '{k}' gate needs exactly the thresholds it decides with")
         return self
 
 
@@ -185,6 +208,30 @@ class ConceptPack:
     @property
     def id(self) -> str:
         return self.meta.concept_id
+
+    def with_gate_kind(self, kind: str) -> ConceptPack:
+        """The same pack deciding with another calibrated gate kind (``meta.gate.kinds``): for
+        comparing kinds (``guardit eval``) or serving one. The pack's own kind returns the pack."""
+        g = self.meta.gate
+        if kind == g.kind:
+            return self
+        if kind not in g.kinds:
+            raise PackError(f"pack '{self.id}' has no calibrated '{kind}' gate (it has {sorted(g.kinds) or [g.kind]})")
+        t = g.kinds[kind]
+        text = None if t.text is None or g.text is None else g.text.model_copy(update={"threshold": t.text})
+        keep_text = text is not None
+        gate = GateMeta.model_validate(
+            {
+                **g.model_dump(),
+                "kind": kind,
+                "threshold": g.threshold if t.probe is None else t.probe,
+                "text": text.model_dump() if keep_text else None,
+                "kinds": {k: v.model_dump() for k, v in g.kinds.items() if keep_text or k == "probe"},
+            }  # fmt: skip
+        )
+        meta = self.meta.model_copy(update={"gate": gate})
+        return ConceptPack(meta, self.planes, self.gate_weight, self.gate_bias,
+                           self.text_weight if keep_text else None, self.text_bias if keep_text else None)  # fmt: skip
 
     def save_pretrained(self, directory: str | Path) -> Path:
         out = Path(directory)

@@ -31,11 +31,12 @@ def encoder():
     return load_encoder(DEFAULT_ENCODER)
 
 
-def _text_pack(encoder, concept_id="toy", kind="hybrid", threshold=0.0, sha=None):
+def _text_pack(encoder, concept_id="toy", kind="hybrid", threshold=0.0, sha=None, kinds=None):
     g = torch.Generator().manual_seed(3)
     pack = toy_pack(concept_id)
     text = TextGateMeta(encoder=encoder.name, encoder_sha256=sha or encoder.sha256, threshold=threshold)
-    meta = pack.meta.model_copy(update={"gate": GateMeta(layer=1, threshold=0.0, alpha=0.1, kind=kind, text=text)})
+    gate = GateMeta(layer=1, threshold=0.0, alpha=0.1, kind=kind, text=text, kinds=kinds or {})
+    meta = pack.meta.model_copy(update={"gate": gate})
     return ConceptPack(meta, pack.planes, pack.gate_weight, pack.gate_bias, torch.randn(encoder.dim, generator=g), 0.0)
 
 
@@ -76,3 +77,39 @@ def test_a_pack_made_with_another_encoder_is_refused(encoder):
     bank = SteeringBank([_text_pack(encoder, sha="0" * 64)])
     with pytest.raises(PackError, match="calibrated with text encoder 'all-MiniLM-L6-v2'.*recalibrate"):
         bank.text_gates(["anything"], [["toy"]])
+
+
+def test_a_pack_serves_each_calibrated_gate_kind(tmp_path, encoder):
+    """The kinds recorded at calibration can be served (and so compared): each with its own
+    thresholds; the probe kind drops the text gate; a kind not calibrated is refused by name."""
+    kinds = {"probe": {"probe": 0.5}, "encoder": {"text": 0.25}, "hybrid": {"probe": 0.0, "text": 0.1}}
+    pack = _text_pack(encoder, threshold=0.1, kinds=kinds)
+    pack.save_pretrained(tmp_path / "p")
+    pack = ConceptPack.from_pretrained(tmp_path / "p", FP)
+    assert pack.with_gate_kind("hybrid") is pack
+    enc, probe = pack.with_gate_kind("encoder"), pack.with_gate_kind("probe")
+    assert enc.meta.gate.kind == "encoder" and enc.meta.gate.text.threshold == 0.25
+    assert torch.equal(enc.text_weight, pack.text_weight) and torch.equal(enc.planes, pack.planes)
+    assert probe.meta.gate.threshold == 0.5 and probe.meta.gate.text is None and probe.text_weight is None
+    assert list(probe.meta.gate.kinds) == ["probe"]
+    assert SteeringBank([probe]).text_packs == [] and SteeringBank([enc]).encoder_only.tolist() == [True]
+    with pytest.raises(PackError, match="has no calibrated 'encoder' gate"):
+        probe.with_gate_kind("encoder")
+    meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+    meta["gate"]["kinds"]["encoder"] = {"probe": 0.1, "text": 0.2}
+    (tmp_path / "p" / "pack.json").write_text(json.dumps(meta))
+    with pytest.raises(PackError, match="field 'gate': .*kinds.encoder"):
+        ConceptPack.from_pretrained(tmp_path / "p")
+
+
+def test_auto_serves_the_best_recall_and_prefers_the_hybrid_within_the_margin():
+    from calibration.calibrator import choose_gate_kind
+
+    def rates(probe, enc, hyb):
+        return {k: {"oof_tpr_forget": v} for k, v in (("probe", probe), ("encoder", enc), ("hybrid", hyb))}
+
+    assert choose_gate_kind(rates(1.0, 1.0, 1.0)) == "hybrid"
+    assert choose_gate_kind(rates(0.9, 1.0, 0.96)) == "hybrid"
+    assert choose_gate_kind(rates(0.9, 1.0, 0.9)) == "encoder"
+    assert choose_gate_kind(rates(1.0, 0.5, 0.8)) == "probe"
+    assert choose_gate_kind({"probe": {"oof_tpr_forget": 0.3}}) == "probe"
