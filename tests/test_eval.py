@@ -32,18 +32,28 @@ def test_eval_report_is_recomputable(tmp_path, packs_dir, model_dir):
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
     assert (out / "leakage.png").stat().st_size > 1000 and (out / "gate.png").stat().st_size > 1000
     md = (out / "report.md").read_text()
-    for method in ("guardit", "ablation", "actadd", "guard_it", "guard_it_s0.5", "rotation_no_gate"):
+    for method in ("guardit", "ablation", "actadd", "paper_baseline", "paper_baseline_s0.5", "rotation_no_gate"):
         assert f"| {method} | hf |" in md
-    assert "strength 0.2 as published" in md
+    assert "as published (" in md and "strength 0.2)" in md
     t = report["methods"]
     g, v = t["guardit"], t["vanilla"]
+    # every other gate kind the pack was calibrated with runs side by side, with the same rotation
+    from steering.pack import ConceptPack
+
+    gate = ConceptPack.from_pretrained(packs_dir / "harry-potter").meta.gate
+    others = [f"guardit_{k}_gate" for k in gate.kinds if k != gate.kind]
+    assert len(gate.kinds) == 3 and len(others) == 2
+    assert report["meta"]["gated"] == ["guardit", *others, "paper_baseline", "paper_baseline_s0.5"]
+    assert "## Gates side by side" in md and all(f"| {m} | fired " in md for m in others)
+    for m in others:
+        assert t[m]["forget_test.gate_fire_rate"] is not None and t[m]["retain.gate_false_fire_rate"] <= 0.5
     assert v["retain.bit_identical"] == 1.0
     assert g["retain.bit_identical"] >= 5 / 6
     assert g["forget_test.leak_rate"] <= v["forget_test.leak_rate"]
     assert "adversarial.leak_rate" in g and "adversarial.gate_fire_rate" in g
-    # ungated edits apply to every request; GUARD-IT's unfired prompts are the vanilla outputs
+    # ungated edits apply to every request; the paper baseline's unfired prompts are the vanilla outputs
     assert t["ablation"]["retain.gate_false_fire_rate"] == 1.0
-    gi = t["guard_it"]
+    gi = t["paper_baseline"]
     assert 0.0 <= gi["retain.gate_false_fire_rate"] <= 1.0
     if gi["retain.gate_false_fire_rate"] == 0.0:
         assert gi["retain.bit_identical"] == 1.0
