@@ -88,6 +88,18 @@ class GateStats:
 
 
 @dataclass
+class TokenMap:
+    """The flattened tokens (T) of one forward pass over R rows: each token's row, and what guardit
+    may do with it (None: every token)."""
+
+    row: torch.Tensor  # (T,) long
+    counted: torch.Tensor | None = None  # (T,) tokens the gates count (not padding, not counted before)
+    steerable: torch.Tensor | None = None  # (T,) tokens a rotation may touch (not padding, not the template head)
+    is_prompt: torch.Tensor | None = None  # (T,) prompt tokens: the only ones prompt-scope gates and rotations use
+    ready: torch.Tensor | None = None  # (R,) rows whose whole prompt has been seen after this pass
+
+
+@dataclass
 class RowSettings:
     """Which packs act on each row, and how (R, P tensors)."""
 
@@ -242,38 +254,29 @@ class SteeringBank:
         return fired, score
 
     def update_gates(
-        self,
-        layer: int,
-        h: torch.Tensor,
-        token_row: torch.Tensor,
-        stats: GateStats,
-        settings: RowSettings,
-        token_valid: torch.Tensor | None = None,
-        token_is_prompt: torch.Tensor | None = None,
-        row_ready: torch.Tensor | None = None,
+        self, layer: int, h: torch.Tensor, tokens: TokenMap, stats: GateStats, settings: RowSettings
     ) -> None:
-        """Score tokens of ``h`` (T, d) at a gate layer and update ``stats`` in place.
+        """Score the counted tokens of ``h`` (T, d) at a gate layer and update ``stats`` in place.
 
-        ``token_valid`` (T,) excludes padding; ``token_is_prompt`` (T,) marks prompt tokens, the
-        only ones a pack with gate scope "prompt" (the default) looks at. ``row_ready`` (R,) marks
-        rows whose whole prompt has now been seen: a prompt-scope gate decides only then, so its
-        decision does not depend on how the prompt was split into prefill chunks.
+        A pack with gate scope "prompt" (the default) looks at prompt tokens only, and decides only
+        on a row whose whole prompt has been seen (``tokens.ready``), so that its decision does not
+        depend on how the prompt was split into prefill chunks.
         """
         group = self.gate_layers.get(layer)
         if group is None:
             return
         scores = torch.addmm(group.bias, h.to(torch.float32), group.weight.t())  # (T, Pl)
         keep = torch.ones_like(scores, dtype=torch.bool)
-        if token_valid is not None:
-            keep &= token_valid.unsqueeze(-1)
-        if token_is_prompt is not None:
-            keep &= token_is_prompt.unsqueeze(-1) | self.scope_all[group.packs].unsqueeze(0)
+        if tokens.counted is not None:
+            keep &= tokens.counted.unsqueeze(-1)
+        if tokens.is_prompt is not None:
+            keep &= tokens.is_prompt.unsqueeze(-1) | self.scope_all[group.packs].unsqueeze(0)
         s_sum = torch.where(keep, scores, torch.zeros_like(scores))
         s_max = torch.where(keep, scores, torch.full_like(scores, -math.inf))
         ones = keep.to(torch.float32)
         rows = stats.total.shape[0]
         pl = group.packs.numel()
-        idx = token_row.unsqueeze(-1).expand(-1, pl)
+        idx = tokens.row.unsqueeze(-1).expand(-1, pl)
         add_sum = torch.zeros(rows, pl, dtype=torch.float32, device=h.device).scatter_add_(0, idx, s_sum)
         add_cnt = torch.zeros(rows, pl, dtype=torch.float32, device=h.device).scatter_add_(0, idx, ones)
         new_max = torch.full((rows, pl), -math.inf, dtype=torch.float32, device=h.device).scatter_reduce_(
@@ -285,25 +288,16 @@ class SteeringBank:
         stats.peak[:, cols] = torch.maximum(stats.peak[:, cols], new_max)
         value = stats.value(self.max_pool)[:, cols]
         opened = (value > self.thresholds[cols]) & settings.active[:, cols]
-        if row_ready is not None:
-            opened &= row_ready.unsqueeze(-1) | self.scope_all[cols].unsqueeze(0)
+        if tokens.ready is not None:
+            opened &= tokens.ready.unsqueeze(-1) | self.scope_all[cols].unsqueeze(0)
         stats.fired[:, cols] |= opened | settings.force[:, cols]
 
     def steer_(
-        self,
-        layer: int,
-        h: torch.Tensor,
-        token_row: torch.Tensor,
-        stats: GateStats,
-        settings: RowSettings,
-        token_valid: torch.Tensor | None = None,
-        token_is_prompt: torch.Tensor | None = None,
+        self, layer: int, h: torch.Tensor, tokens: TokenMap, stats: GateStats, settings: RowSettings
     ) -> torch.Tensor | None:
-        """Rotate, in place, the tokens of ``h`` (T, d) whose row fired. Returns the indices of the
-        rotated tokens (None when none was).
-
-        ``token_valid`` (T,) excludes padding and the template head; packs with steer scope
-        "prompt" (the default) rotate only tokens marked in ``token_is_prompt``.
+        """Rotate, in place, the steerable tokens of ``h`` (T, d) whose row fired (packs with steer
+        scope "prompt", the default: prompt tokens only). Returns the indices of the rotated tokens
+        (None when none was).
         """
         entries = self.steer_layers.get(layer)
         if not entries:
@@ -314,15 +308,15 @@ class SteeringBank:
             rows = fired[:, p]
             if not bool(rows.any()):
                 continue
-            tok = rows[token_row]
-            if token_valid is not None:
-                tok = tok & token_valid
-            if token_is_prompt is not None and not self.steer_all[p]:
-                tok = tok & token_is_prompt
+            tok = rows[tokens.row]
+            if tokens.steerable is not None:
+                tok = tok & tokens.steerable
+            if tokens.is_prompt is not None and not self.steer_all[p]:
+                tok = tok & tokens.is_prompt
             idx = tok.nonzero().squeeze(-1)
             if idx.numel() == 0:
                 continue
-            angles = settings.angle[token_row[idx], p]
+            angles = settings.angle[tokens.row[idx], p]
             rotate_rows_(h, idx, basis, angles, mode)  # type: ignore[arg-type]
             changed.append(idx)
         if not changed:

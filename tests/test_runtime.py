@@ -5,7 +5,7 @@ import math
 import torch
 from helpers import toy_pack
 
-from steering.runtime import GateStats, SteeringBank
+from steering.runtime import GateStats, SteeringBank, TokenMap
 
 
 def _bank(**kw):
@@ -26,12 +26,12 @@ def test_gate_update_is_invariant_to_chunking():
     rows = torch.tensor([0] * 6 + [1] * 4)
     settings = bank.settings([{"a": (None, False), "b": (None, False)}] * 2)
     one = GateStats.empty(2, 2)
-    bank.update_gates(1, h, rows, one, settings)
+    bank.update_gates(1, h, TokenMap(rows), one, settings)
     two = GateStats.empty(2, 2)
     parts = (slice(0, 3), slice(3, 7), slice(7, 10))
     ready = [torch.tensor([False, False]), torch.tensor([True, False]), torch.tensor([True, True])]
     for part, r in zip(parts, ready):
-        bank.update_gates(1, h[part], rows[part], two, settings, row_ready=r)
+        bank.update_gates(1, h[part], TokenMap(rows[part], ready=r), two, settings)
     assert torch.allclose(one.value(bank.max_pool), two.value(bank.max_pool), atol=1e-5)
     assert torch.equal(one.fired, two.fired)
     # the pooled value is the mean of the per-token probe scores
@@ -45,9 +45,9 @@ def test_max_pooling_and_fired_stays_fired():
     stats = GateStats.empty(1, 1)
     w = bank.packs[0].gate_weight
     hi = (2.0 / w.dot(w)) * w  # token score 2.0 > 1.0
-    bank.update_gates(1, hi.unsqueeze(0), torch.tensor([0]), stats, settings)
+    bank.update_gates(1, hi.unsqueeze(0), TokenMap(torch.tensor([0])), stats, settings)
     assert stats.fired.all()
-    bank.update_gates(1, -10 * hi.unsqueeze(0), torch.tensor([0]), stats, settings)
+    bank.update_gates(1, -10 * hi.unsqueeze(0), TokenMap(torch.tensor([0])), stats, settings)
     assert stats.fired.all() and math.isclose(float(stats.value(bank.max_pool)), 2.0, rel_tol=1e-6)
 
 
@@ -57,7 +57,7 @@ def test_inactive_rows_never_fire_and_pads_are_ignored():
     stats = GateStats.empty(2, 1)
     h = torch.randn(4, 16)
     valid = torch.tensor([False, True, True, True])
-    bank.update_gates(1, h, torch.tensor([0, 0, 1, 1]), stats, settings, valid)
+    bank.update_gates(1, h, TokenMap(torch.tensor([0, 0, 1, 1]), counted=valid), stats, settings)
     assert stats.fired.tolist() == [[True], [False]]
     assert stats.count.tolist() == [[1.0], [2.0]]
 
@@ -70,11 +70,11 @@ def test_steer_rotates_only_fired_rows_bit_exactly():
     h = torch.randn(9, 16, dtype=torch.bfloat16)
     before = h.clone()
     rows = torch.arange(3).repeat_interleave(3)
-    assert bank.steer_(3, h, rows, stats, settings).tolist() == [3, 4, 5]
+    assert bank.steer_(3, h, TokenMap(rows), stats, settings).tolist() == [3, 4, 5]
     assert torch.equal(h[rows != 1].view(torch.int16), before[rows != 1].view(torch.int16))
     assert not torch.equal(h[rows == 1], before[rows == 1])
     assert torch.allclose(h[rows == 1].float().norm(dim=-1), before[rows == 1].float().norm(dim=-1), rtol=1e-2)
-    assert bank.steer_(2, h, rows, stats, settings) is None  # no plane at layer 2
+    assert bank.steer_(2, h, TokenMap(rows), stats, settings) is None  # no plane at layer 2
 
 
 def test_prompt_scope_and_force_and_per_row_angles():
@@ -85,7 +85,7 @@ def test_prompt_scope_and_force_and_per_row_angles():
     before = h.clone()
     rows = torch.tensor([0, 0, 1, 1])
     prompt = torch.tensor([True, False, True, False])
-    bank.steer_(3, h, rows, stats, settings, None, prompt)
+    bank.steer_(3, h, TokenMap(rows, is_prompt=prompt), stats, settings)
     assert not torch.equal(h[0], before[0])  # forced, prompt token
     assert torch.equal(h[1:], before[1:])  # decode token (prompt scope) and the closed row
     b = bank.packs[0].planes[0]
@@ -136,10 +136,10 @@ def test_late_gate_rotates_earlier_layers_only_for_tokens_after_it_fired():
     rows = torch.zeros(4, dtype=torch.long)
     prompt = torch.ones(4, dtype=torch.bool)
     h = torch.randn(4, 16)
-    assert bank.steer_(3, h.clone(), rows, stats, settings, None, prompt) is None  # gate not decided yet
-    bank.update_gates(4, h, rows, stats, settings, None, prompt, torch.tensor([True]))
+    assert bank.steer_(3, h.clone(), TokenMap(rows, is_prompt=prompt), stats, settings) is None  # gate not decided yet
+    bank.update_gates(4, h, TokenMap(rows, is_prompt=prompt, ready=torch.tensor([True])), stats, settings)
     assert stats.fired.all()
-    assert bank.steer_(5, h.clone(), rows, stats, settings, None, prompt).tolist() == [0, 1, 2, 3]
+    assert bank.steer_(5, h.clone(), TokenMap(rows, is_prompt=prompt), stats, settings).tolist() == [0, 1, 2, 3]
     new = torch.randn(1, 16)
     assert bank.layers_needed(["late"], prompt_pending=False) == {3, 5}
-    assert bank.steer_(3, new, rows[:1], stats, settings, None, torch.tensor([False])).tolist() == [0]
+    assert bank.steer_(3, new, TokenMap(rows[:1], is_prompt=torch.tensor([False])), stats, settings).tolist() == [0]

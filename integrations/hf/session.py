@@ -20,7 +20,7 @@ from steering.errors import PolicyError
 from steering.modules import decoder_layers
 from steering.pack import ConceptPack
 from steering.rotation import check_angle
-from steering.runtime import GateStats, RowSettings, RowSpec, SteeringBank
+from steering.runtime import GateStats, RowSettings, RowSpec, SteeringBank, TokenMap
 from steering.text_gate import request_text
 
 
@@ -50,10 +50,7 @@ class SteerSession:
         self._default = dict(default)
         self.stats: GateStats | None = None
         self.settings: RowSettings | None = None
-        self._token_row: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None
-        self._steerable: torch.Tensor | None = None
-        self._prompt_mask: torch.Tensor | None = None
+        self._tokens: TokenMap | None = None
         self._is_prompt = True
         self._used: set[str] = set()  # pack ids applied to some row of the current batch
         self._layers: frozenset[int] = frozenset()  # layers whose hooks have work in this forward
@@ -105,10 +102,13 @@ class SteerSession:
                     steerable[r, pos[: heads[-1]]] = False
         if starting:
             self._start(bsz, device, prompts, heads)
-        self._valid = valid.reshape(-1)
-        self._steerable = steerable.reshape(-1)
-        self._prompt_mask = torch.full_like(self._valid, self._is_prompt)
-        self._token_row = torch.arange(bsz, device=device).repeat_interleave(step)
+        counted = valid.reshape(-1)
+        self._tokens = TokenMap(
+            row=torch.arange(bsz, device=device).repeat_interleave(step),
+            counted=counted,
+            steerable=steerable.reshape(-1),
+            is_prompt=torch.full_like(counted, self._is_prompt),
+        )
         return None
 
     def _start(self, bsz: int, device: torch.device, prompts: list[list[int]], heads: list[int]) -> None:
@@ -144,11 +144,10 @@ class SteerSession:
             if index not in self._layers:
                 return output
             h = output[0] if isinstance(output, tuple) else output
-            assert self.stats is not None and self.settings is not None and self._token_row is not None
+            assert self.stats is not None and self.settings is not None and self._tokens is not None
             flat = h.view(-1, h.shape[-1])
-            row, prompt = self._token_row, self._prompt_mask
-            self.bank.update_gates(index, flat, row, self.stats, self.settings, self._valid, prompt)
-            self.bank.steer_(index, flat, row, self.stats, self.settings, self._steerable, prompt)
+            self.bank.update_gates(index, flat, self._tokens, self.stats, self.settings)
+            self.bank.steer_(index, flat, self._tokens, self.stats, self.settings)
             return output
 
         return hook

@@ -36,7 +36,7 @@ from integrations.vllm import config
 from steering.modules import decoder_layers
 from steering.pack import ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs, parse_request
-from steering.runtime import GateStats, RowSettings, SteeringBank
+from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap
 from steering.text_gate import request_text
 
 log = logging.getLogger("guardit.vllm")
@@ -84,17 +84,15 @@ class _Tokens:
 
 @dataclass
 class _Step:
+    """One forward pass: its requests in batch order, where their tokens are, their gates and settings."""
+
     req_ids: list[str]
     requests: list[_Request]
-    token_row: torch.Tensor
-    valid: torch.Tensor
-    steerable: torch.Tensor
-    is_prompt: torch.Tensor
-    ready: torch.Tensor
-    split: set[int]
+    tokens: TokenMap
+    split: set[int]  # rows whose prompt came in several chunks and is complete now
     stats: GateStats
     settings: RowSettings
-    layers: frozenset[int]
+    layers: frozenset[int]  # layers whose hooks have work this step (the others return at once)
 
 
 class EngineState:
@@ -194,10 +192,9 @@ class EngineState:
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x).to(dev)
 
-        self.step = _Step(
-            req_ids, requests, t(tokens.row), t(tokens.valid), t(tokens.steerable), t(tokens.is_prompt),
-            t(tokens.ready), tokens.split, stats, bank.settings(rows, text_fired), tokens.layers,
-        )  # fmt: skip
+        on_device = TokenMap(t(tokens.row), t(tokens.valid), t(tokens.steerable), t(tokens.is_prompt), t(tokens.ready))
+        settings = bank.settings(rows, text_fired)
+        self.step = _Step(req_ids, requests, on_device, tokens.split, stats, settings, tokens.layers)
 
     def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
         """This step's request ids and records, in batch order: finished requests dropped, new ones
@@ -270,7 +267,7 @@ class EngineState:
         assert bank is not None
         forced = step.settings.force.cpu()
         value, fired_all = bank.readout(step.stats, step.settings)
-        ready = step.ready.cpu()
+        ready = step.tokens.ready.cpu()  # type: ignore[union-attr]
         events = []
         for i, (rid, st) in enumerate(zip(step.req_ids, step.requests)):
             if not st.active:
@@ -329,19 +326,15 @@ class EngineState:
                 return None
             bank = self.bank
             hidden, residual = output
-            n = step.token_row.shape[0]
+            n = step.tokens.row.shape[0]
             full = None  # the residual stream, computed at most once per layer
             if index in bank.gate_layers:
                 full = hidden[:n] + residual[:n]
-                bank.update_gates(
-                    index, full, step.token_row, step.stats, step.settings, step.valid, step.is_prompt, step.ready
-                )
+                bank.update_gates(index, full, step.tokens, step.stats, step.settings)
             if bank.needs_steer(index, step.stats, step.settings):
                 if full is None:
                     full = hidden[:n] + residual[:n]
-                idx = bank.steer_(
-                    index, full, step.token_row, step.stats, step.settings, step.steerable, step.is_prompt
-                )
+                idx = bank.steer_(index, full, step.tokens, step.stats, step.settings)
                 if idx is not None:
                     hidden[idx] = full[idx]
                     residual[idx] = 0
