@@ -7,14 +7,9 @@ on the mean equals the mean of the per-token scores, so training and serving agr
 "max" the probe is fitted on mean-pooled forget prompts against every token of the retain and
 neutral prompts (after the shared template head) as separate negatives: a forget prompt is a bag
 of tokens of which a few carry the concept (a name, a title), a negative prompt a bag of which
-none does, so no single negative token may score like a forget prompt's average. Out-of-fold
-recall at α = 0.05 (best layer of 2–14 per concept; Harry Potter / Einstein / Lord of the Rings /
-Shakespeare): 0.84 / 0.91 / 0.72 / 0.59. Labelling every forget token positive instead gave
-0.41 / 0.00 / 0.00 at the layers then chosen. Refitting on each forget prompt's two top-scoring
-tokens (a multiple-instance step we shipped first) gave 0.84 / 0.97 / 0.66 / 0.41 and fell
-to recall ≤ 0.03 at 7 of the 27 concept-layer pairs (the probe alone: 1), so it was dropped. Max
-pooling is not the default: on those concepts it did not beat mean pooling on held-out test
-prompts (``--gate-pooling best`` picks whichever has the higher out-of-fold recall).
+none does, so no single negative token may score like a forget prompt's average. Max pooling is
+not the default (FINDINGS.md, "Max pooling": it did not beat mean pooling on held-out prompts);
+``--gate-pooling best`` picks whichever has the higher out-of-fold recall.
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
@@ -38,9 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from calibration.capture import common_prefix_length
 
 # Out-of-fold recall below which a gate counts as weak: calibration then also tries later gate
-# layers, and the CLI warns. Measured (README): the early gates at 81 % and 84 % (Harry Potter,
-# Einstein) fired on every held-out forget prompt; those at 66 % and 56 % (Lord of the Rings,
-# Shakespeare) stayed closed on 6 and 7 of their 12.
+# layers (with --late-gate), and the CLI warns. Why 0.75: FINDINGS.md, "The weak-gate level".
 WEAK_RECALL = 0.75
 
 

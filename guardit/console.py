@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 _SHOW = 6  # missed forget prompts printed; the report holds all of them
-# Measured (README): forget prompts of the kinds a gate missed took Lord of the Rings from 6/12 to
-# 11/12 held-out prompts fired; 32 more retain prompts of the same kind, Shakespeare from 5/12 to 9/12.
+# What helped a weak gate (FINDINGS.md, "The measurements behind the README's summary").
 _ADVICE = (
     "add forget prompts of the kinds it missed (e.g. who made it, who is in it), or more retain "
     "prompts of the same kinds (the threshold is one of their highest scores)"

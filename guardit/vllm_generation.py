@@ -49,13 +49,20 @@ def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_di
         ) from e
 
 
+# How long the engine-core process gets to exit by itself. vLLM's default (5 s) is shorter than its
+# worker's own exit wait, so on a busy CPU the engine core was killed mid-teardown and its shared
+# memory was left behind ("resource_tracker: ... leaked shared_memory objects").
+SHUTDOWN_TIMEOUT_S = 60.0
+
+
 def shutdown(llm) -> None:
-    """Stop an engine's background processes now (instead of at garbage collection)."""
+    """Stop an engine's background processes now (instead of at garbage collection), letting them
+    exit cleanly."""
     import gc
 
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
+        core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
     gc.collect()
 
 
