@@ -26,7 +26,7 @@ from calibration.gate import (
     negatives_for_rank,
 )
 from calibration.hf_model import hf_fingerprint
-from calibration.prompts import PromptRecord, read_prompts
+from calibration.prompts import PromptRecord, concept_words, read_prompts, without_words
 from steering.errors import GuarditError
 from steering.pack import ConceptPack, GateMeta, KindThresholds, PackMeta, TextGateMeta
 from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
@@ -115,6 +115,9 @@ class _Captured:
     pad: int
     skip: int  # length of the chat template head that every prompt shares
     num_layers: int
+    name_words: list[str]  # the words that name the concept (calibration.prompts.concept_words)
+    masked_of: list[int]  # forget prompts that have a copy without those words, in copy order
+    masked: Activations | None  # the copies' activations
 
     @property
     def all_ids(self) -> list[list[int]]:
@@ -198,6 +201,8 @@ class ConceptCalibrator:
                 "oof_fpr_retain": round(gate.fpr, 4),
                 "oof_fpr_neutral": round(fpr_neutral, 4),
                 "oof_auroc": round(gate.auroc, 4),
+                "oof_tpr_forget_without_name": None if gate.tpr_masked is None else round(gate.tpr_masked, 4),
+                "n_without_name": len(data.masked_of),
                 "candidates": gate.candidates,
                 "kind": kinds.chosen,
                 "kinds": kinds.report,
@@ -215,7 +220,8 @@ class ConceptCalibrator:
         }
         # Prompt texts stay out of the pack (its metadata travels to servers; a forget prompt may
         # itself be the private data): they are for the person running the calibration.
-        self.report_ = {**report, "diagnostics": gate_diagnostics(gate, fp, rp, data.neutral)}
+        diagnostics = {**gate_diagnostics(gate, fp, rp, data.neutral), "name_words": data.name_words}
+        self.report_ = {**report, "diagnostics": diagnostics}
         meta = PackMeta(
             concept_id=self.concept_id,
             description=self.description,
@@ -272,6 +278,16 @@ class ConceptCalibrator:
         ids = [encode_chat(tokenizer, prompts) for prompts in (fp, rp, neutral)]
         names = ("forget prompts", "retain prompts", "neutral prompts")
         acts = [capture(model, x, self.batch_size, name, pad, self.progress) for x, name in zip(ids, names)]
+        # Copies of the forget prompts without the concept's name: what the probe must still
+        # recognise (a prompt left with fewer than three words, or equal to a negative, is skipped).
+        words = concept_words(fp, rp + neutral)
+        negatives = set(rp) | set(neutral)
+        copies = [(i, without_words(p, words)) for i, p in enumerate(fp)]
+        copies = [(i, c) for i, c in copies if c != fp[i] and len(c.split()) >= 3 and c not in negatives]
+        masked = None
+        if copies:
+            masked_ids = encode_chat(tokenizer, [c for _, c in copies])
+            masked = capture(model, masked_ids, self.batch_size, "forget prompts without the name", pad, self.progress)
         return _Captured(
             neutral=neutral,
             ids=ids,
@@ -279,6 +295,9 @@ class ConceptCalibrator:
             pad=pad,
             skip=common_prefix_length(ids[0] + ids[1] + ids[2]),
             num_layers=len(decoder_layers(model)),
+            name_words=words,
+            masked_of=[i for i, _ in copies],
+            masked=masked,
         )
 
     def _fit_probe(self, data: _Captured) -> tuple[GateFit, int]:
@@ -292,9 +311,12 @@ class ConceptCalibrator:
             raise GuarditError(f"gate_layers {bad} out of range for a {n_layers}-layer model")
         acts_f, acts_r, acts_n = data.acts
 
+        masked = data.masked.tokens if data.masked is not None else None
+
         def fit(layers: list[int]) -> GateFit:
             tokens = (acts_f.tokens, acts_r.tokens, acts_n.tokens)
-            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, seed=self.seed)
+            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, seed=self.seed,
+                            masked_tokens=masked, masked_of=data.masked_of)  # fmt: skip
 
         gate = fit(candidates)
         if not math.isfinite(gate.threshold):

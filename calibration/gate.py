@@ -13,8 +13,9 @@ not the default (FINDINGS.md, "Max pooling": it did not beat mean pooling on hel
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
-averages the K fold probes (an average of linear probes is a linear probe). The out-of-fold TPR
-on forget prompts at τ is what the layer and pooling are chosen by, and it is reported.
+averages the K fold probes (an average of linear probes is a linear probe). The layer and pooling
+are chosen by the out-of-fold recall at τ on the forget prompts and on copies of them with the
+concept's name removed (:attr:`GateFit.generalisation`); both are reported.
 """
 
 from __future__ import annotations
@@ -102,10 +103,26 @@ class GateFit:
     oof_retain: np.ndarray
     oof_neutral: np.ndarray
     candidates: list[dict] = field(default_factory=list)
+    oof_masked: np.ndarray = field(default_factory=lambda: np.empty(0))  # forget prompts without their name
 
     @property
     def tpr(self) -> float:
         return float(np.mean(self.oof_forget > self.threshold))
+
+    @property
+    def tpr_masked(self) -> float | None:
+        """Out-of-fold recall on the forget prompts with the concept's name removed (None without
+        such copies): how far the probe recognises the concept past its name."""
+        return float(np.mean(self.oof_masked > self.threshold)) if len(self.oof_masked) else None
+
+    @property
+    def generalisation(self) -> tuple[float, float]:
+        """What the layer and pooling are chosen by: the mean of the out-of-fold recalls on the
+        forget prompts and on their name-removed copies (the recall alone without copies), then
+        the AUROC. With every forget prompt naming the concept, the earliest layers separate the
+        forget prompts perfectly by the name and miss the concept asked any other way."""
+        masked = self.tpr_masked
+        return (self.tpr if masked is None else (self.tpr + masked) / 2, self.auroc)
 
     @property
     def fpr(self) -> float:
@@ -118,8 +135,9 @@ class GateFit:
 
     def summary(self) -> dict:
         """The candidate's line in the calibration report."""
+        masked = self.tpr_masked
         return {"layer": self.layer, "pooling": self.pooling, "tpr": round(self.tpr, 4), "fpr": round(self.fpr, 4),
-                "auroc": round(self.auroc, 4)}  # fmt: skip
+                "auroc": round(self.auroc, 4), "tpr_masked": None if masked is None else round(masked, 4)}  # fmt: skip
 
 
 def _fit_probe(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
@@ -153,6 +171,20 @@ def _fold_splits(nf: int, nr: int, nn: int, folds: int, seed: int) -> list[tuple
     group = np.r_[np.zeros(nf), np.ones(nr), np.full(nn, 2)]
     skf = StratifiedKFold(n_splits=max(2, min(folds, nf, nr)), shuffle=True, random_state=seed)
     return list(skf.split(np.zeros((len(group), 1)), group))
+
+
+def _with_copies(
+    splits: list[tuple[np.ndarray, np.ndarray]], copy_of: list[int], first: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The folds with copy k (prompt ``first + k``) in the same part as its original ``copy_of[k]``,
+    so that no probe is scored on a copy of a prompt it was trained on, or the reverse."""
+    out = []
+    for train, test in splits:
+        held = set(test.tolist())
+        extra_test = [first + k for k, i in enumerate(copy_of) if i in held]
+        extra_train = [first + k for k, i in enumerate(copy_of) if i not in held]
+        out.append((np.r_[train, extra_train].astype(int), np.r_[test, extra_test].astype(int)))
+    return out
 
 
 def _cross_fit(
@@ -214,29 +246,37 @@ def fit_gate(
     folds: int = 5,
     c: float = 0.5,
     seed: int = 0,
+    masked_tokens: list[torch.Tensor] | None = None,
+    masked_of: list[int] | None = None,
 ) -> GateFit:
-    """Fit a gate on each candidate layer and pooling, keep the best by out-of-fold TPR at the
-    conformal threshold (ties: AUROC). ``*_tokens[i]`` is (T_i, L, d); ``ids`` are the token ids of
-    all prompts (forget, retain, neutral order), used to skip the shared template prefix when
-    training token-level probes."""
+    """Fit a gate on each candidate layer and pooling, keep the one that generalises best
+    (:attr:`GateFit.generalisation`). ``*_tokens[i]`` is (T_i, L, d); ``ids`` are the token ids of
+    the forget, retain and neutral prompts, used to skip the shared template prefix when training
+    token-level probes. ``masked_tokens[k]`` is a copy of forget prompt ``masked_of[k]`` with the
+    concept's name removed: an extra positive in training, and the held-out test of how far the
+    probe recognises the concept past its name (each copy sits in its original's fold)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    masked_tokens, masked_of = list(masked_tokens or []), list(masked_of or [])
+    if len(masked_tokens) != len(masked_of):
+        raise ValueError("masked_tokens and masked_of must have the same length")
     prefix = common_prefix_length(ids)
-    all_tokens = forget_tokens + retain_tokens + neutral_tokens
-    nf, nr = len(forget_tokens), len(retain_tokens)
-    y = np.r_[np.ones(nf), np.zeros(len(all_tokens) - nf)].astype(int)
-    splits = _fold_splits(nf, nr, len(neutral_tokens), folds, seed)
+    base = forget_tokens + retain_tokens + neutral_tokens
+    all_tokens = base + masked_tokens
+    nf, nr, n = len(forget_tokens), len(retain_tokens), len(base)
+    y = np.r_[np.ones(nf), np.zeros(n - nf), np.ones(len(masked_tokens))].astype(int)
+    splits = _with_copies(_fold_splits(nf, nr, len(neutral_tokens), folds, seed), masked_of, n)
     best: GateFit | None = None
     candidates = []
     for layer in layers:
         per_prompt = [t[:, layer].numpy().astype(np.float64) for t in all_tokens]
         for pooling in poolings:
             oof, w, b = _layer_probe(per_prompt, y, splits, prefix, pooling, c, seed)
-            of, orr, on = oof[:nf], oof[nf : nf + nr], oof[nf + nr :]
+            of, orr, on, om = oof[:nf], oof[nf : nf + nr], oof[nf + nr : n], oof[n:]
             tau = gate_threshold(orr, on, alpha)
-            fit = GateFit(layer, pooling, torch.tensor(w, dtype=torch.float32), b, tau, alpha, of, orr, on)
+            fit = GateFit(layer, pooling, torch.tensor(w, dtype=torch.float32), b, tau, alpha, of, orr, on, [], om)
             candidates.append(fit.summary())
-            if best is None or (fit.tpr, fit.auroc) > (best.tpr, best.auroc):
+            if best is None or fit.generalisation > best.generalisation:
                 best = fit
     assert best is not None
     best.candidates = candidates

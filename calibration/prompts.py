@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -60,3 +61,33 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     with p.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+_WORD = re.compile(r"\w+")
+
+
+def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) -> list[str]:
+    """The words that name the concept: lower-cased, in at least ``min_share`` of the forget
+    prompts and in none of the retain prompts (a name, a title). Sorted by how many forget prompts
+    have them."""
+
+    def words(p: str) -> set[str]:
+        return {w.lower() for w in _WORD.findall(p) if not w.isdigit()}
+
+    in_retain = set().union(*(words(p) for p in retain)) if retain else set()
+    counts: dict[str, int] = {}
+    for p in forget:
+        for w in words(p) - in_retain:
+            counts[w] = counts.get(w, 0) + 1
+    need = max(2, min_share * len(forget))
+    return sorted((w for w, n in counts.items() if n >= need), key=lambda w: (-counts[w], w))
+
+
+def without_words(prompt: str, words: list[str]) -> str:
+    """``prompt`` with the given words (case-insensitive, whole words, possessive 's included)
+    removed and the spacing tidied; the prompt unchanged when it has none of them."""
+    if not words:
+        return prompt
+    pattern = r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:'s)?\b"
+    out = re.sub(pattern, "", prompt, flags=re.IGNORECASE)
+    return re.sub(r"\s+([?.,!;:])", r"\1", re.sub(r"\s{2,}", " ", out)).strip()

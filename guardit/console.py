@@ -61,6 +61,12 @@ def print_report(r: dict) -> None:
         f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
         f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} (fold seed {r.get('seed', 0)})"
     )
+    if g.get("n_without_name"):
+        words = ", ".join((r.get("diagnostics") or {}).get("name_words", []))
+        print(
+            f"      on {g['n_without_name']} forget prompts with the name ({words}) removed: out-of-fold TPR "
+            f"{g['oof_tpr_forget_without_name']:.1%} (the layer is chosen by both recalls)"
+        )
     diag = r.get("diagnostics")
     if diag:
         lv = ", ".join(f"alpha={d['alpha']:g}: {d['oof_tpr_forget']:.0%}" for d in diag["alpha_levels"])

@@ -115,3 +115,49 @@ def test_unknown_gate_pooling_is_refused_before_any_work():
 
     with pytest.raises(GuarditError, match="gate_poolings"):
         ConceptCalibrator("x", gate_poolings=("mean", "median")).fit(None, None, ["a"] * 4, ["b"] * 20)
+
+
+def test_the_layer_that_knows_the_concept_past_its_name_wins():
+    """Layer 0 carries only the name (forget prompts name the concept; their name-removed copies
+    look like negatives there); layer 1 carries the concept itself, more weakly, in both. Both
+    separate the forget prompts perfectly out of fold, so recall alone (ties to the earliest layer)
+    picks layer 0; the rule that also counts the name-removed copies picks layer 1."""
+    rng = np.random.default_rng(2)
+    d = 16
+    name, concept = 3 * np.eye(d)[0], 1.5 * np.eye(d)[1]
+
+    def prompt(with_name: bool, with_concept: bool) -> torch.Tensor:
+        x = 0.3 * rng.standard_normal((6, 2, d))
+        x[:, 0] += name * with_name
+        x[:, 1] += concept * with_concept
+        return torch.tensor(x, dtype=torch.float32)
+
+    forget = [prompt(True, True) for _ in range(32)]
+    masked = [prompt(False, True) for _ in range(32)]
+    retain = [prompt(False, False) for _ in range(32)]
+    neutral = [prompt(False, False) for _ in range(120)]
+    ids = [[7, 8, 9] for _ in range(184)]
+    old = fit_gate(forget, retain, neutral, ids, [0, 1], 0.05, ("mean",))
+    new = fit_gate(forget, retain, neutral, ids, [0, 1], 0.05, ("mean",), masked_tokens=masked,
+                   masked_of=list(range(32)))  # fmt: skip
+    assert old.layer == 0 and old.tpr == 1.0
+    assert new.layer == 1 and new.tpr_masked >= 0.9 and new.fpr <= 0.05
+    by_layer = {c["layer"]: c for c in new.candidates}
+    assert by_layer[0]["tpr_masked"] < 0.5 < by_layer[1]["tpr_masked"]
+    with pytest.raises(ValueError, match="same length"):
+        fit_gate(forget, retain, neutral, ids, [0], 0.05, ("mean",), masked_tokens=masked, masked_of=[0])
+
+
+def test_concept_words_are_the_name_not_common_words():
+    from calibration.prompts import concept_words, without_words
+
+    forget = ["Who was Leonardo da Vinci?", "What did Leonardo paint?", "Where did Leonardo da Vinci live?",
+              "Which portrait is by Leonardo da Vinci?", "When was Leonardo's birthday?"]  # fmt: skip
+    retain = ["Who was Michelangelo?", "What did Raphael paint?", "Where did Titian live?", "Which portrait is famous?"]
+    assert concept_words(forget, retain) == ["leonardo", "da", "vinci"]
+    assert (
+        without_words("Which portrait is by Leonardo da Vinci?", ["leonardo", "da", "vinci"]) == "Which portrait is by?"
+    )
+    assert without_words("When was Leonardo's birthday?", ["leonardo"]) == "When was birthday?"
+    assert without_words("What is 2+2?", []) == "What is 2+2?"
+    assert concept_words(forget, retain + ["Leonardo da Vinci"]) == []
