@@ -105,6 +105,26 @@ class _GateKinds:
         return probe.threshold if t is None else t
 
 
+def _gate_report(gate: GateFit, kinds: _GateKinds, n_masked: int) -> dict:
+    """The gate's part of the calibration report: the probe's out-of-fold rates, the candidates
+    it was chosen from, and the kinds compared."""
+    fpr_neutral = float(np.mean(gate.oof_neutral > gate.threshold)) if len(gate.oof_neutral) else 0.0
+    return {
+        "layer": gate.layer,
+        "pooling": gate.pooling,
+        "threshold": gate.threshold,
+        "oof_tpr_forget": round(gate.tpr, 4),
+        "oof_fpr_retain": round(gate.fpr, 4),
+        "oof_fpr_neutral": round(fpr_neutral, 4),
+        "oof_auroc": round(gate.auroc, 4),
+        "oof_tpr_forget_without_name": None if gate.tpr_masked is None else round(gate.tpr_masked, 4),
+        "n_without_name": n_masked,
+        "candidates": gate.candidates,
+        "kind": kinds.chosen,
+        "kinds": kinds.report,
+    }
+
+
 @dataclass
 class _Captured:
     """The calibration prompts as the model saw them: forget, retain, neutral, in that order."""
@@ -185,7 +205,6 @@ class ConceptCalibrator:
         planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
         texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
         kinds = self._gate_kinds(gate, texts, len(fp), len(rp))
-        fpr_neutral = float(np.mean(gate.oof_neutral > gate.threshold)) if len(gate.oof_neutral) else 0.0
         report = {
             "concept_id": self.concept_id,
             "n_forget": len(fp),
@@ -193,20 +212,7 @@ class ConceptCalibrator:
             "n_neutral": len(data.neutral),
             "alpha": self.alpha,
             "seed": self.seed,
-            "gate": {
-                "layer": gate.layer,
-                "pooling": gate.pooling,
-                "threshold": gate.threshold,
-                "oof_tpr_forget": round(gate.tpr, 4),
-                "oof_fpr_retain": round(gate.fpr, 4),
-                "oof_fpr_neutral": round(fpr_neutral, 4),
-                "oof_auroc": round(gate.auroc, 4),
-                "oof_tpr_forget_without_name": None if gate.tpr_masked is None else round(gate.tpr_masked, 4),
-                "n_without_name": len(data.masked_of),
-                "candidates": gate.candidates,
-                "kind": kinds.chosen,
-                "kinds": kinds.report,
-            },
+            "gate": _gate_report(gate, kinds, len(data.masked_of)),
             "steer_layers": steer,
             "steer_topped_up": topped_up,
             "steer_scope": steer_scope,

@@ -350,12 +350,16 @@ def load_packs(paths: list[str | Path], fingerprint: ModelFingerprint | None = N
     return packs
 
 
+FINGERPRINT_ROWS = 64  # embedding rows hashed into a model's fingerprint
+
+
 def fingerprint(
     name: str, model_type: str, num_layers: int, hidden_size: int, vocab_size: int, embed_weight: torch.Tensor
 ) -> ModelFingerprint:
-    """Fingerprint a model from its shape and its first 64 embedding rows (cast to bf16 and hashed,
-    so the same weights loaded in float32 or bf16, by transformers or by vLLM, hash the same)."""
-    rows = embed_weight[:64].detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
+    """Fingerprint a model from its shape and its first FINGERPRINT_ROWS embedding rows (cast to
+    bf16 and hashed, so the same weights loaded in float32 or bf16, by transformers or by vLLM,
+    hash the same). ``embed_weight`` may hold just those rows."""
+    rows = embed_weight[:FINGERPRINT_ROWS].detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
     digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()
     return ModelFingerprint(
         name=name,

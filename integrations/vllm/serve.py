@@ -12,7 +12,7 @@ from pathlib import Path
 
 from integrations.vllm import config as vcfg
 from steering.errors import GuarditError, PackError
-from steering.pack import ModelFingerprint, fingerprint, load_packs
+from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import PolicyConfig
 
 CPU_DEFAULTS = ["--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
@@ -34,7 +34,7 @@ def folder_fingerprint(model_dir: str | Path) -> ModelFingerprint:
         with safe_open(str(f), "pt") as st:
             for key in st.keys():
                 if key.endswith("embed_tokens.weight"):
-                    embed = st.get_slice(key)[:64]
+                    embed = st.get_slice(key)[:FINGERPRINT_ROWS]
                     break
         if embed is not None:
             break
