@@ -168,7 +168,7 @@ class ConceptCalibrator:
     gate_layers: list[int] | None = None
     gate_poolings: tuple[str, ...] = ("mean",)
     late_gate: bool = False  # when the best early gate is weak, let a later layer gate
-    gate_kind: Literal["auto", "probe", "encoder", "hybrid"] = "auto"
+    gate_kind: Literal["auto", "probe", "encoder", "hybrid"] = "hybrid"
     encoder: str = DEFAULT_ENCODER
     max_steer_layers: int | None = None
     min_steer_layers: int = 4

@@ -327,31 +327,46 @@ def fit_text_gate(
 
 @dataclass
 class HybridGate:
-    """Probe or text gate, one decision: fire when max(z_probe, z_text) > τ, where each z is the
-    score standardised by the mean and standard deviation of its out-of-fold negative scores, and
-    τ is the conformal threshold of the combined out-of-fold negatives (so the false-fire bound
-    holds for the combination). Served as two thresholds, one per score."""
+    """Probe or text gate, one decision: fire when max(r_probe, r_text) > τ, where each r is the
+    score's rank among its out-of-fold negative scores (how many of them lie below it), and τ is
+    the conformal threshold of the combined out-of-fold negatives (so the false-fire bound holds
+    for the combination). Ranks put both scores on one scale whatever their distributions: with
+    scores standardised by mean and standard deviation instead, the score whose negatives have the
+    heavier tail took the whole false-fire budget and the other could hardly fire (FINDINGS.md).
+    Served as two thresholds, one per score."""
 
     probe_threshold: float
     text_threshold: float
-    oof_forget: np.ndarray  # combined z
+    oof_forget: np.ndarray  # combined rank
     oof_retain: np.ndarray
     oof_neutral: np.ndarray
-    threshold: float  # τ on the combined z
+    threshold: float  # τ on the combined rank
 
     @property
     def tpr(self) -> float:
         return float(np.mean(self.oof_forget > self.threshold))
 
 
-def combine_gates(probe: GateFit, text: TextGateFit, alpha: float) -> HybridGate:
-    def z(fit) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
-        neg = np.r_[fit.oof_retain, fit.oof_neutral]
-        mu, sd = float(neg.mean()), float(neg.std()) or 1.0
-        return (fit.oof_forget - mu) / sd, (fit.oof_retain - mu) / sd, (fit.oof_neutral - mu) / sd, mu, sd
+def _ranks(fit: GateFit | TextGateFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted negative scores, and the forget, retain and neutral scores' ranks among them)."""
+    neg = np.sort(np.r_[fit.oof_retain, fit.oof_neutral])
 
-    pf, pr, pn, pmu, psd = z(probe)
-    tf, tr, tn, tmu, tsd = z(text)
+    def rank(x: np.ndarray) -> np.ndarray:
+        return np.searchsorted(neg, x, side="left").astype(np.float64)  # negatives strictly below
+
+    return neg, rank(fit.oof_forget), rank(fit.oof_retain), rank(fit.oof_neutral)
+
+
+def _score_at_rank(neg: np.ndarray, tau: float) -> float:
+    """The score threshold t with: score > t exactly when its rank among ``neg`` is > τ."""
+    if not math.isfinite(tau) or tau >= len(neg):
+        return math.inf
+    return float(neg[math.floor(tau)])
+
+
+def combine_gates(probe: GateFit, text: TextGateFit, alpha: float) -> HybridGate:
+    pneg, pf, pr, pn = _ranks(probe)
+    tneg, tf, tr, tn = _ranks(text)
     cf, cr, cn = np.maximum(pf, tf), np.maximum(pr, tr), np.maximum(pn, tn)
     tau = gate_threshold(cr, cn, alpha)
-    return HybridGate(pmu + tau * psd, tmu + tau * tsd, cf, cr, cn, tau)
+    return HybridGate(_score_at_rank(pneg, tau), _score_at_rank(tneg, tau), cf, cr, cn, tau)

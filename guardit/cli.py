@@ -185,14 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--gate",
-        choices=["auto", "hybrid", "encoder", "probe"],
-        default="auto",
-        help="how requests are gated: 'hybrid' (a text gate on a sentence encoder's embedding of "
-        "the request, before the forward pass, or the in-model probe, one conformal threshold on the "
-        "max of their standardised scores), 'encoder' (the text gate alone), 'probe' (the in-model "
-        "probe alone), or 'auto' (default: the kind with the highest out-of-fold recall at the same "
-        "false-fire bound, hybrid when within 5 points of the best); the report compares the three and "
-        "the pack keeps each one's thresholds",
+        choices=["hybrid", "encoder", "probe", "auto"],
+        default="hybrid",
+        help="how requests are gated: 'hybrid' (default: a text gate on a sentence encoder's embedding "
+        "of the request, before the forward pass, or the in-model probe, one conformal threshold on the "
+        "max of their ranks among the negatives), 'encoder' (the text gate alone), 'probe' (the in-model "
+        "probe alone), or 'auto' (the kind with the highest out-of-fold recall at the same false-fire "
+        "bound, hybrid when within 5 points: that recall is measured on prompts that name the concept "
+        "and did not predict held-out recall, see README); the report compares the three and the pack "
+        "keeps each one's thresholds",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)

@@ -229,3 +229,26 @@ def test_everyday_negatives_bind_at_their_own_tighter_level():
     assert conformal_threshold(everyday, 0.05) == -5.0  # at α = 0.05 both outliers would fire
     few = everyday[-48:]  # too few for 1 %: held to α, never a gate that cannot fire
     assert binding_negatives(retain, few, 0.05)[2] == 0.05 and math.isfinite(gate_threshold(retain, few, 0.05))
+
+
+def test_the_hybrid_threshold_is_shared_by_rank_and_served_exactly():
+    """One conformal threshold on the max of the two scores' ranks among their negatives: the
+    served pair of thresholds gives the same decisions as the combined rank on every calibration
+    score; the false-fire bound holds for the union on the negatives; and one score's extreme
+    negative does not push the other score's threshold up (as mean/sd standardisation did)."""
+    import torch
+
+    from calibration.gate import GateFit, TextGateFit, combine_gates, gate_threshold
+
+    rng = np.random.default_rng(0)
+    # the probe's negatives spread far below (a large sd), the text score's are compact
+    pr, pn, pf = rng.normal(0, 1, 32), np.r_[rng.normal(0, 1, 150), rng.normal(-30, 1, 50)], rng.normal(4, 1, 32)
+    tr, tn, tf = rng.normal(0, 1, 32), rng.normal(0, 1, 200), rng.normal(1, 1, 32)
+    probe = GateFit(0, "mean", torch.zeros(2), 0.0, gate_threshold(pr, pn, 0.05), 0.05, pf, pr, pn)
+    text = TextGateFit(torch.zeros(2), 0.0, gate_threshold(tr, tn, 0.05), tf, tr, tn)
+    h = combine_gates(probe, text, 0.05)
+    for p, t, combined in ((pf, tf, h.oof_forget), (pr, tr, h.oof_retain), (pn, tn, h.oof_neutral)):
+        assert np.array_equal((p > h.probe_threshold) | (t > h.text_threshold), combined > h.threshold)
+    assert ((pr > h.probe_threshold) | (tr > h.text_threshold)).mean() <= 0.05
+    assert ((pn > h.probe_threshold) | (tn > h.text_threshold)).mean() <= 0.01
+    assert h.probe_threshold < 4 and h.tpr > 0.5  # the probe still fires on forget prompts
