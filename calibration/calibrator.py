@@ -168,6 +168,10 @@ class ConceptCalibrator:
     gate_layers: list[int] | None = None
     gate_poolings: tuple[str, ...] = ("mean",)
     late_gate: bool = False  # when the best early gate is weak, let a later layer gate
+    # Copies of the forget prompts without the words that name the concept, as extra positives and
+    # in the layer rule (GateFit.generalisation). Off by default: measured, they made the probe fire
+    # on near neighbours (FINDINGS.md).
+    name_copies: bool = False
     gate_kind: Literal["auto", "probe", "encoder", "hybrid"] = "hybrid"
     encoder: str = DEFAULT_ENCODER
     max_steer_layers: int | None = None
@@ -286,7 +290,7 @@ class ConceptCalibrator:
         acts = [capture(model, x, self.batch_size, name, pad, self.progress) for x, name in zip(ids, names)]
         # Copies of the forget prompts without the concept's name: what the probe must still
         # recognise (a prompt left with fewer than three words, or equal to a negative, is skipped).
-        words = concept_words(fp, rp + neutral)
+        words = concept_words(fp, rp + neutral) if self.name_copies else []
         negatives = set(rp) | set(neutral)
         copies = [(i, without_words(p, words)) for i, p in enumerate(fp)]
         copies = [(i, c) for i, c in copies if c != fp[i] and len(c.split()) >= 3 and c not in negatives]

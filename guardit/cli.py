@@ -50,6 +50,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         target=target,
         gate_poolings=poolings,
         late_gate=args.late_gate,
+        name_copies=args.name_copies,
         progress=not args.quiet,
         seed=args.seed,
         gate_kind=args.gate,
@@ -168,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean",
         help="gate value of a prompt: mean or max of its token scores; 'best' keeps whichever has the "
         "higher out-of-fold recall (max pooling trains longer)",
+    )
+    c.add_argument(
+        "--name-copies",
+        action="store_true",
+        help="also train the probe on copies of the forget prompts without the words that name the concept, "
+        "and choose its layer by its recall on them too (off by default: measured, it made the probe fire "
+        "on near neighbours; see FINDINGS.md)",
     )
     c.add_argument(
         "--late-gate",
