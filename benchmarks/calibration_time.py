@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLES, machine, median, save
+from common import EXAMPLES, calibrate_command, machine, median, save
 
 
 def main() -> None:
@@ -39,21 +39,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "guardit.cli",
-                        "calibrate",
-                        "--model",
-                        str(model_dir),
-                        "--forget",
-                        str(d / "forget.jsonl"),
-                        "--retain",
-                        str(d / "retain.jsonl"),
-                        "--out",
-                        str(Path(tmp) / "pack"),
-                        "--quiet",
-                    ],
+                    calibrate_command(model_dir, concept, Path(tmp) / "pack"),
                     check=True,
                     capture_output=True,
                 )

@@ -44,29 +44,19 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def calibrate_command(model_dir: Path, concept: str, out: Path) -> list[str]:
+    """``guardit calibrate`` of an example concept with the CLI defaults, as a command line."""
+    d = EXAMPLES / concept
+    files = ["--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl")]
+    return [sys.executable, "-m", "guardit.cli", "calibrate", "--model", str(model_dir), *files, "--out", str(out),
+            "--quiet"]  # fmt: skip
+
+
 def calibrated_pack(model_dir: Path, concept: str = "harry_potter") -> Path:
     """The example concept's pack, calibrated once with the CLI and cached."""
     out = CACHE / "packs" / concept.replace("_", "-")
     if not (out / "pack.json").is_file():
-        d = EXAMPLES / concept
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "guardit.cli",
-                "calibrate",
-                "--model",
-                str(model_dir),
-                "--forget",
-                str(d / "forget.jsonl"),
-                "--retain",
-                str(d / "retain.jsonl"),
-                "--out",
-                str(out),
-                "--quiet",
-            ],
-            check=True,
-        )
+        subprocess.run(calibrate_command(model_dir, concept, out), check=True)
     return out
 
 
