@@ -238,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     e.add_argument("--max-tokens", type=int, default=40)
-    e.add_argument("--no-baselines", action="store_true")
+    e.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="run vanilla and the pack only (no baselines, no other gate kinds side by side)",
+    )
     e.set_defaults(func=cmd_eval)
     return p
 

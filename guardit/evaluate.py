@@ -49,14 +49,15 @@ class Method:
     edits: Literal["none", "gated", "all"]  # which requests it changes: none (a reference), fired ones, all
     vllm: bool = False  # runs on the vLLM engine under --engine vllm (the others run on HF)
     needs_calibration_sets: bool = False  # needs the suite's forget.jsonl / retain.jsonl
-    baseline: bool = False  # left out by --no-baselines
+    baseline: bool = False  # a comparison, left out by --no-baselines
     gate_kind: str | None = None  # guardit served with this calibrated gate kind instead of the pack's own
     strength: float | None = None  # the paper baseline's edit strength
     about: str = ""
 
 
 def _kind_method(kind: str) -> Method:
-    return Method(f"guardit_{kind}_gate", "gated", gate_kind=kind, about=f"the same pack served with its {kind} gate")
+    about = f"the same pack served with its {kind} gate"
+    return Method(f"guardit_{kind}_gate", "gated", baseline=True, gate_kind=kind, about=about)
 
 
 METHODS: dict[str, Method] = {
