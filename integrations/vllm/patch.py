@@ -70,19 +70,6 @@ class _Request:
 
 
 @dataclass
-class _Tokens:
-    """Where each token of the flattened batch belongs, for one step (numpy, then on the device)."""
-
-    row: np.ndarray  # (T,) the token's request row
-    valid: np.ndarray  # tokens the gate counts (not padding, not already counted)
-    steerable: np.ndarray  # tokens a rotation may touch (not padding, not the template head)
-    is_prompt: np.ndarray
-    ready: np.ndarray  # (R,) rows whose prompt is complete after this step
-    split: set[int]  # rows whose prompt came in several chunks and is complete now
-    layers: frozenset[int]  # layers whose hooks have work this step (the others return at once)
-
-
-@dataclass
 class _Step:
     """One forward pass: its requests in batch order, where their tokens are, their gates and settings."""
 
@@ -183,18 +170,12 @@ class EngineState:
         req_ids, requests = self._step_requests(runner)
         if not any(st.active for st in requests):
             return
-        tokens = self._token_map(runner, req_ids, requests, num_tokens)
-        dev = runner.device
-        stats = GateStats.stack([st.gate for st in requests], dev)
+        # The token map first: it may mark a request's gates fired (fail closed) before they are stacked.
+        tokens, split, layers = self._token_map(runner, req_ids, requests, num_tokens)
+        stats = GateStats.stack([st.gate for st in requests], runner.device)
         text_fired = torch.stack([st.text_fired for st in requests]) if bank.text_packs else None
-        rows = [st.spec if st.active else None for st in requests]
-
-        def t(x: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(x).to(dev)
-
-        on_device = TokenMap(t(tokens.row), t(tokens.valid), t(tokens.steerable), t(tokens.is_prompt), t(tokens.ready))
-        settings = bank.settings(rows, text_fired)
-        self.step = _Step(req_ids, requests, on_device, tokens.split, stats, settings, tokens.layers)
+        settings = bank.settings([st.spec if st.active else None for st in requests], text_fired)
+        self.step = _Step(req_ids, requests, tokens, split, stats, settings, layers)
 
     def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
         """This step's request ids and records, in batch order: finished requests dropped, new ones
@@ -217,27 +198,26 @@ class EngineState:
                 st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
         return req_ids, requests
 
-    def _token_map(self, runner, req_ids: list[str], requests: list[_Request], num_tokens: int) -> _Tokens:
-        """Each token's row and role in this step's flattened batch (``query_start_loc``), and each
-        active request's progress through its prompt."""
+    def _token_map(
+        self, runner, req_ids: list[str], requests: list[_Request], num_tokens: int
+    ) -> tuple[TokenMap, set[int], frozenset[int]]:
+        """Each token's row and role in this step's flattened batch (``query_start_loc``), on the
+        runner's device; the rows whose prompt came in several chunks and is complete now; and the
+        layers whose hooks have work this step. Advances each active request through its prompt."""
         bank = self.bank
         assert bank is not None
         n = len(req_ids)
         qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
-        tok = _Tokens(
-            row=np.zeros(num_tokens, dtype=np.int64),
-            valid=np.zeros(num_tokens, dtype=bool),
-            steerable=np.zeros(num_tokens, dtype=bool),
-            is_prompt=np.zeros(num_tokens, dtype=bool),
-            ready=np.zeros(n, dtype=bool),
-            split=set(),
-            layers=frozenset(),
-        )
+        row = np.zeros(num_tokens, dtype=np.int64)
+        counted, steerable, is_prompt = (np.zeros(num_tokens, dtype=bool) for _ in range(3))
+        ready = np.zeros(n, dtype=bool)
+        split: set[int] = set()
+        layers: frozenset[int] = frozenset()
         for i, (rid, st) in enumerate(zip(req_ids, requests)):
             cached = runner.requests[rid]
             start = int(cached.num_computed_tokens)
             a, b = int(qsl[i]), int(qsl[i + 1])
-            tok.row[a:b] = i
+            row[a:b] = i
             if not st.active:
                 continue
             assert st.spec is not None
@@ -247,15 +227,19 @@ class EngineState:
                 st.gate.fired[:] = True
             pos = np.arange(start, start + (b - a))
             num_prompt = int(cached.num_prompt_tokens)
-            tok.valid[a:b] = pos >= st.seen
-            tok.steerable[a:b] = pos >= st.head
-            tok.is_prompt[a:b] = (pos < num_prompt) | st.compensate
-            tok.ready[i] = start + (b - a) >= num_prompt
-            if tok.ready[i] and not st.evaluated and start > st.head:
-                tok.split.add(i)
+            counted[a:b] = pos >= st.seen
+            steerable[a:b] = pos >= st.head
+            is_prompt[a:b] = (pos < num_prompt) | st.compensate
+            ready[i] = start + (b - a) >= num_prompt
+            if ready[i] and not st.evaluated and start > st.head:
+                split.add(i)
             st.seen = max(st.seen, start + (b - a))
-            tok.layers |= bank.layers_needed(st.spec.packs, start < num_prompt or not st.evaluated, st.compensate)
-        return tok
+            layers |= bank.layers_needed(st.spec.packs, start < num_prompt or not st.evaluated, st.compensate)
+
+        def t(x: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(x).to(runner.device)
+
+        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready)), split, layers
 
     def end(self) -> None:
         """After a forward: keep each request's gate state, write one event per decision, settle
