@@ -11,7 +11,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from calibration.capture import Activations, capture, common_prefix_length, decoder_layers, encode_chat
+from calibration.capture import (
+    Activations,
+    capture,
+    common_prefix_length,
+    decoder_layers,
+    encode_chat,
+    greedy_answers,
+)
 from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
 from calibration.gate import (
     WEAK_RECALL,
@@ -28,9 +35,9 @@ from calibration.gate import (
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, concept_words, read_prompts, without_words
 from steering.errors import GuarditError
-from steering.pack import ConceptPack, GateMeta, KindThresholds, PackMeta, TextGateMeta
+from steering.pack import AnswerCheckMeta, ConceptPack, GateMeta, KindThresholds, PackMeta, TextGateMeta
 from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
-from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
+from steering.text_gate import DEFAULT_ENCODER, answer_text, load_encoder, request_text
 
 
 def builtin_prompts(name: str) -> list[PromptRecord]:
@@ -79,6 +86,10 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
 # out-of-fold recall on them cannot show that the text gate catches indirect asks that the probe
 # misses (FINDINGS.md), and the hybrid keeps the probe's evidence as well.
 AUTO_PREFERENCE = ("hybrid", "encoder", "probe")
+
+# Length of the answers the answer check is calibrated on (greedy, new tokens): long enough for
+# the answer to name what it is about, short enough to generate for every calibration prompt.
+ANSWER_TOKENS = 40
 AUTO_MARGIN = 0.05
 
 
@@ -97,6 +108,7 @@ class _GateKinds:
     chosen: str
     text: TextGateMeta | None  # the text gate (encoder identity, the chosen kind's threshold)
     text_fit: TextGateFit | None
+    answer_fit: TextGateFit | None = None
 
     def probe_threshold(self, probe: GateFit) -> float:
         """The probe's served threshold: the chosen kind's (the probe's own for "encoder", whose
@@ -174,6 +186,9 @@ class ConceptCalibrator:
     name_copies: bool = False
     gate_kind: Literal["auto", "probe", "encoder", "hybrid"] = "hybrid"
     encoder: str = DEFAULT_ENCODER
+    # With a text gate, also fit the answer check (steering.text_gate.answer_text) on the model's
+    # own greedy answers to the calibration prompts, in the union of the text kinds.
+    answer_check: bool = True
     max_steer_layers: int | None = None
     min_steer_layers: int = 4
     batch_size: int = 16
@@ -208,7 +223,11 @@ class ConceptCalibrator:
         t_orth = orthogonal_target(targets, directions)
         planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
         texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
-        kinds = self._gate_kinds(gate, texts, len(fp), len(rp))
+        answers = None
+        if self.answer_check and self.gate_kind != "probe":
+            replies = greedy_answers(model, tokenizer, data.all_ids, ANSWER_TOKENS, 32, "answers", self.progress)
+            answers = [answer_text(t, a) for t, a in zip(texts, replies)]
+        kinds = self._gate_kinds(gate, texts, len(fp), len(rp), answers)
         report = {
             "concept_id": self.concept_id,
             "n_forget": len(fp),
@@ -253,9 +272,8 @@ class ConceptCalibrator:
             skip_head=list(data.all_ids[0][: data.skip]),
             stats=dict(report),
         )
-        fit = kinds.text_fit
-        text_weight, text_bias = (None, None) if fit is None else (fit.weight, fit.bias)
-        return ConceptPack(meta, planes, gate.weight, gate.bias, text_weight, text_bias)
+        heads = [(None, None) if f is None else (f.weight, f.bias) for f in (kinds.text_fit, kinds.answer_fit)]
+        return ConceptPack(meta, planes, gate.weight, gate.bias, *heads[0], *heads[1])
 
     def _validate(self, fp: list[str], rp: list[str]) -> None:
         """The settings and the two prompt sets, before any model work."""
@@ -342,11 +360,15 @@ class ConceptCalibrator:
             gate.candidates = tried
         return gate, anchor
 
-    def _gate_kinds(self, gate: GateFit, texts: list[str], nf: int, nr: int) -> _GateKinds:
+    def _gate_kinds(
+        self, gate: GateFit, texts: list[str], nf: int, nr: int, answers: list[str] | None = None
+    ) -> _GateKinds:
         """Fit the text gate on the request texts (forget, retain, neutral order) unless the kind
-        is "probe"; compare the kinds out of fold (each held to the same false-fire bound) and
-        pick the served one: ``gate_kind``, or with "auto" the highest out-of-fold recall, a kind
-        within AUTO_MARGIN of it that comes first in AUTO_PREFERENCE winning."""
+        is "probe", and the answer check on ``answers`` (each request text with the model's answer)
+        when given; compare the kinds out of fold (each held to the same false-fire bound: a text
+        kind is the union of its gates, the answer check included) and pick the served one:
+        ``gate_kind``, or with "auto" the highest out-of-fold recall, a kind within AUTO_MARGIN of
+        it that comes first in AUTO_PREFERENCE winning."""
 
         def row(tpr, orr, on, thr) -> dict:
             return {
@@ -360,20 +382,30 @@ class ConceptCalibrator:
         if self.gate_kind == "probe":
             return _GateKinds(report, thresholds, "probe", None, None)
         enc = load_encoder(self.encoder)
-        embs = enc.window_embeddings(texts)
-        text = fit_text_gate(embs[:nf], embs[nf : nf + nr], embs[nf + nr :], self.alpha, seed=self.seed)
-        hybrid = combine_gates(gate, text, self.alpha)
-        if not (math.isfinite(text.threshold) and math.isfinite(hybrid.text_threshold)):
+
+        def fit_head(strings: list[str]) -> TextGateFit:
+            embs = enc.window_embeddings(strings)
+            return fit_text_gate(embs[:nf], embs[nf : nf + nr], embs[nf + nr :], self.alpha, seed=self.seed)
+
+        text = fit_head(texts)
+        answer = fit_head(answers) if answers is not None else None
+        extra = [] if answer is None else [answer]
+        encoder = combine_gates([text, *extra], self.alpha)
+        hybrid = combine_gates([gate, text, *extra], self.alpha)
+        if not all(math.isfinite(t) for t in (*encoder.thresholds, *hybrid.thresholds)):
             raise GuarditError("text gate threshold is not finite: add retain prompts or raise alpha")
-        report["encoder"] = row(text.tpr, text.oof_retain, text.oof_neutral, text.threshold)
+        report["encoder"] = row(encoder.tpr, encoder.oof_retain, encoder.oof_neutral, encoder.threshold)
         report["hybrid"] = row(hybrid.tpr, hybrid.oof_retain, hybrid.oof_neutral, hybrid.threshold)
-        thresholds["encoder"] = KindThresholds(text=text.threshold)
-        thresholds["hybrid"] = KindThresholds(probe=hybrid.probe_threshold, text=hybrid.text_threshold)
+        ans = (lambda u: None) if answer is None else (lambda u: u.thresholds[-1])
+        thresholds["encoder"] = KindThresholds(text=encoder.thresholds[0], answer=ans(encoder))
+        thresholds["hybrid"] = KindThresholds(probe=hybrid.thresholds[0], text=hybrid.thresholds[1], answer=ans(hybrid))
         chosen = self.gate_kind if self.gate_kind != "auto" else choose_gate_kind(report)
         if chosen == "probe":
             return _GateKinds(report, {"probe": thresholds["probe"]}, "probe", None, None)
-        meta = TextGateMeta(encoder=enc.name, encoder_sha256=enc.sha256, threshold=thresholds[chosen].text)
-        return _GateKinds(report, thresholds, chosen, meta, text)
+        t = thresholds[chosen]
+        check = None if t.answer is None else AnswerCheckMeta(threshold=t.answer, max_tokens=ANSWER_TOKENS)
+        meta = TextGateMeta(encoder=enc.name, encoder_sha256=enc.sha256, threshold=t.text, answer=check)
+        return _GateKinds(report, thresholds, chosen, meta, text, answer)
 
     def _targets(self, model, tokenizer, target_set, pooled_retain: torch.Tensor, pad: int) -> torch.Tensor:
         """(L, d) target vectors (not yet orthogonalised)."""

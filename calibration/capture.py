@@ -44,6 +44,37 @@ def pad_batch(ids: list[list[int]], pad_id: int, left: bool = True) -> tuple[tor
     return inp, mask
 
 
+@torch.no_grad()
+def generate_batch(model, ids: list[list[int]], max_tokens: int, pad_id: int, eos_id: int | None) -> list[list[int]]:
+    """Greedy generation for one batch of prompts (left-padded): each row's new tokens, cut at
+    the first end-of-sequence or padding token."""
+    inp, mask = pad_batch(ids, pad_id)
+    out = model.generate(
+        input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad_id
+    )
+    stop = {eos_id, pad_id}
+    rows = []
+    for new in out[:, inp.shape[1] :].tolist():
+        cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+        rows.append(new[:cut])
+    return rows
+
+
+def greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: int, batch_size: int, desc: str,
+                   progress: bool = True) -> list[str]:  # fmt: skip
+    """The model's greedy answer (decoded, at most ``max_tokens`` new tokens) to each prompt, in
+    order. Prompts are batched by length, so that short prompts are not padded to a long one's
+    width."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
+    for s in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, unit="batch"):
+        rows = order[s : s + batch_size]
+        for i, new in zip(rows, generate_batch(model, [ids[i] for i in rows], max_tokens, pad, tokenizer.eos_token_id)):
+            out[i] = tokenizer.decode(new, skip_special_tokens=True)
+    return out
+
+
 @dataclass
 class Activations:
     """Per prompt, the residual stream after every decoder layer: tokens[i] is (T_i, L, d) float32."""

@@ -21,7 +21,7 @@ concept's name removed (:attr:`GateFit.generalisation`); both are reported.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -326,17 +326,16 @@ def fit_text_gate(
 
 
 @dataclass
-class HybridGate:
-    """Probe or text gate, one decision: fire when max(r_probe, r_text) > τ, where each r is the
-    score's rank among its out-of-fold negative scores (how many of them lie below it), and τ is
-    the conformal threshold of the combined out-of-fold negatives (so the false-fire bound holds
-    for the combination). Ranks put both scores on one scale whatever their distributions: with
-    scores standardised by mean and standard deviation instead, the score whose negatives have the
+class UnionGate:
+    """Several gates, one decision: fire when max_i r_i > τ, where each r_i is gate i's score rank
+    among its own out-of-fold negative scores (how many of them lie below it), and τ is the
+    conformal threshold of the combined out-of-fold negatives (so the false-fire bound holds for
+    the union). Ranks put the scores on one scale whatever their distributions: with scores
+    standardised by mean and standard deviation instead, the score whose negatives have the
     heavier tail took the whole false-fire budget and the other could hardly fire (FINDINGS.md).
-    Served as two thresholds, one per score."""
+    Served as one threshold per gate (``thresholds``, in the order the gates were given)."""
 
-    probe_threshold: float
-    text_threshold: float
+    thresholds: tuple[float, ...]
     oof_forget: np.ndarray  # combined rank
     oof_retain: np.ndarray
     oof_neutral: np.ndarray
@@ -364,9 +363,10 @@ def _score_at_rank(neg: np.ndarray, tau: float) -> float:
     return float(neg[math.floor(tau)])
 
 
-def combine_gates(probe: GateFit, text: TextGateFit, alpha: float) -> HybridGate:
-    pneg, pf, pr, pn = _ranks(probe)
-    tneg, tf, tr, tn = _ranks(text)
-    cf, cr, cn = np.maximum(pf, tf), np.maximum(pr, tr), np.maximum(pn, tn)
+def combine_gates(fits: Sequence[GateFit | TextGateFit], alpha: float) -> UnionGate:
+    """The union of ``fits`` (fitted on the same prompts, in the same folds) under one conformal
+    threshold (:class:`UnionGate`)."""
+    ranked = [_ranks(f) for f in fits]
+    cf, cr, cn = (np.max([r[i] for r in ranked], axis=0) for i in (1, 2, 3))
     tau = gate_threshold(cr, cn, alpha)
-    return HybridGate(_score_at_rank(pneg, tau), _score_at_rank(tneg, tau), cf, cr, cn, tau)
+    return UnionGate(tuple(_score_at_rank(r[0], tau) for r in ranked), cf, cr, cn, tau)

@@ -54,6 +54,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         seed=args.seed,
         gate_kind=args.gate,
+        answer_check=not args.no_answer_check,
         **angle,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
@@ -202,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bound, hybrid when within 5 points: that recall is measured on prompts that name the concept "
         "and did not predict held-out recall, see README); the report compares the three and the pack "
         "keeps each one's thresholds",
+    )
+    c.add_argument(
+        "--no-answer-check",
+        action="store_true",
+        help="leave out the answer check: by default a text kind ('hybrid', 'encoder') also scores the "
+        "request with the model's answer, and a request whose gates stayed closed is generated again "
+        "with the pack forced when that fires (calibrated on the model's greedy answers to the "
+        "calibration prompts, in the same false-fire bound; see README)",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)

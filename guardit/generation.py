@@ -1,6 +1,13 @@
 """Greedy generation over a prompt file with the HF engine (vLLM: ``guardit.vllm_generation``).
 
-Each result is ``{"prompt", "output", "gate": {pack_id: {"score", "fired"}}, "answers"?}``.
+Each result is ``{"prompt", "output", "token_ids", "gate": {pack_id: {"score", "fired", ...}},
+"answers"?}``.
+
+The answer check (packs whose text gate has one, :mod:`steering.text_gate`): once a batch is
+generated, each row whose gates stayed closed for some pack is scored on its request text and
+answer; a row whose check fires is generated again with the packs that fired forced (rotated from
+its first token), and its gate reading for those packs says ``"by": "answer"``. Rows whose checks
+stay closed keep their first answer, bit for bit.
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from calibration.capture import encode_chat, pad_batch
+from calibration.capture import encode_chat, generate_batch
 from calibration.prompts import PromptRecord
 from integrations.hf import steer
 from steering.pack import ConceptPack
+from steering.runtime import PackUse, SteeringBank
+from steering.text_gate import answer_text, request_text
 
 
 @torch.no_grad()
@@ -33,37 +42,66 @@ def hf_generate(
     results: list[dict] = []
     ids = encode_chat(tokenizer, [r.prompt for r in records])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    starts = range(0, len(records), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+    bank = SteeringBank(list(packs)) if packs and not force else None
+    check = bank is not None and bank.has_answer_check()
+    angles = dict(angles or {})
+
+    def run(chunk: list[list[int]], rows=None) -> tuple[list[list[int]], list[dict]]:
+        if not packs:
+            return generate_batch(model, chunk, max_tokens, pad, tokenizer.eos_token_id), [{} for _ in chunk]
+        with steer(model, packs, force=force, angles=angles, rows=rows, tokenizer=tokenizer) as session:
+            new = generate_batch(model, chunk, max_tokens, pad, tokenizer.eos_token_id)
+            return new, [{k: _reading(v) for k, v in g.items()} for g in session.gates()]
+
+    for s in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, unit="batch"):
         chunk = ids[s : s + batch_size]
-        inp, mask = pad_batch(chunk, pad)
-        width = inp.shape[1]
-        kwargs = dict(input_ids=inp, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad)
-        if packs:
-            with steer(model, packs, force=force, angles=angles, tokenizer=tokenizer) as session:
-                out = model.generate(**kwargs)
-                gates = session.gates()
-        else:
-            out = model.generate(**kwargs)
-            gates = [{} for _ in chunk]
+        new_ids, gates = run(chunk)
+        outputs = [tokenizer.decode(x, skip_special_tokens=True) for x in new_ids]
+        if check:
+            assert bank is not None
+            redo = answer_recheck(bank, tokenizer, chunk, outputs, gates)
+            again = [i for i, r in enumerate(redo) if r]
+            if again:
+                rows = [{pid: PackUse(angles.get(pid), True) for pid in redo[i]} for i in again]
+                redo_ids, redo_gates = run([chunk[i] for i in again], rows)
+                for k, i in enumerate(again):
+                    new_ids[i], outputs[i] = redo_ids[k], tokenizer.decode(redo_ids[k], skip_special_tokens=True)
+                    mark_answer_fired(gates[i], redo_gates[k])
         for r, rec in enumerate(records[s : s + batch_size]):
-            new = out[r, width:].tolist()
-            eos = {tokenizer.eos_token_id, pad}
-            trimmed = []
-            for t in new:
-                if t in eos:
-                    break
-                trimmed.append(t)
-            row = {
-                "prompt": rec.prompt,
-                "output": tokenizer.decode(trimmed, skip_special_tokens=True),
-                "token_ids": trimmed,
-                "gate": {k: _reading(v) for k, v in gates[r].items()},
-            }
+            row = {"prompt": rec.prompt, "output": outputs[r], "token_ids": new_ids[r], "gate": gates[r]}
             if rec.answers:
                 row["answers"] = list(rec.answers)
             results.append(row)
     return results
+
+
+def answer_recheck(
+    bank: SteeringBank, tokenizer, prompt_ids: Sequence[Sequence[int]], outputs: Sequence[str], gates: list[dict]
+) -> list[frozenset[str]]:
+    """The answer check of finished rows (either engine): per row, the packs to force when
+    generating it again (empty: keep the answer). ``gates[i]``: row i's gate readings by pack
+    (every pack that applied to it); each checked pack's reading gains its ``answer_score``."""
+    texts = [
+        answer_text(request_text(tokenizer, list(p), bank.head_length(list(p))), out)
+        for p, out in zip(prompt_ids, outputs)
+    ]
+    applied = [set(g) for g in gates]
+    fired = [{pid for pid, v in g.items() if v["fired"]} for g in gates]
+    redo, score = bank.recheck(texts, applied, fired)
+    for i, g in enumerate(gates):
+        for pid, v in g.items():
+            s = float(score[i, bank.index[pid]])
+            if s != float("-inf"):
+                v["answer_score"] = round(s, 5)
+    return redo
+
+
+def mark_answer_fired(first: dict, again: dict) -> None:
+    """Merge a row's readings from its forced second generation into its first ones: a pack that
+    the answer check fired now reads fired, ``"by": "answer"``."""
+    for pid, v in again.items():
+        if not first.get(pid, {}).get("fired"):
+            first.setdefault(pid, {"score": v["score"]}).update(fired=True, by="answer")
 
 
 def _reading(v) -> dict:

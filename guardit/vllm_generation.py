@@ -13,17 +13,20 @@ from pathlib import Path
 
 from calibration.capture import encode_chat
 from calibration.prompts import PromptRecord
+from guardit.generation import answer_recheck, mark_answer_fired
 from integrations.vllm import config as vcfg
 from steering.errors import GuarditError
 from steering.pack import load_packs
 from steering.policy import KEY_ANGLE, KEY_FORCE, KEY_PACKS, KEY_RID
+from steering.runtime import SteeringBank
 
+BANK_ATTR = "guardit_bank"  # the engine's packs, for the answer check (engine_generate)
 ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM CPU: KV cache size in GiB (default: derived from free memory)
 
 
 def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_dir: str | Path | None = None, **kw):
     """A vLLM engine with the given packs loaded (CPU-friendly defaults)."""
-    load_packs(list(pack_dirs))  # validate before the engine starts: clear errors, fail fast
+    packs = load_packs(list(pack_dirs))  # validate before the engine starts: clear errors, fail fast
     os.environ[vcfg.ENV_PACKS] = os.pathsep.join(str(Path(p).resolve()) for p in pack_dirs)
     os.environ.pop(vcfg.ENV_CONFIG, None)
     os.environ[vcfg.ENV_RUN_DIR] = str(run_dir or tempfile.mkdtemp(prefix="guardit-run-"))
@@ -39,7 +42,7 @@ def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_di
     )
     args.update(kw)
     try:
-        return LLM(**args)
+        llm = LLM(**args)
     except RuntimeError as e:
         if "Engine core initialization failed" not in str(e):
             raise
@@ -47,6 +50,8 @@ def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_di
             "the vLLM engine failed to start (vLLM's log above names the cause; on a CPU short of memory, "
             f"set {ENV_CPU_KV}=N to give its KV cache N GiB instead of half the NUMA node)"
         ) from e
+    setattr(llm, BANK_ATTR, SteeringBank(packs))  # the answer check runs here, in the driver
+    return llm
 
 
 # How long the engine-core process gets to exit by itself. vLLM's default (5 s) is shorter than its
@@ -74,17 +79,47 @@ def engine_generate(
     force: bool = False,
     angle: float | None = None,
 ) -> list[dict]:
-    """Generate for each record on a running engine; packs named by concept id."""
+    """Generate for each record on a running engine; packs named by concept id. Packs with an
+    answer check (engines from :func:`make_llm`) check each finished answer and generate a row again
+    with the fired packs forced, as ``guardit.generation`` does on HF."""
+    tok = llm.get_tokenizer()
+    ids = encode_chat(tok, [r.prompt for r in records])
+    token_ids, gates = _submit(llm, ids, [list(packs)] * len(ids), force, angle, max_tokens)
+    outputs = [tok.decode(x, skip_special_tokens=True) for x in token_ids]
+    bank: SteeringBank | None = getattr(llm, BANK_ATTR, None)
+    if packs and not force and bank is not None and bank.has_answer_check():
+        redo = answer_recheck(bank, tok, ids, outputs, gates)
+        again = [i for i, r in enumerate(redo) if r]
+        if again:
+            new_ids, new_gates = _submit(
+                llm, [ids[i] for i in again], [sorted(redo[i]) for i in again], True, angle, max_tokens
+            )
+            for k, i in enumerate(again):
+                token_ids[i], outputs[i] = new_ids[k], tok.decode(new_ids[k], skip_special_tokens=True)
+                mark_answer_fired(gates[i], new_gates[k])
+    rows = []
+    for i, rec in enumerate(records):
+        row = {"prompt": rec.prompt, "output": outputs[i], "token_ids": token_ids[i], "gate": gates[i]}
+        if rec.answers:
+            row["answers"] = list(rec.answers)
+        rows.append(row)
+    return rows
+
+
+def _submit(
+    llm, ids: list[list[int]], packs: list[list[str]], force: bool, angle: float | None, max_tokens: int
+) -> tuple[list[list[int]], list[dict]]:
+    """One ``llm.generate`` call: per prompt its packs; returns the new token ids (without
+    end-of-sequence) and the gate readings that the engine logged for each prompt."""
     from vllm import SamplingParams
 
     tok = llm.get_tokenizer()
-    ids = encode_chat(tok, [r.prompt for r in records])
     tag = os.urandom(4).hex()
     params = []
-    for i in range(len(records)):
+    for i, row_packs in enumerate(packs):
         extra = {}
-        if packs:
-            extra = {KEY_PACKS: ",".join(packs), KEY_RID: f"{tag}-{i}"}
+        if row_packs:
+            extra = {KEY_PACKS: ",".join(row_packs), KEY_RID: f"{tag}-{i}"}
             if force:
                 extra[KEY_FORCE] = True
             if angle is not None:
@@ -94,11 +129,11 @@ def engine_generate(
     offset = path.stat().st_size if path is not None and path.is_file() else 0
     outs = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
     events, _ = vcfg.read_events(path, offset) if path is not None else ([], 0)
-    gates: dict[str, dict] = {}
+    logged: dict[str, dict] = {}
     for e in events:
         if e.get("rid"):
             text = e.get("text_scores", {})
-            gates[e["rid"]] = {
+            logged[e["rid"]] = {
                 p: {
                     "score": e["scores"].get(p),
                     "fired": p in e["fired"],
@@ -106,20 +141,8 @@ def engine_generate(
                 }
                 for p in e["evaluated"]
             }
-    rows = []
-    for i, (rec, out) in enumerate(zip(records, outs)):
-        comp = out.outputs[0]
-        token_ids = [t for t in comp.token_ids if t != tok.eos_token_id]
-        row = {
-            "prompt": rec.prompt,
-            "output": tok.decode(token_ids, skip_special_tokens=True),
-            "token_ids": token_ids,
-            "gate": gates.get(f"{tag}-{i}", {}) if packs else {},
-        }
-        if rec.answers:
-            row["answers"] = list(rec.answers)
-        rows.append(row)
-    return rows
+    token_ids = [[t for t in out.outputs[0].token_ids if t != tok.eos_token_id] for out in outs]
+    return token_ids, [logged.get(f"{tag}-{i}", {}) if packs[i] else {} for i in range(len(ids))]
 
 
 def vllm_generate(model_dir, records, pack_dirs=(), max_tokens: int = 48, force: bool = False) -> list[dict]:

@@ -6,7 +6,9 @@ A pack is a directory with two files:
   direction, b2 = target direction) per steered layer; ``gate_weight`` (d,) and ``gate_bias``
   (1,) for the linear gate probe s = w·h + b on the gate layer's residual stream; with a text
   gate (``gate.kind`` "encoder" or "hybrid"), ``text_weight`` (e,) and ``text_bias`` (1,) for
-  the head on the sentence encoder's embedding (:mod:`steering.text_gate`).
+  the head on the sentence encoder's embedding (:mod:`steering.text_gate`); with an answer
+  check, ``answer_weight`` (e,) and ``answer_bias`` (1,) for the head on the embedding of the
+  request text followed by the model's answer.
 - ``pack.json``: metadata validated by :class:`PackMeta` (layers, gate threshold, angle, model
   fingerprint, calibration statistics).
 
@@ -66,15 +68,28 @@ def _finite(v: float) -> float:
 Threshold = Annotated[float, AfterValidator(_finite)]
 
 
+class AnswerCheckMeta(BaseModel):
+    """The answer check: a head on the same encoder's embedding of the request text followed by the
+    model's answer (:func:`steering.text_gate.answer_text`). A request whose gates stayed closed
+    and whose answer scores above ``threshold`` is generated again with the pack forced."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    threshold: Threshold
+    max_tokens: int = Field(gt=0, description="length of the calibration answers (greedy, new tokens)")
+
+
 class TextGateMeta(BaseModel):
     """The text gate: a head on a sentence encoder's embedding of the request text (max over
-    windows); fires when its score is above ``threshold``."""
+    windows); fires when its score is above ``threshold``. ``answer``: the answer check, when
+    calibrated."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     encoder: str = Field(description="name of the sentence encoder (steering.text_gate.ENCODERS)")
     encoder_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hash of the encoder's weights")
     threshold: Threshold
+    answer: AnswerCheckMeta | None = None
 
 
 GateKind = Literal["probe", "encoder", "hybrid"]
@@ -82,13 +97,14 @@ GATE_KINDS: tuple[str, ...] = ("probe", "encoder", "hybrid")
 
 
 class KindThresholds(BaseModel):
-    """The thresholds one gate kind decides with: the probe's and the text gate's (None where that
-    kind does not use the score)."""
+    """The thresholds one gate kind decides with: the probe's, the text gate's and the answer
+    check's (None where that kind does not use the score)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     probe: Threshold | None = None
     text: Threshold | None = None
+    answer: Threshold | None = None
 
 
 class GateMeta(BaseModel):
@@ -119,6 +135,8 @@ class GateMeta(BaseModel):
         for k, t in self.kinds.items():
             if (t.probe is None) != (k == "encoder") or (t.text is None) != (k == "probe"):
                 raise ValueError(f"kinds.{k}: a '{k}' gate needs exactly the thresholds it decides with")
+            if t.answer is not None and (self.text is None or self.text.answer is None):
+                raise ValueError(f"kinds.{k}: an answer threshold needs the text gate's answer check")
         return self
 
 
@@ -190,6 +208,8 @@ class ConceptPack:
     gate_bias: float
     text_weight: torch.Tensor | None = None  # (e,) with a text gate
     text_bias: float | None = None
+    answer_weight: torch.Tensor | None = None  # (e,) with an answer check
+    answer_bias: float | None = None
 
     def __post_init__(self) -> None:
         _check_tensors(self.meta, self.planes, self.gate_weight, self.gate_bias, where=self.meta.concept_id)
@@ -199,11 +219,23 @@ class ConceptPack:
                 f"pack '{self.id}': gate kind '{self.meta.gate.kind}' "
                 f"{'needs' if has_text else 'takes no'} tensors 'text_weight' and 'text_bias'"
             )
-        if self.text_weight is not None:
-            if self.text_weight.ndim != 1 or not torch.isfinite(self.text_weight).all():
-                raise PackError(f"pack '{self.id}': tensor 'text_weight' must be 1-D and finite")
-            if not math.isfinite(float(self.text_bias)):  # type: ignore[arg-type]
-                raise PackError(f"pack '{self.id}': text_bias is NaN or inf")
+        text = self.meta.gate.text
+        has_answer = text is not None and text.answer is not None
+        if has_answer != (self.answer_weight is not None and self.answer_bias is not None):
+            raise PackError(
+                f"pack '{self.id}': a gate {'with' if has_answer else 'without'} an answer check "
+                f"{'needs' if has_answer else 'takes no'} tensors 'answer_weight' and 'answer_bias'"
+            )
+        heads = (("text", self.text_weight, self.text_bias), ("answer", self.answer_weight, self.answer_bias))
+        for name, w, b in heads:
+            if w is None:
+                continue
+            if w.ndim != 1 or not torch.isfinite(w).all():
+                raise PackError(f"pack '{self.id}': tensor '{name}_weight' must be 1-D and finite")
+            if not math.isfinite(float(b)):  # type: ignore[arg-type]
+                raise PackError(f"pack '{self.id}': {name}_bias is NaN or inf")
+            if self.text_weight is not None and w.shape != self.text_weight.shape:
+                raise PackError(f"pack '{self.id}': tensor '{name}_weight' has another size than 'text_weight'")
 
     @property
     def id(self) -> str:
@@ -218,20 +250,34 @@ class ConceptPack:
         if kind not in g.kinds:
             raise PackError(f"pack '{self.id}' has no calibrated '{kind}' gate (it has {sorted(g.kinds) or [g.kind]})")
         t = g.kinds[kind]
-        text = None if t.text is None or g.text is None else g.text.model_copy(update={"threshold": t.text})
+        text = None
+        if t.text is not None and g.text is not None:
+            answer = (
+                None
+                if t.answer is None or g.text.answer is None
+                else g.text.answer.model_copy(update={"threshold": t.answer})
+            )
+            text = g.text.model_copy(update={"threshold": t.text, "answer": answer})
         keep_text = text is not None
+        keep_answer = keep_text and text.answer is not None  # type: ignore[union-attr]
         gate = GateMeta.model_validate(
             {
                 **g.model_dump(),
                 "kind": kind,
                 "threshold": g.threshold if t.probe is None else t.probe,
                 "text": text.model_dump() if keep_text else None,
-                "kinds": {k: v.model_dump() for k, v in g.kinds.items() if keep_text or k == "probe"},
+                "kinds": {
+                    k: {**v.model_dump(), **({} if keep_answer else {"answer": None})}
+                    for k, v in g.kinds.items()
+                    if keep_text or k == "probe"
+                },
             }  # fmt: skip
         )
         meta = self.meta.model_copy(update={"gate": gate})
         return ConceptPack(meta, self.planes, self.gate_weight, self.gate_bias,
-                           self.text_weight if keep_text else None, self.text_bias if keep_text else None)  # fmt: skip
+                           self.text_weight if keep_text else None, self.text_bias if keep_text else None,
+                           self.answer_weight if keep_answer else None,
+                           self.answer_bias if keep_answer else None)  # fmt: skip
 
     def save_pretrained(self, directory: str | Path) -> Path:
         out = Path(directory)
@@ -244,6 +290,9 @@ class ConceptPack:
         if self.text_weight is not None:
             tensors["text_weight"] = self.text_weight.contiguous().to(torch.float32)
             tensors["text_bias"] = torch.tensor([self.text_bias], dtype=torch.float32)
+        if self.answer_weight is not None:
+            tensors["answer_weight"] = self.answer_weight.contiguous().to(torch.float32)
+            tensors["answer_bias"] = torch.tensor([self.answer_bias], dtype=torch.float32)
         save_file(
             tensors,
             str(out / TENSORS_FILE),
@@ -288,16 +337,14 @@ class ConceptPack:
         bias = tensors["gate_bias"]
         if bias.numel() != 1:
             raise PackError(f"{tensor_path}: gate_bias must hold one value, has shape {tuple(bias.shape)}")
-        text_w, text_b = tensors.get("text_weight"), tensors.get("text_bias")
+
+        def head(name: str) -> tuple[torch.Tensor | None, float | None]:
+            w, b = tensors.get(f"{name}_weight"), tensors.get(f"{name}_bias")
+            return (None if w is None else w.float()), (None if b is None or b.numel() != 1 else float(b.item()))
+
         try:
-            pack = cls(
-                meta,
-                tensors["planes"].float(),
-                tensors["gate_weight"].float(),
-                float(bias.item()),
-                None if text_w is None else text_w.float(),
-                None if text_b is None or text_b.numel() != 1 else float(text_b.item()),
-            )
+            pack = cls(meta, tensors["planes"].float(), tensors["gate_weight"].float(), float(bias.item()),
+                       *head("text"), *head("answer"))  # fmt: skip
         except PackError as e:
             raise PackError(f"{d}: {e}") from None
         if fingerprint is not None:

@@ -225,6 +225,37 @@ class SteeringBank:
         (:func:`steering.text_gate.request_text`), ``pack_ids[i]`` the packs it uses. Returns
         (fired (R, P) bool, score (R, P) float32, -inf where no text gate was scored). Each row's
         text is embedded once (one encoder batch for all rows), whatever the number of packs."""
+        return self._head_gates("text", texts, pack_ids)
+
+    def answer_gates(self, texts: list[str], pack_ids: list[Iterable[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer-check decisions after a generation: ``texts[i]`` is row i's request text followed
+        by its answer (:func:`steering.text_gate.answer_text`), ``pack_ids[i]`` the packs to check
+        (those that applied to the row and did not fire). Same returns as :meth:`text_gates`;
+        packs without an answer check are never scored."""
+        return self._head_gates("answer", texts, pack_ids)
+
+    def has_answer_check(self) -> bool:
+        return any(p.meta.gate.text is not None and p.meta.gate.text.answer is not None for p in self.packs)
+
+    def recheck(
+        self, texts: list[str], applied: Sequence[Iterable[str]], fired: Sequence[Iterable[str]]
+    ) -> tuple[list[frozenset[str]], torch.Tensor]:
+        """The answer check of finished generations, one rule for both engines. ``texts[i]``: row
+        i's request text and answer (:func:`steering.text_gate.answer_text`); ``applied[i]``,
+        ``fired[i]``: the packs that applied to it and those whose gate fired. Returns, per row,
+        the packs to force when generating it again (empty: keep the answer): the packs whose
+        answer check fired, with the packs that had fired, so the new answer is rotated for all of
+        them; and the answer scores (R, P), -inf where not scored."""
+        fired_sets = [set(f) for f in fired]
+        check = [set(a) - f for a, f in zip(applied, fired_sets)]
+        hit, score = self.answer_gates(texts, check)
+        redo = []
+        for i, f in enumerate(fired_sets):
+            new = {self.packs[j].id for j in hit[i].nonzero().flatten().tolist()}
+            redo.append(frozenset(new | f) if new else frozenset())
+        return redo, score
+
+    def _head_gates(self, head: str, texts: list[str], pack_ids: list[Iterable[str]]):
         from steering.text_gate import check_encoder
 
         r, p = len(texts), self.num_packs
@@ -235,6 +266,8 @@ class SteeringBank:
         for j in self.text_packs:
             tg = self.packs[j].meta.gate.text
             assert tg is not None
+            if head == "answer" and tg.answer is None:
+                continue
             by_encoder.setdefault((tg.encoder, tg.encoder_sha256), []).append(j)
         for (name, sha), cols in by_encoder.items():
             rows = [i for i in range(r) if any(self.packs[j].id in uses[i] for j in cols)]
@@ -242,15 +275,14 @@ class SteeringBank:
                 continue
             enc = check_encoder(self.packs[cols[0]].id, name, sha)
             embs = enc.window_embeddings([texts[i] for i in rows])
-            weight = torch.stack([self.packs[j].text_weight for j in cols])  # type: ignore[misc]
-            bias = torch.tensor([self.packs[j].text_bias for j in cols])
+            weight = torch.stack([getattr(self.packs[j], f"{head}_weight") for j in cols])
+            bias = torch.tensor([getattr(self.packs[j], f"{head}_bias") for j in cols])
             s = torch.stack([(e @ weight.t() + bias).max(0).values for e in embs])  # (rows, cols)
-            thr = torch.tensor([self.packs[j].meta.gate.text.threshold for j in cols])  # type: ignore[union-attr]
-            for k, i in enumerate(rows):
-                for c, j in enumerate(cols):
-                    if self.packs[j].id in uses[i]:
-                        score[i, j] = s[k, c]
-                        fired[i, j] = bool(s[k, c] > thr[c])
+            thr = torch.tensor([_head_threshold(self.packs[j], head) for j in cols])
+            use = torch.tensor([[self.packs[j].id in uses[i] for j in cols] for i in rows], dtype=torch.bool)
+            idx, col_idx = torch.tensor(rows), torch.tensor(cols)
+            score[idx.unsqueeze(1), col_idx] = torch.where(use, s, torch.full_like(s, -math.inf))
+            fired[idx.unsqueeze(1), col_idx] = use & (s > thr)
         return fired, score
 
     def update_gates(
@@ -360,3 +392,12 @@ class SteeringBank:
         if cols is None:
             return False
         return bool((stats.fired[:, cols] | settings.force[:, cols]).any())
+
+
+def _head_threshold(pack: ConceptPack, head: str) -> float:
+    text = pack.meta.gate.text
+    assert text is not None
+    if head == "answer":
+        assert text.answer is not None
+        return text.answer.threshold
+    return text.threshold

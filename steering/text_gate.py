@@ -13,6 +13,12 @@ text of several lines (a conversation's turns) also line by line; the request's 
 over them, so neither a long preamble nor earlier turns dilute the ask, and truncation by the
 encoder is no bypass.
 
+The answer check is a second head on the same encoder, over the request text followed by the
+model's answer (:func:`answer_text`): what a model is about to say names the concept even when the
+ask does not (a painting for its painter, a question in another language answered with the
+name), so a request whose gates stayed closed is checked once its answer exists, and generated
+again with the pack forced when the check fires (``guardit.generation``).
+
 The encoder is named by the pack (:data:`ENCODERS`) and identified by the SHA-256 of its weights
 file; a pack whose encoder is not the one installed is refused. sentence-transformers is
 imported only when a pack with a text gate is used.
@@ -54,6 +60,12 @@ ENCODERS = {DEFAULT_ENCODER: _minilm_dir}
 def request_text(tokenizer, ids: Sequence[int], head: int) -> str:
     """The text a text gate reads: the prompt's ids after the template head, without special tokens."""
     return tokenizer.decode(list(ids[head:]), skip_special_tokens=True).strip()
+
+
+def answer_text(request: str, answer: str) -> str:
+    """What the answer check reads: the request text, then the model's answer on a line of its own
+    (so each is also scored alone, :func:`windows`)."""
+    return f"{request}\n{answer.strip()}"
 
 
 def _word_windows(text: str, size: int, stride: int) -> list[str]:

@@ -55,16 +55,18 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def text_variants(packs_dir, tmp_path_factory):
-    """The Harry Potter pack with its text gate always open ('hp-text-open') or, as an encoder-only
-    gate, always closed ('hp-text-closed'): the serving mechanics, independent of what the text
-    gate learnt."""
+    """The Harry Potter pack with its text gate always open ('hp-text-open'), as an encoder-only
+    gate always closed, answer check included ('hp-text-closed'), or with only its answer check,
+    always firing ('hp-answer-open'): the serving mechanics, independent of what the gates learnt."""
     from helpers import variant_pack
 
     d = tmp_path_factory.mktemp("variants")
     variant_pack(packs_dir / "harry-potter", d / "hp-text-open", "hp-text-open", text={"threshold": -1e6})
-    variant_pack(
-        packs_dir / "harry-potter", d / "hp-text-closed", "hp-text-closed", kind="encoder", text={"threshold": 1e6}
-    )
+    closed = {"threshold": 1e6, "answer": {"threshold": 1e6, "max_tokens": 40}}
+    variant_pack(packs_dir / "harry-potter", d / "hp-text-closed", "hp-text-closed", kind="encoder", text=closed)
+    # Probe and text gate never fire, the answer check always does.
+    answer = {"threshold": 1e6, "answer": {"threshold": -1e6, "max_tokens": 40}}
+    variant_pack(packs_dir / "harry-potter", d / "hp-answer-open", "hp-answer-open", threshold=1e6, text=answer)
     return d
 
 

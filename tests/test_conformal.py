@@ -246,9 +246,20 @@ def test_the_hybrid_threshold_is_shared_by_rank_and_served_exactly():
     tr, tn, tf = rng.normal(0, 1, 32), rng.normal(0, 1, 200), rng.normal(1, 1, 32)
     probe = GateFit(0, "mean", torch.zeros(2), 0.0, gate_threshold(pr, pn, 0.05), 0.05, pf, pr, pn)
     text = TextGateFit(torch.zeros(2), 0.0, gate_threshold(tr, tn, 0.05), tf, tr, tn)
-    h = combine_gates(probe, text, 0.05)
-    for p, t, combined in ((pf, tf, h.oof_forget), (pr, tr, h.oof_retain), (pn, tn, h.oof_neutral)):
-        assert np.array_equal((p > h.probe_threshold) | (t > h.text_threshold), combined > h.threshold)
-    assert ((pr > h.probe_threshold) | (tr > h.text_threshold)).mean() <= 0.05
-    assert ((pn > h.probe_threshold) | (tn > h.text_threshold)).mean() <= 0.01
-    assert h.probe_threshold < 4 and h.tpr > 0.5  # the probe still fires on forget prompts
+    ar, an, af = rng.normal(0, 2, 32), rng.normal(-1, 1, 200), rng.normal(3, 2, 32)  # a third score (the answer)
+    answer = TextGateFit(torch.zeros(2), 0.0, gate_threshold(ar, an, 0.05), af, ar, an)
+    for fits, scores in (
+        ([probe, text], ((pf, tf), (pr, tr), (pn, tn))),
+        ([probe, text, answer], ((pf, tf, af), (pr, tr, ar), (pn, tn, an))),
+    ):
+        h = combine_gates(fits, 0.05)
+        assert len(h.thresholds) == len(fits)
+
+        def fires(xs, h=h):
+            return np.any([x > t for x, t in zip(xs, h.thresholds)], axis=0)
+
+        for xs, combined in zip(scores, (h.oof_forget, h.oof_retain, h.oof_neutral)):
+            assert np.array_equal(fires(xs), combined > h.threshold)
+        assert fires(scores[1]).mean() <= 0.05
+        assert fires(scores[2]).mean() <= 0.01
+        assert h.thresholds[0] < 4 and h.tpr > 0.5  # the probe still fires on forget prompts

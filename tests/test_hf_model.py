@@ -8,6 +8,7 @@ from conftest import EXAMPLES
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat, pad_batch
+from calibration.prompts import PromptRecord
 from guardit.evaluate import perplexity
 from guardit.generation import hf_generate, leaked
 from integrations.hf import steer
@@ -157,6 +158,25 @@ def test_text_gate_decides_before_the_forward_in_hf(hf_model, hp, text_variants)
         gates = s.gates()
     assert torch.equal(got, ref)
     assert not any(g["hp-text-closed"].fired for g in gates)
+
+
+def test_a_fired_answer_check_generates_the_row_again_rotated_in_hf(hf_model, hp, text_variants):
+    """The answer check runs after the generation: a row whose check fires is generated again with
+    the pack forced (the same tokens as forcing the pack), and reads fired "by": "answer"; a row
+    whose gates and check stay closed keeps its vanilla tokens."""
+    model, tok = hf_model
+    assert hp.meta.gate.text.answer is not None  # the CLI's default calibrates it
+    recs = [PromptRecord(prompt=p) for p in RETAIN[:3]]
+    answer = ConceptPack.from_pretrained(text_variants / "hp-answer-open")
+    closed = ConceptPack.from_pretrained(text_variants / "hp-text-closed")
+    forced = hf_generate(model, tok, recs, [hp], max_tokens=12, force=True, progress=False)
+    vanilla = hf_generate(model, tok, recs, [], max_tokens=12, progress=False)
+    got = hf_generate(model, tok, recs, [answer], max_tokens=12, progress=False)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in forced] != [r["token_ids"] for r in vanilla]
+    assert all(r["gate"]["hp-answer-open"]["fired"] and r["gate"]["hp-answer-open"]["by"] == "answer" for r in got)
+    kept = hf_generate(model, tok, recs, [closed], max_tokens=12, progress=False)
+    assert [r["token_ids"] for r in kept] == [r["token_ids"] for r in vanilla]
+    assert all("answer_score" in r["gate"]["hp-text-closed"] and not r["gate"]["hp-text-closed"]["fired"] for r in kept)
 
 
 @torch.no_grad()

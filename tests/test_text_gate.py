@@ -113,3 +113,74 @@ def test_auto_serves_the_best_recall_and_prefers_the_hybrid_within_the_margin():
     assert choose_gate_kind(rates(0.9, 1.0, 0.9)) == "encoder"
     assert choose_gate_kind(rates(1.0, 0.5, 0.8)) == "probe"
     assert choose_gate_kind({"probe": {"oof_tpr_forget": 0.3}}) == "probe"
+
+
+def _answer_pack(encoder, concept_id="toy", answer_threshold=0.0, text_threshold=1e6):
+    """A hybrid pack whose text gate never fires and whose answer check fires above ``answer_threshold``."""
+    from steering.pack import AnswerCheckMeta
+
+    pack = _text_pack(encoder, concept_id, threshold=text_threshold)
+    g = torch.Generator().manual_seed(5)
+    text = pack.meta.gate.text.model_copy(update={"answer": AnswerCheckMeta(threshold=answer_threshold, max_tokens=40)})
+    meta = pack.meta.model_copy(update={"gate": pack.meta.gate.model_copy(update={"text": text})})
+    w = torch.randn(encoder.dim, generator=g)
+    return ConceptPack(meta, pack.planes, pack.gate_weight, pack.gate_bias, pack.text_weight, 0.0, w, 0.0)
+
+
+def test_pack_with_answer_check_round_trips_and_is_checked(tmp_path, encoder):
+    pack = _answer_pack(encoder)
+    pack.save_pretrained(tmp_path / "p")
+    back = ConceptPack.from_pretrained(tmp_path / "p", FP)
+    assert back.meta.gate.text.answer.threshold == 0.0 and torch.equal(back.answer_weight, pack.answer_weight)
+    with pytest.raises(PackError, match="with an answer check needs tensors 'answer_weight'"):
+        ConceptPack(pack.meta, pack.planes, pack.gate_weight, pack.gate_bias, pack.text_weight, 0.0)
+    plain = _text_pack(encoder)
+    with pytest.raises(PackError, match="without an answer check takes no tensors"):
+        ConceptPack(plain.meta, plain.planes, plain.gate_weight, plain.gate_bias, plain.text_weight, 0.0,
+                    pack.answer_weight, 0.0)  # fmt: skip
+    with pytest.raises(PackError, match="'answer_weight' has another size"):
+        ConceptPack(pack.meta, pack.planes, pack.gate_weight, pack.gate_bias, pack.text_weight, 0.0,
+                    pack.answer_weight[:3], 0.0)  # fmt: skip
+    meta = json.loads((tmp_path / "p" / "pack.json").read_text())
+    meta["gate"]["text"]["answer"] = None
+    meta["gate"]["kinds"] = {"hybrid": {"probe": 0.0, "text": 0.1, "answer": 0.2}}
+    (tmp_path / "p" / "pack.json").write_text(json.dumps(meta))
+    with pytest.raises(PackError, match="answer threshold needs the text gate's answer check"):
+        ConceptPack.from_pretrained(tmp_path / "p")
+
+
+def test_the_answer_check_reruns_only_rows_whose_check_fires_with_the_fired_packs(encoder):
+    """The one rule both engines use after a generation: a row is generated again when the answer
+    check of a pack that applied and stayed closed fires; the rerun forces that pack and those that
+    had fired; a pack that already fired, or did not apply, is not checked; the scores are the
+    answer head's on the request text with the answer."""
+    from steering.text_gate import answer_text
+
+    packs = [_answer_pack(encoder, "a", answer_threshold=-1e6), _answer_pack(encoder, "b", answer_threshold=1e6)]
+    bank = SteeringBank(packs)
+    texts = [answer_text("Who painted the Mona Lisa?", "Leonardo da Vinci."), answer_text("2+2?", "4")]
+    redo, score = bank.recheck(texts, applied=[{"a", "b"}, {"b"}], fired=[{"b"}, set()])
+    assert redo == [frozenset({"a", "b"}), frozenset()]
+    ia, ib = bank.index["a"], bank.index["b"]
+    assert score[0, ib] == -float("inf") and score[1, ia] == -float("inf")  # fired / not applied: not scored
+    emb = encoder.window_embeddings(texts[:1])[0]
+    assert torch.allclose(score[0, ia], (emb @ packs[0].answer_weight).max(), atol=1e-5)
+    redo, _ = bank.recheck(texts, applied=[{"a"}, {"a"}], fired=[{"a"}, set()])
+    assert redo == [frozenset(), frozenset({"a"})]
+    assert not SteeringBank([_text_pack(encoder)]).has_answer_check() and bank.has_answer_check()
+
+
+def test_each_served_kind_keeps_its_own_answer_threshold(encoder):
+    pack = _answer_pack(encoder)
+    kinds = {
+        "probe": {"probe": 0.5},
+        "encoder": {"text": 0.25, "answer": 0.3},
+        "hybrid": {"probe": 0, "text": 0, "answer": 0},
+    }
+    gate = pack.meta.gate.model_validate({**pack.meta.gate.model_dump(), "kinds": kinds})
+    pack = ConceptPack(pack.meta.model_copy(update={"gate": gate}), pack.planes, pack.gate_weight, pack.gate_bias,
+                       pack.text_weight, 0.0, pack.answer_weight, 0.0)  # fmt: skip
+    enc, probe = pack.with_gate_kind("encoder"), pack.with_gate_kind("probe")
+    assert enc.meta.gate.text.answer.threshold == 0.3 and torch.equal(enc.answer_weight, pack.answer_weight)
+    assert probe.answer_weight is None and probe.meta.gate.text is None
+    assert not SteeringBank([probe]).has_answer_check() and SteeringBank([enc]).has_answer_check()

@@ -51,6 +51,7 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens, text_variants
             packs_dir / "lord-of-the-rings",
             text_variants / "hp-text-open",
             text_variants / "hp-text-closed",
+            text_variants / "hp-answer-open",
         ],
         run_dir=tmp_path_factory.mktemp("run"),
         **ENGINE_KW,
@@ -267,7 +268,8 @@ def test_compiled_runner_or_unrun_hook_stops_the_engine():
 def test_text_gate_decides_before_prefill_on_vllm(engine, vanilla_tokens):
     """The text gate runs in the engine, once per request before its prefill (chunked here): fired,
     the request is rotated from its first chunk exactly as a forced one; closed (encoder-only), it
-    is vanilla token for token. The decision is the engine's: a client field cannot set it."""
+    is vanilla token for token. The decision is the engine's: a client field cannot set it. An
+    answer check that fires generates the request again, forced (the same tokens as forcing it)."""
     from guardit.vllm_generation import engine_generate
 
     recs = _records()
@@ -279,3 +281,7 @@ def test_text_gate_decides_before_prefill_on_vllm(engine, vanilla_tokens):
     closed = engine_generate(engine, prompts, ["hp-text-closed"], MAX_TOKENS)
     assert all(r["token_ids"] == vanilla_tokens[r["prompt"]] for r in closed)
     assert not any(r["gate"]["hp-text-closed"]["fired"] for r in closed)
+    answered = engine_generate(engine, prompts, ["hp-answer-open"], MAX_TOKENS)
+    assert [r["token_ids"] for r in answered] == [r["token_ids"] for r in forced]
+    assert all(r["gate"]["hp-answer-open"]["by"] == "answer" for r in answered)
+    assert all("answer_score" in r["gate"]["hp-text-closed"] for r in closed)
