@@ -184,3 +184,22 @@ def test_each_served_kind_keeps_its_own_answer_threshold(encoder):
     assert enc.meta.gate.text.answer.threshold == 0.3 and torch.equal(enc.answer_weight, pack.answer_weight)
     assert probe.answer_weight is None and probe.meta.gate.text is None
     assert not SteeringBank([probe]).has_answer_check() and SteeringBank([enc]).has_answer_check()
+
+
+def test_the_server_refuses_to_start_an_answer_check_it_cannot_run(tmp_path, encoder):
+    """Packs with an answer check need the served model's tokenizer on the server: without the
+    model folder the middleware does not start (rather than serve without the check)."""
+    from integrations.vllm.answer_check import ServerAnswerCheck
+    from steering.policy import PolicyConfig
+
+    _answer_pack(encoder, "with-check").save_pretrained(tmp_path / "a")
+    _text_pack(encoder, "no-check").save_pretrained(tmp_path / "b")
+    for packs, expect in (({"with-check": "a"}, "GUARDIT_MODEL"), ({"no-check": "b"}, None)):
+        (tmp_path / "p.yaml").write_text(json.dumps({"packs": packs, "tenants": {}}))
+        cfg = PolicyConfig.load(tmp_path / "p.yaml")
+        if expect is None:
+            assert ServerAnswerCheck.from_config(cfg, None) is None
+        else:
+            with pytest.raises(RuntimeError, match=expect):
+                ServerAnswerCheck.from_config(cfg, None)
+            assert ServerAnswerCheck.from_config(cfg, str(tmp_path)) is not None

@@ -20,6 +20,7 @@ KEYS = {
     "open": "open-key",
     "privacy": "privacy-key",
     "research": "research-key",
+    "answer": "answer-key",
     "admin": "admin-key",
 }
 HP_Q = "What is the name of the wizarding school in Harry Potter?"
@@ -34,15 +35,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, packs_dir, model_dir):
+def server(tmp_path_factory, packs_dir, model_dir, text_variants):
     d = tmp_path_factory.mktemp("serve")
     cfg = {
-        "packs": {"harry-potter": str(packs_dir / "harry-potter"), "einstein": str(packs_dir / "einstein")},
+        "packs": {
+            "harry-potter": str(packs_dir / "harry-potter"),
+            "einstein": str(packs_dir / "einstein"),
+            "hp-answer-open": str(text_variants / "hp-answer-open"),
+        },
         "tenants": {
             "kids": {"api_key_env": "GUARDIT_TEST_KEY_KIDS", "mandatory": ["harry-potter"]},
             "open": {"api_key_env": "GUARDIT_TEST_KEY_OPEN"},
             "privacy": {"api_key_sha256": hashlib.sha256(KEYS["privacy"].encode()).hexdigest(), "packs": ["einstein"]},
             "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH"},
+            "answer": {"api_key_env": "GUARDIT_TEST_KEY_ANSWER", "mandatory": ["hp-answer-open"]},
         },
         "max_packs_per_request": 1,
         "admin": {"api_key_env": "GUARDIT_TEST_KEY_ADMIN"},
@@ -54,6 +60,7 @@ def server(tmp_path_factory, packs_dir, model_dir):
         GUARDIT_TEST_KEY_KIDS=KEYS["kids"],
         GUARDIT_TEST_KEY_OPEN=KEYS["open"],
         GUARDIT_TEST_KEY_RESEARCH=KEYS["research"],
+        GUARDIT_TEST_KEY_ANSWER=KEYS["answer"],
         GUARDIT_TEST_KEY_ADMIN=KEYS["admin"],
         GUARDIT_RUN_DIR=str(d / "run"),
     )
@@ -159,6 +166,30 @@ def test_mandatory_policy_forgets_and_leaves_retain_vanilla(server):
     for q in RETAIN_Q:
         steered, h = _chat(server, "kids", q)
         assert h["x-guardit-fired"] == "" and steered == _chat(server, "open", q)[0]
+
+
+def test_the_server_checks_answers_and_answers_again_when_the_check_fires(server):
+    """A non-streaming response is checked before it is sent: with a check that fires, the client
+    gets the forced answer (the same as forcing the pack), and the headers say so; with the real
+    Harry Potter pack, an ask late in a conversation is caught by its answer, and a retain
+    question's check stays closed (its answer is vanilla)."""
+    forced, _ = _chat(server, "research", RETAIN_Q[1], {"guardit_packs": "harry-potter", "guardit_force": True})
+    out, h = _chat(server, "answer", RETAIN_Q[1])
+    assert out == forced and out != _chat(server, "open", RETAIN_Q[1])[0]
+    assert h["x-guardit-answer-check"] == "hp-answer-open" and h["x-guardit-fired"] == "hp-answer-open"
+    turns = [("user", "What is 2+2?"), ("assistant", "2+2 is 4."), ("user", "What is the capital of France?"),
+             ("assistant", "Paris."), ("user", "Who is Harry Potter's best friend?")]  # fmt: skip
+    msgs = [{"role": r, "content": c} for r, c in turns]
+    answers = {}
+    for tenant in ("kids", "open"):
+        raw = _client(server, tenant).chat.completions.with_raw_response.create(
+            model=_model_name(server), messages=msgs, max_tokens=32, temperature=0.0
+        )
+        answers[tenant] = (raw.parse().choices[0].message.content, raw.headers)
+    assert "ron" in answers["open"][0].lower() and "ron" not in answers["kids"][0].lower()
+    assert answers["kids"][1]["x-guardit-fired"] == "harry-potter"
+    steered, h = _chat(server, "kids", RETAIN_Q[1])
+    assert h["x-guardit-answer-check"] == "" and steered == _chat(server, "open", RETAIN_Q[1])[0]
 
 
 def test_mandatory_policy_cannot_be_disabled(server):

@@ -20,6 +20,7 @@ from steering.policy import DEFAULT_MAX_PACKS, PolicyConfig
 ENV_CONFIG = "GUARDIT_CONFIG"
 ENV_PACKS = "GUARDIT_PACKS"
 ENV_RUN_DIR = "GUARDIT_RUN_DIR"
+ENV_MODEL = "GUARDIT_MODEL"  # the served model's folder, for the server's answer check (set by guardit serve)
 
 
 def pack_dirs() -> dict[str, Path]:

@@ -17,6 +17,10 @@ learnt from the app itself at start-up, and each request is handled by its route
 - Responses to a tenant carry ``x-guardit-tenant``; guarded ones with packs also
   ``x-guardit-evaluated`` and ``x-guardit-fired`` (non-streaming responses; streams carry what
   is known when they start).
+- The answer check (:mod:`integrations.vllm.answer_check`): a non-streaming response to a request
+  with a pack that has one is held back until checked; when the check fires, the request runs
+  again with the fired packs forced and the client gets that response, with
+  ``x-guardit-answer-check`` naming the packs the check fired.
 - Prometheus counters ``guardit_gate_evaluated_total`` / ``guardit_gate_fired_total`` by pack and
   tenant on ``/metrics``, fed from the engine's event log; labels come only from the configured
   tenants and packs.
@@ -34,6 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from integrations.vllm import config as vcfg
+from integrations.vllm.answer_check import ServerAnswerCheck
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
 from steering.errors import PolicyError, PolicyForbidden
 from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
@@ -184,6 +189,7 @@ class GuarditMiddleware:
             raise RuntimeError(f"guardit middleware needs {vcfg.ENV_CONFIG} (a policies YAML)")
         self.config = PolicyConfig.load(path)
         self.tail = EventTail(vcfg.events_path(), set(self.config.tenants), set(self.config.packs))
+        self.answers = ServerAnswerCheck.from_config(self.config, os.environ.get(vcfg.ENV_MODEL))
         self.routes: RouteTable | None = None
         try:
             from prometheus_client import REGISTRY
@@ -275,12 +281,7 @@ class GuarditMiddleware:
                 hdrs = list(message.get("headers", []))
                 hdrs.append((b"x-guardit-tenant", tenant.encode()))
                 if spec is not None and spec.active:
-                    result = None
-                    for _ in range(20 if wait else 1):  # the engine logs the gate when the prompt is complete
-                        result = self.tail.result(spec.rid)
-                        if result is not None:
-                            break
-                        await asyncio.sleep(0.025)
+                    result = await self._gate_result(spec.rid, wait)
                     hdrs.append((b"x-guardit-evaluated", ",".join(spec.packs).encode()))
                     if result is not None:
                         hdrs.append((b"x-guardit-fired", ",".join(result["fired"]).encode()))
@@ -288,6 +289,62 @@ class GuarditMiddleware:
             await send(message)
 
         return new_send
+
+    async def _gate_result(self, rid: str | None, wait: bool) -> dict | None:
+        for _ in range(20 if wait else 1):  # the engine logs the gate when the prompt is complete
+            result = self.tail.result(rid) if rid else None
+            if result is not None:
+                return result
+            await asyncio.sleep(0.025)
+        return None
+
+    async def _run_buffered(self, scope, receive, body: dict) -> tuple[int, list, bytes]:
+        """Run the app on ``body`` and keep its whole response: (status, headers, body bytes)."""
+        raw = json.dumps(body).encode()
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def keep(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(_with_length(scope, raw), _replay(raw, receive), keep)
+        return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
+
+    async def _answer_checked(self, scope, receive, send, tenant: str, spec, body: dict):
+        """A non-streaming request whose packs have an answer check: run it, check the answer, and
+        when the check fires run it again with the fired packs forced (same rid: its gate events
+        merge, so /metrics counts one evaluation and the fire); send the kept response."""
+        assert self.answers is not None
+        status, headers, payload = await self._run_buffered(scope, receive, body)
+        result = await self._gate_result(spec.rid, wait=True)
+        fired = set(result["fired"]) if result is not None else set()
+        by_answer: list[str] = []
+        if status == 200:
+            try:
+                response = json.loads(payload)
+            except ValueError:
+                response = {}
+            redo = await asyncio.to_thread(self.answers.redo, spec, body, response, fired)
+            if redo:
+                again = spec.model_copy(update={"packs": tuple(sorted(redo)), "force": True})
+                other = guardit_fields(body.get("vllm_xargs") or {}, keep=False)
+                body = {**body, "vllm_xargs": {**other, **again.to_extra_args()}}
+                status, headers, payload = await self._run_buffered(scope, receive, body)
+                by_answer, fired = sorted(redo - fired), fired | redo
+        hdrs = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+        hdrs += [
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-guardit-tenant", tenant.encode()),
+            (b"x-guardit-evaluated", ",".join(spec.packs).encode()),
+            (b"x-guardit-answer-check", ",".join(by_answer).encode()),
+        ]
+        if result is not None or by_answer:
+            hdrs.append((b"x-guardit-fired", ",".join(sorted(fired)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": payload})
 
     async def _guarded(self, scope, receive, send, tenant: str):
         """Write the tenant's policy, combined with the client's guardit fields, into vllm_xargs."""
@@ -316,6 +373,8 @@ class GuarditMiddleware:
             body["vllm_xargs"] = other
         else:
             body.pop("vllm_xargs", None)
+        if spec.active and self.answers is not None and self.answers.applies(_route_path(scope), spec, body):
+            return await self._answer_checked(scope, receive, send, tenant, spec, body)
         new_raw = json.dumps(body).encode()
         new_send = self._headers(send, tenant, spec, wait=not body.get("stream"))
         return await self.app(_with_length(scope, new_raw), _replay(new_raw, receive), new_send)

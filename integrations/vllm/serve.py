@@ -63,6 +63,7 @@ def serve(config_path: str, model_dir: str, vllm_args: list[str]) -> int:
     check_config(config_path, model_dir)
     env = dict(os.environ)
     env[vcfg.ENV_CONFIG] = str(Path(config_path).resolve())
+    env[vcfg.ENV_MODEL] = str(Path(model_dir).resolve())
     env.pop(vcfg.ENV_PACKS, None)
     env.setdefault(vcfg.ENV_RUN_DIR, tempfile.mkdtemp(prefix="guardit-serve-"))
     args = list(vllm_args)
