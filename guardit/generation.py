@@ -63,16 +63,24 @@ def hf_generate(
             again = [i for i, r in enumerate(redo) if r]
             if again:
                 rows = [{pid: PackUse(angles.get(pid), True) for pid in redo[i]} for i in again]
-                redo_ids, redo_gates = run([chunk[i] for i in again], rows)
-                for k, i in enumerate(again):
-                    new_ids[i], outputs[i] = redo_ids[k], tokenizer.decode(redo_ids[k], skip_special_tokens=True)
-                    mark_answer_fired(gates[i], redo_gates[k])
-        for r, rec in enumerate(records[s : s + batch_size]):
-            row = {"prompt": rec.prompt, "output": outputs[r], "token_ids": new_ids[r], "gate": gates[r]}
-            if rec.answers:
-                row["answers"] = list(rec.answers)
-            results.append(row)
+                take_reruns(tokenizer, again, *run([chunk[i] for i in again], rows), new_ids, outputs, gates)
+        results += [result_row(*x) for x in zip(records[s : s + batch_size], outputs, new_ids, gates)]
     return results
+
+
+def result_row(rec: PromptRecord, output: str, token_ids: list[int], gate: dict) -> dict:
+    """One generation result (the module docstring's format)."""
+    row = {"prompt": rec.prompt, "output": output, "token_ids": token_ids, "gate": gate}
+    if rec.answers:
+        row["answers"] = list(rec.answers)
+    return row
+
+
+def take_reruns(tokenizer, rows: list[int], new_ids, new_gates, token_ids: list, outputs: list, gates: list) -> None:
+    """Put the forced second generations of ``rows`` in place of their first ones, in place."""
+    for k, i in enumerate(rows):
+        token_ids[i], outputs[i] = new_ids[k], tokenizer.decode(new_ids[k], skip_special_tokens=True)
+        mark_answer_fired(gates[i], new_gates[k])
 
 
 def answer_recheck(

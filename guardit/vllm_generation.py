@@ -13,7 +13,7 @@ from pathlib import Path
 
 from calibration.capture import encode_chat
 from calibration.prompts import PromptRecord
-from guardit.generation import answer_recheck, mark_answer_fired
+from guardit.generation import answer_recheck, result_row, take_reruns
 from integrations.vllm import config as vcfg
 from steering.errors import GuarditError
 from steering.pack import load_packs
@@ -91,19 +91,9 @@ def engine_generate(
         redo = answer_recheck(bank, tok, ids, outputs, gates)
         again = [i for i, r in enumerate(redo) if r]
         if again:
-            new_ids, new_gates = _submit(
-                llm, [ids[i] for i in again], [sorted(redo[i]) for i in again], True, angle, max_tokens
-            )
-            for k, i in enumerate(again):
-                token_ids[i], outputs[i] = new_ids[k], tok.decode(new_ids[k], skip_special_tokens=True)
-                mark_answer_fired(gates[i], new_gates[k])
-    rows = []
-    for i, rec in enumerate(records):
-        row = {"prompt": rec.prompt, "output": outputs[i], "token_ids": token_ids[i], "gate": gates[i]}
-        if rec.answers:
-            row["answers"] = list(rec.answers)
-        rows.append(row)
-    return rows
+            reruns = _submit(llm, [ids[i] for i in again], [sorted(redo[i]) for i in again], True, angle, max_tokens)
+            take_reruns(tok, again, *reruns, token_ids, outputs, gates)
+    return [result_row(*x) for x in zip(records, outputs, token_ids, gates)]
 
 
 def _submit(
