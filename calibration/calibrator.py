@@ -90,6 +90,7 @@ AUTO_PREFERENCE = ("hybrid", "encoder", "probe")
 # Length of the answers the answer check is calibrated on (greedy, new tokens): long enough for
 # the answer to name what it is about, short enough to generate for every calibration prompt.
 ANSWER_TOKENS = 40
+_NEUTRAL_ANSWERS: dict[tuple, list[str]] = {}  # (fingerprint, dtype, prompt ids, tokens) -> answers
 AUTO_MARGIN = 0.05
 
 
@@ -225,8 +226,7 @@ class ConceptCalibrator:
         texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
         answers = None
         if self.answer_check and self.gate_kind != "probe":
-            replies = greedy_answers(model, tokenizer, data.all_ids, ANSWER_TOKENS, 32, "answers", self.progress)
-            answers = [answer_text(t, a) for t, a in zip(texts, replies)]
+            answers = [answer_text(t, a) for t, a in zip(texts, self._answers(model, tokenizer, data))]
         kinds = self._gate_kinds(gate, texts, len(fp), len(rp), answers)
         report = {
             "concept_id": self.concept_id,
@@ -274,6 +274,20 @@ class ConceptCalibrator:
         )
         heads = [(None, None) if f is None else (f.weight, f.bias) for f in (kinds.text_fit, kinds.answer_fit)]
         return ConceptPack(meta, planes, gate.weight, gate.bias, *heads[0], *heads[1])
+
+    def _answers(self, model, tokenizer, data: _Captured) -> list[str]:
+        """The model's greedy answers to every calibration prompt (forget, retain, neutral). The
+        built-in neutral prompts are the same for every concept: their answers are generated once
+        per process and model (keyed by the weights' fingerprint and dtype)."""
+        n = len(data.ids[0]) + len(data.ids[1])
+        own = greedy_answers(model, tokenizer, data.all_ids[:n], ANSWER_TOKENS, 32, "answers", self.progress)
+        dtype = str(next(model.parameters()).dtype)
+        key = (hf_fingerprint(model).weights_sha256, dtype, tuple(map(tuple, data.ids[2])), ANSWER_TOKENS)
+        if key not in _NEUTRAL_ANSWERS:
+            _NEUTRAL_ANSWERS[key] = greedy_answers(
+                model, tokenizer, data.ids[2], ANSWER_TOKENS, 32, "answers (built-in prompts)", self.progress
+            )
+        return own + _NEUTRAL_ANSWERS[key]
 
     def _validate(self, fp: list[str], rp: list[str]) -> None:
         """The settings and the two prompt sets, before any model work."""
