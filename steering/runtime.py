@@ -18,7 +18,8 @@ Packs with a text gate (:mod:`steering.text_gate`) decide from the request text 
 forward: :meth:`SteeringBank.text_gates` scores each new request once, and
 :meth:`SteeringBank.settings` turns a fired text gate into a rotation from the first token (like
 ``force``); an "encoder"-kind pack whose text gate stays closed does not apply to the row, a
-"hybrid" one still gates in the forward pass with its probe.
+"hybrid" one still gates in the forward pass with its probe. After a generation,
+:meth:`SteeringBank.recheck` is the answer check: which rows to generate again, forced.
 """
 
 from __future__ import annotations
