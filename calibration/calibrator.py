@@ -86,12 +86,12 @@ def gate_diagnostics(gate: GateFit, forget: list[str], retain: list[str], neutra
 # out-of-fold recall on them cannot show that the text gate catches indirect asks that the probe
 # misses (FINDINGS.md), and the hybrid keeps the probe's evidence as well.
 AUTO_PREFERENCE = ("hybrid", "encoder", "probe")
+AUTO_MARGIN = 0.05
 
 # Length of the answers the answer check is calibrated on (greedy, new tokens): long enough for
 # the answer to name what it is about, short enough to generate for every calibration prompt.
 ANSWER_TOKENS = 40
 _NEUTRAL_ANSWERS: dict[tuple, list[str]] = {}  # (fingerprint, dtype, prompt ids, tokens) -> answers
-AUTO_MARGIN = 0.05
 
 
 def choose_gate_kind(report: dict[str, dict]) -> str:
