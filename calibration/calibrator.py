@@ -410,9 +410,9 @@ class ConceptCalibrator:
             raise GuarditError("text gate threshold is not finite: add retain prompts or raise alpha")
         report["encoder"] = row(encoder.tpr, encoder.oof_retain, encoder.oof_neutral, encoder.threshold)
         report["hybrid"] = row(hybrid.tpr, hybrid.oof_retain, hybrid.oof_neutral, hybrid.threshold)
-        ans = (lambda u: None) if answer is None else (lambda u: u.thresholds[-1])
-        thresholds["encoder"] = KindThresholds(text=encoder.thresholds[0], answer=ans(encoder))
-        thresholds["hybrid"] = KindThresholds(probe=hybrid.thresholds[0], text=hybrid.thresholds[1], answer=ans(hybrid))
+        # Each union's thresholds come in the order of its gates: [probe,] text[, answer].
+        thresholds["encoder"] = KindThresholds(**dict(zip(("text", "answer"), encoder.thresholds)))
+        thresholds["hybrid"] = KindThresholds(**dict(zip(("probe", "text", "answer"), hybrid.thresholds)))
         chosen = self.gate_kind if self.gate_kind != "auto" else choose_gate_kind(report)
         if chosen == "probe":
             return _GateKinds(report, {"probe": thresholds["probe"]}, "probe", None, None)

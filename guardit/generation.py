@@ -23,7 +23,6 @@ from calibration.prompts import PromptRecord
 from integrations.hf import steer
 from steering.pack import ConceptPack
 from steering.runtime import PackUse, SteeringBank
-from steering.text_gate import answer_text, request_text
 
 
 @torch.no_grad()
@@ -89,10 +88,7 @@ def answer_recheck(
     """The answer check of finished rows (either engine): per row, the packs to force when
     generating it again (empty: keep the answer). ``gates[i]``: row i's gate readings by pack
     (every pack that applied to it); each checked pack's reading gains its ``answer_score``."""
-    texts = [
-        answer_text(request_text(tokenizer, list(p), bank.head_length(list(p))), out)
-        for p, out in zip(prompt_ids, outputs)
-    ]
+    texts = bank.answer_texts(tokenizer, prompt_ids, outputs)
     applied = [set(g) for g in gates]
     fired = [{pid for pid, v in g.items() if v["fired"]} for g in gates]
     redo, score = bank.recheck(texts, applied, fired)

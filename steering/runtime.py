@@ -238,6 +238,16 @@ class SteeringBank:
     def has_answer_check(self) -> bool:
         return any(p.meta.gate.text is not None and p.meta.gate.text.answer is not None for p in self.packs)
 
+    def answer_texts(self, tokenizer, prompt_ids: Sequence[Sequence[int]], answers: Sequence[str]) -> list[str]:
+        """What the answer check reads for each row: its request text (the prompt after the
+        template head, as the text gate reads it) and its answer (:func:`steering.text_gate.answer_text`)."""
+        from steering.text_gate import answer_text, request_text
+
+        return [
+            answer_text(request_text(tokenizer, list(p), self.head_length(list(p))), a)
+            for p, a in zip(prompt_ids, answers)
+        ]
+
     def recheck(
         self, texts: list[str], applied: Sequence[Iterable[str]], fired: Sequence[Iterable[str]]
     ) -> tuple[list[frozenset[str]], torch.Tensor]:

@@ -22,7 +22,6 @@ from integrations.vllm.config import ENV_MODEL
 from steering.pack import load_packs
 from steering.policy import PolicyConfig, RequestSpec
 from steering.runtime import SteeringBank
-from steering.text_gate import answer_text, request_text
 
 
 def _content(message: dict) -> str:
@@ -92,8 +91,7 @@ class ServerAnswerCheck:
         if not answers:
             return frozenset()
         ids = self._prompt_ids(body)
-        request = request_text(self.tokenizer, ids, self.bank.head_length(ids))
-        texts = [answer_text(request, a) for a in answers]
+        texts = self.bank.answer_texts(self.tokenizer, [ids] * len(answers), answers)
         known = [p for p in spec.packs if p in self.bank.index]
         redo, _ = self.bank.recheck(texts, [known] * len(texts), [set(fired)] * len(texts))
         return frozenset().union(*redo)

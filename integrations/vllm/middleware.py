@@ -131,6 +131,17 @@ def _json_body(status: int, body: bytes):
     return respond
 
 
+def _guardit_headers(tenant: str, spec=None, fired: list[str] | None = None) -> list[tuple[bytes, bytes]]:
+    """The response headers a tenant gets: its name; for a request with packs, the packs evaluated
+    and, when the gate result is known, those that fired."""
+    hdrs = [(b"x-guardit-tenant", tenant.encode())]
+    if spec is not None and spec.active:
+        hdrs.append((b"x-guardit-evaluated", ",".join(spec.packs).encode()))
+        if fired is not None:
+            hdrs.append((b"x-guardit-fired", ",".join(fired).encode()))
+    return hdrs
+
+
 def _route_path(scope) -> str:
     """The path the app's router matches: the request path without the app's root_path."""
     path, root = scope["path"], scope.get("root_path", "")
@@ -278,14 +289,11 @@ class GuarditMiddleware:
 
         async def new_send(message):
             if message["type"] == "http.response.start" and tenant is not None:
-                hdrs = list(message.get("headers", []))
-                hdrs.append((b"x-guardit-tenant", tenant.encode()))
-                if spec is not None and spec.active:
-                    result = await self._gate_result(spec.rid, wait)
-                    hdrs.append((b"x-guardit-evaluated", ",".join(spec.packs).encode()))
-                    if result is not None:
-                        hdrs.append((b"x-guardit-fired", ",".join(result["fired"]).encode()))
-                message = dict(message, headers=hdrs)
+                result = await self._gate_result(spec.rid, wait) if spec is not None and spec.active else None
+                fired = None if result is None else result["fired"]
+                message = dict(
+                    message, headers=list(message.get("headers", [])) + _guardit_headers(tenant, spec, fired)
+                )
             await send(message)
 
         return new_send
@@ -335,14 +343,9 @@ class GuarditMiddleware:
                 status, headers, payload = await self._run_buffered(scope, receive, body)
                 by_answer, fired = sorted(redo - fired), fired | redo
         hdrs = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-        hdrs += [
-            (b"content-length", str(len(payload)).encode()),
-            (b"x-guardit-tenant", tenant.encode()),
-            (b"x-guardit-evaluated", ",".join(spec.packs).encode()),
-            (b"x-guardit-answer-check", ",".join(by_answer).encode()),
-        ]
-        if result is not None or by_answer:
-            hdrs.append((b"x-guardit-fired", ",".join(sorted(fired)).encode()))
+        hdrs.append((b"content-length", str(len(payload)).encode()))
+        hdrs += _guardit_headers(tenant, spec, sorted(fired) if result is not None or by_answer else None)
+        hdrs.append((b"x-guardit-answer-check", ",".join(by_answer).encode()))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": payload})
 
