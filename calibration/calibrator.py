@@ -13,13 +13,21 @@ import torch
 
 from calibration.capture import (
     Activations,
+    answer_nll,
     capture,
     common_prefix_length,
     decoder_layers,
     encode_chat,
+    greedy_answer_ids,
     greedy_answers,
 )
-from calibration.directions import choose_steer_layers, layer_stats, mean_difference, orthogonal_target
+from calibration.directions import (
+    choose_steer_layers,
+    layer_stats,
+    mean_difference,
+    orthogonal_target,
+    steer_layer_order,
+)
 from calibration.gate import (
     WEAK_RECALL,
     GateFit,
@@ -92,6 +100,13 @@ AUTO_MARGIN = 0.05
 # the answer to name what it is about, short enough to generate for every calibration prompt.
 ANSWER_TOKENS = 40
 _NEUTRAL_ANSWERS: dict[tuple, list[str]] = {}  # (fingerprint, dtype, prompt ids, tokens) -> answers
+
+# The rotation's own check: forced on the forget prompts, it must make the model's own answers to
+# them at least this much less likely (mean nats per answer token, teacher-forced); until it does,
+# steered layers are added in calibration.directions.steer_layer_order, up to MAX_GROWN_STEER_LAYERS
+# (or max_steer_layers). A few late layers can leave the answer intact even forced (FINDINGS.md).
+MIN_ANSWER_DROP = 1.0
+MAX_GROWN_STEER_LAYERS = 12
 
 
 def choose_gate_kind(report: dict[str, dict]) -> str:
@@ -218,15 +233,20 @@ class ConceptCalibrator:
         stats = layer_stats(pooled_f, pooled_r, directions)
         gate, anchor = self._fit_probe(data)
         steer, topped_up = choose_steer_layers(stats, anchor, self.min_steer_layers, self.max_steer_layers)
-        steer_scope = "all" if gate.layer >= steer[0] else "prompt"
         targets = self._targets(model, tokenizer, target_set, pooled_r, data.pad)
         self.directions_ = directions
         t_orth = orthogonal_target(targets, directions)
+        checked = self.answer_check and self.gate_kind != "probe"
+        own = self._own_answers(model, tokenizer, data, everything=checked)
+        steer, drops = self._strong_enough(model, data, own[: len(fp)], steer, steer_layer_order(stats, anchor), t_orth)
+        steer_scope = "all" if gate.layer >= steer[0] else "prompt"
         planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
         texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
         answers = None
-        if self.answer_check and self.gate_kind != "probe":
-            answers = [answer_text(t, a) for t, a in zip(texts, self._answers(model, tokenizer, data))]
+        if checked:
+            decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in own]
+            both = decoded + self._neutral_answers(model, tokenizer, data)
+            answers = [answer_text(t, a) for t, a in zip(texts, both)]
         kinds = self._gate_kinds(gate, texts, len(fp), len(rp), answers)
         report = {
             "concept_id": self.concept_id,
@@ -238,6 +258,9 @@ class ConceptCalibrator:
             "gate": _gate_report(gate, kinds, len(data.masked_of)),
             "steer_layers": steer,
             "steer_topped_up": topped_up,
+            "steer_grown": [l for l in steer if l not in drops[0][2]],
+            "steer_answer_drop": [{"layers": n, "nats": round(d, 3)} for n, d, _ in drops],
+            "min_answer_drop": MIN_ANSWER_DROP,
             "steer_scope": steer_scope,
             "steer_after": anchor,
             "late_gate": self.late_gate,
@@ -275,19 +298,50 @@ class ConceptCalibrator:
         heads = [(None, None) if f is None else (f.weight, f.bias) for f in (kinds.text_fit, kinds.answer_fit)]
         return ConceptPack(meta, planes, gate.weight, gate.bias, *heads[0], *heads[1])
 
-    def _answers(self, model, tokenizer, data: _Captured) -> list[str]:
-        """The model's greedy answers to every calibration prompt (forget, retain, neutral). The
-        built-in neutral prompts are the same for every concept: their answers are generated once
-        per process and model (keyed by the weights' fingerprint and dtype)."""
-        n = len(data.ids[0]) + len(data.ids[1])
-        own = greedy_answers(model, tokenizer, data.all_ids[:n], ANSWER_TOKENS, 32, "answers", self.progress)
+    def _own_answers(self, model, tokenizer, data: _Captured, everything: bool) -> list[list[int]]:
+        """The model's greedy answers (token ids) to the forget prompts, and with ``everything``
+        to the retain prompts too."""
+        n = len(data.ids[0]) + (len(data.ids[1]) if everything else 0)
+        return greedy_answer_ids(model, tokenizer, data.all_ids[:n], ANSWER_TOKENS, 32, "answers", self.progress)
+
+    def _neutral_answers(self, model, tokenizer, data: _Captured) -> list[str]:
+        """The model's greedy answers to the built-in neutral prompts: the same for every concept,
+        so generated once per process and model (keyed by the weights' fingerprint and dtype)."""
         dtype = str(next(model.parameters()).dtype)
         key = (hf_fingerprint(model).weights_sha256, dtype, tuple(map(tuple, data.ids[2])), ANSWER_TOKENS)
         if key not in _NEUTRAL_ANSWERS:
             _NEUTRAL_ANSWERS[key] = greedy_answers(
                 model, tokenizer, data.ids[2], ANSWER_TOKENS, 32, "answers (built-in prompts)", self.progress
             )
-        return own + _NEUTRAL_ANSWERS[key]
+        return _NEUTRAL_ANSWERS[key]
+
+    def _strong_enough(
+        self,
+        model,
+        data: _Captured,
+        answers: list[list[int]],
+        steer: list[int],
+        order: list[int],
+        t_orth: torch.Tensor,
+    ) -> tuple[list[int], list[tuple[int, float, list[int]]]]:
+        """Check the rotation on the forget prompts: forced at the calibrated angle, how much less
+        likely it makes the model's own answers (nats per token, teacher-forced). Add steered
+        layers in ``order`` until that reaches MIN_ANSWER_DROP or the cap. Returns the steered
+        layers and every (count, drop, layers) tried."""
+        cap = self.max_steer_layers if self.max_steer_layers is not None else MAX_GROWN_STEER_LAYERS
+        head = max(1, data.skip)
+        angle = math.radians(self.angle_deg)
+        base = answer_nll(model, data.ids[0], answers, data.pad, head=head, batch_size=self.batch_size)
+        extra = [l for l in order if l not in steer]
+        tried = []
+        while True:
+            rotations = {l: make_plane(self.directions_[l], t_orth[l]) for l in steer}
+            nll = answer_nll(model, data.ids[0], answers, data.pad, rotations, angle, self.angle_mode, head,
+                             self.batch_size)  # fmt: skip
+            tried.append((len(steer), nll - base, list(steer)))
+            if nll - base >= MIN_ANSWER_DROP or not extra or len(steer) >= cap:
+                return steer, tried
+            steer = sorted(steer + [extra.pop(0)])
 
     def _validate(self, fp: list[str], rp: list[str]) -> None:
         """The settings and the two prompt sets, before any model work."""

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steering.modules import decoder_layers
+from steering.rotation import AngleMode, rotate
 
 
 def chat_format(tokenizer, prompt: str) -> str:
@@ -60,19 +61,71 @@ def generate_batch(model, ids: list[list[int]], max_tokens: int, pad_id: int, eo
     return rows
 
 
-def greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: int, batch_size: int, desc: str,
-                   progress: bool = True) -> list[str]:  # fmt: skip
-    """The model's greedy answer (decoded, at most ``max_tokens`` new tokens) to each prompt, in
-    order. Prompts are batched by length, so that short prompts are not padded to a long one's
-    width."""
+def greedy_answer_ids(model, tokenizer, ids: list[list[int]], max_tokens: int, batch_size: int, desc: str,
+                     progress: bool = True) -> list[list[int]]:  # fmt: skip
+    """The model's greedy answer (new token ids, at most ``max_tokens``) to each prompt, in order.
+    Prompts are batched by length, so that short prompts are not padded to a long one's width."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[str] = [""] * len(ids)
+    out: list[list[int]] = [[] for _ in ids]
     for s in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, unit="batch"):
         rows = order[s : s + batch_size]
         for i, new in zip(rows, generate_batch(model, [ids[i] for i in rows], max_tokens, pad, tokenizer.eos_token_id)):
-            out[i] = tokenizer.decode(new, skip_special_tokens=True)
+            out[i] = new
     return out
+
+
+def greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: int, batch_size: int, desc: str,
+                   progress: bool = True) -> list[str]:  # fmt: skip
+    """:func:`greedy_answer_ids`, decoded."""
+    new = greedy_answer_ids(model, tokenizer, ids, max_tokens, batch_size, desc, progress)
+    return [tokenizer.decode(x, skip_special_tokens=True) for x in new]
+
+
+@torch.no_grad()
+def answer_nll(
+    model: torch.nn.Module,
+    ids: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    rotations: dict[int, torch.Tensor] | None = None,
+    angle: float = 0.0,
+    mode: AngleMode = "absolute",
+    head: int = 1,
+    batch_size: int = 16,
+) -> float:
+    """Mean negative log-likelihood per token of each prompt's ``answers`` (teacher-forced), with
+    the residual stream optionally rotated at ``rotations`` {layer: plane (2, d)} by ``angle``
+    (radians) on every token after the first ``head`` ones: what a forced pack does to a request
+    (the template head stays unrotated, as when serving)."""
+    rows = [(p, a) for p, a in zip(ids, answers) if a]
+    layers = decoder_layers(model)
+    handles = []
+
+    def hook(plane: torch.Tensor):
+        def fn(_module, _args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h[:, head:] = rotate(h[:, head:], plane, angle, mode)
+            return output
+
+        return fn
+
+    for layer, plane in (rotations or {}).items():
+        handles.append(layers[layer].register_forward_hook(hook(plane)))
+    total, count = 0.0, 0
+    try:
+        for s in range(0, len(rows), batch_size):
+            batch = rows[s : s + batch_size]
+            inp, mask = pad_batch([p + a for p, a in batch], pad_id, left=False)
+            logits = model(input_ids=inp, attention_mask=mask).logits.float()
+            for r, (p, a) in enumerate(batch):
+                pred = logits[r, len(p) - 1 : len(p) + len(a) - 1]
+                total += float(torch.nn.functional.cross_entropy(pred, torch.tensor(a), reduction="sum"))
+                count += len(a)
+    finally:
+        for h in handles:
+            h.remove()
+    return total / max(count, 1)
 
 
 @dataclass

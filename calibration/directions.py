@@ -55,20 +55,26 @@ def layer_stats(forget: torch.Tensor, retain: torch.Tensor, directions: torch.Te
     return stats
 
 
+def steer_layer_order(stats: list[LayerStat], after: int) -> list[int]:
+    """The layers after ``after`` (the gate layer) in the order they are taken for steering: the
+    selected (opposite-sign) ones, then the others nearest to opposite signs first (smallest
+    :attr:`LayerStat.sign_margin`), not the most separable ones: nearly every layer separates
+    the classes, and on the untuned example concept the late layers that the top AUROCs pick did
+    not stop recall even with the rotation forced on."""
+    opposite = [s.layer for s in stats if s.selected and s.layer > after]
+    rest = sorted((s for s in stats if s.layer > after and s.layer not in opposite), key=lambda s: s.sign_margin)
+    return opposite + [s.layer for s in rest]
+
+
 def choose_steer_layers(
     stats: list[LayerStat], after: int, min_layers: int, max_layers: int | None = None
 ) -> tuple[list[int], list[int]]:
     """(steered layers, those of them added by the top-up). Keeps the selected (opposite-sign)
-    layers after ``after`` (the gate layer); when fewer than ``min_layers``, tops up with the
-    layers nearest to opposite signs (smallest :attr:`LayerStat.sign_margin`), not the most
-    separable ones: nearly every layer separates the classes, and on the untuned example concept
-    the late layers that the top AUROCs pick did not stop recall even with the rotation forced
-    on. ``max_layers`` keeps the most separating ones."""
-    steer = [s.layer for s in stats if s.selected and s.layer > after]
-    opposite = list(steer)
-    if len(steer) < min_layers:
-        ranked = sorted((s for s in stats if s.layer > after and s.layer not in steer), key=lambda s: s.sign_margin)
-        steer = sorted(steer + [s.layer for s in ranked[: min_layers - len(steer)]])
+    layers after ``after``; when fewer than ``min_layers``, tops up in :func:`steer_layer_order`.
+    ``max_layers`` keeps the most separating ones."""
+    order = steer_layer_order(stats, after)
+    opposite = [s.layer for s in stats if s.selected and s.layer > after]
+    steer = sorted(order[: max(len(opposite), min_layers)])
     if max_layers is not None and len(steer) > max_layers:
         steer = sorted(sorted(steer, key=lambda l: -stats[l].auroc)[:max_layers])
     return steer, [l for l in steer if l not in opposite]

@@ -97,6 +97,15 @@ def print_report(r: dict) -> None:
             f"      {r['steer_topped_up']} added to reach {r['min_steer_layers']}: too few layers after layer "
             f"{r.get('steer_after', g['layer'])} had opposite signs; these are the nearest to opposite signs"
         )
+    drops = r.get("steer_answer_drop") or []
+    if drops:
+        line = ", ".join(f"{d['layers']} layers {d['nats']:.2f}" for d in drops)
+        print(f"      forced on the forget prompts, their answers become less likely by (nats/token): {line}")
+    if r.get("steer_grown"):
+        print(
+            f"      {r['steer_grown']} added until the rotation makes those answers at least "
+            f"{r['min_answer_drop']} nats/token less likely"
+        )
     print("layer  forget_proj  retain_proj  auroc  selected")
     for s in r["layers"]:
         mark = "*" if s["layer"] in r["steer_layers"] else ("." if s["selected"] else "")

@@ -209,3 +209,28 @@ def test_late_turn_of_a_conversation_still_fires_the_hybrid_gate(hf_model, hp):
     (hp_gate, hp_out), (other_gate, _) = rows
     assert hp_gate.fired and hp_gate.text_score is not None and "ron" not in hp_out.lower(), hp_out
     assert not other_gate.fired
+
+
+@pytest.mark.parametrize("concept", ["harry_potter", "lord_of_the_rings"])
+def test_the_rotation_check_is_what_the_served_forced_rotation_does(hf_model, packs_dir, concept):
+    """Calibration checks the rotation's strength (calibration.capture.answer_nll with its own
+    hooks): forced on the forget prompts, the model's own answers must lose MIN_ANSWER_DROP nats
+    per token, else layers are added. The recorded drop must be what the serving hooks do to the
+    same answers when the pack is forced, and the rule must have stopped where it says."""
+    from calibration.calibrator import ANSWER_TOKENS, MAX_GROWN_STEER_LAYERS, MIN_ANSWER_DROP
+    from calibration.capture import answer_nll, greedy_answer_ids
+
+    model, tok = hf_model
+    pack = ConceptPack.from_pretrained(packs_dir / concept.replace("_", "-"))
+    tried = pack.meta.stats["steer_answer_drop"]
+    assert [t["layers"] for t in tried] == list(range(tried[0]["layers"], tried[-1]["layers"] + 1))
+    assert all(t["nats"] < MIN_ANSWER_DROP for t in tried[:-1])
+    assert tried[-1]["nats"] >= MIN_ANSWER_DROP or len(pack.meta.layers) == MAX_GROWN_STEER_LAYERS
+    assert len(pack.meta.layers) == tried[-1]["layers"]
+
+    ids = encode_chat(tok, [r.prompt for r in read_prompts(EXAMPLES / concept / "forget.jsonl")])
+    answers = greedy_answer_ids(model, tok, ids, ANSWER_TOKENS, 32, "", progress=False)
+    base = answer_nll(model, ids, answers, tok.pad_token_id)
+    with steer(model, [pack], force=True, tokenizer=tok):
+        served = answer_nll(model, ids, answers, tok.pad_token_id)
+    assert served - base == pytest.approx(tried[-1]["nats"], abs=2e-3)
