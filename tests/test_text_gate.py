@@ -203,3 +203,37 @@ def test_the_server_refuses_to_start_an_answer_check_it_cannot_run(tmp_path, enc
             with pytest.raises(RuntimeError, match=expect):
                 ServerAnswerCheck.from_config(cfg, None)
             assert ServerAnswerCheck.from_config(cfg, str(tmp_path)) is not None
+
+
+def test_a_checked_answer_is_streamed_as_the_events_vllm_streams():
+    """A streamed request whose answer is checked is generated whole, then sent as events: the
+    client's stream parser rebuilds exactly the checked text, finish reason and usage."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from integrations.vllm.answer_check import event_stream
+
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    head = {"id": "chatcmpl-1", "created": 7, "model": "m", "usage": usage}
+    chat = {**head, "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "I don't know."}, "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "Nope"}, "finish_reason": "length"},
+    ]}  # fmt: skip
+    raw = event_stream(chat, include_usage=True).decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = [json.loads(e[len("data: ") :]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    chunks = [ChatCompletionChunk.model_validate(e) for e in events]
+    text = {0: "", 1: ""}
+    finish = {}
+    for c in chunks[:-1]:
+        for ch in c.choices:
+            text[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    assert text == {0: "I don't know.", 1: "Nope"} and finish == {0: "stop", 1: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 12
+    assert "usage" not in event_stream(chat, include_usage=False).decode()
+    done = {**head, "object": "text_completion", "choices": [{"index": 0, "text": "Paris.", "finish_reason": "stop"}]}
+    events = [json.loads(e[6:]) for e in event_stream(done, False).decode().split("\n\n") if e and "[DONE]" not in e]
+    parts = [e["choices"][0] for e in events]  # the client builds these unvalidated (finish_reason None)
+    assert all(e["object"] == "text_completion" and e["id"] == "chatcmpl-1" for e in events)
+    assert "".join(p["text"] for p in parts) == "Paris." and [p["finish_reason"] for p in parts] == [None, "stop"]

@@ -17,10 +17,11 @@ learnt from the app itself at start-up, and each request is handled by its route
 - Responses to a tenant carry ``x-guardit-tenant``; guarded ones with packs also
   ``x-guardit-evaluated`` and ``x-guardit-fired`` (non-streaming responses; streams carry what
   is known when they start).
-- The answer check (:mod:`integrations.vllm.answer_check`): a non-streaming response to a request
-  with a pack that has one is held back until checked; when the check fires, the request runs
-  again with the fired packs forced and the client gets that response, with
-  ``x-guardit-answer-check`` naming the packs the check fired.
+- The answer check (:mod:`integrations.vllm.answer_check`): the response to a chat or
+  completions request with a pack that has one is held back until checked (a stream is generated
+  whole, then streamed); when the check fires, the request runs again with the fired packs forced
+  and the client gets that response, with ``x-guardit-answer-check`` naming the packs the check
+  fired.
 - Prometheus counters ``guardit_gate_evaluated_total`` / ``guardit_gate_fired_total`` by pack and
   tenant on ``/metrics``, fed from the engine's event log; labels come only from the configured
   tenants and packs.
@@ -38,7 +39,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from integrations.vllm import config as vcfg
-from integrations.vllm.answer_check import ServerAnswerCheck
+from integrations.vllm.answer_check import ServerAnswerCheck, event_stream
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
 from steering.errors import PolicyError, PolicyForbidden
 from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
@@ -321,11 +322,15 @@ class GuarditMiddleware:
         await self.app(_with_length(scope, raw), _replay(raw, receive), keep)
         return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
 
-    async def _answer_checked(self, scope, receive, send, tenant: str, spec, body: dict):
-        """A non-streaming request whose packs have an answer check: run it, check the answer, and
-        when the check fires run it again with the fired packs forced (same rid: its gate events
-        merge, so /metrics counts one evaluation and the fire); send the kept response."""
+    async def _answer_checked(self, scope, receive, send, tenant: str, spec, body: dict, route: str):
+        """A request whose packs have an answer check: run it (a stream as one response), check the
+        answer, and when the check fires run it again with the fired packs forced (same rid: its
+        gate events merge, so /metrics counts one evaluation and the fire); send the kept
+        response (to a stream, as its events)."""
         assert self.answers is not None
+        stream = bool(body.get("stream"))
+        usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        body = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
         status, headers, payload = await self._run_buffered(scope, receive, body)
         result = await self._gate_result(spec.rid, wait=True)
         fired = set(result["fired"]) if result is not None else set()
@@ -335,13 +340,17 @@ class GuarditMiddleware:
                 response = json.loads(payload)
             except ValueError:
                 response = {}
-            redo = await asyncio.to_thread(self.answers.redo, spec, body, response, fired)
+            redo = await asyncio.to_thread(self.answers.redo, route, spec, body, response, fired)
             if redo:
                 again = spec.model_copy(update={"packs": tuple(sorted(redo)), "force": True})
                 other = guardit_fields(body.get("vllm_xargs") or {}, keep=False)
                 body = {**body, "vllm_xargs": {**other, **again.to_extra_args()}}
                 status, headers, payload = await self._run_buffered(scope, receive, body)
                 by_answer, fired = sorted(redo - fired), fired | redo
+        if stream and status == 200:
+            payload = event_stream(json.loads(payload), usage)
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+            headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
         hdrs = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         hdrs.append((b"content-length", str(len(payload)).encode()))
         hdrs += _guardit_headers(tenant, spec, sorted(fired) if result is not None or by_answer else None)
@@ -376,8 +385,13 @@ class GuarditMiddleware:
             body["vllm_xargs"] = other
         else:
             body.pop("vllm_xargs", None)
-        if spec.active and self.answers is not None and self.answers.applies(_route_path(scope), spec, body):
-            return await self._answer_checked(scope, receive, send, tenant, spec, body)
+        route = _route_path(scope)
+        try:
+            checked = spec.active and self.answers is not None and self.answers.applies(route, spec, body)
+        except PolicyError as e:
+            return await _json_response(400, str(e), "stream")(send)
+        if checked:
+            return await self._answer_checked(scope, receive, send, tenant, spec, body, route)
         new_raw = json.dumps(body).encode()
         new_send = self._headers(send, tenant, spec, wait=not body.get("stream"))
         return await self.app(_with_length(scope, new_raw), _replay(new_raw, receive), new_send)
