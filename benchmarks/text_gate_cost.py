@@ -1,6 +1,9 @@
 """What the text gate costs a request: the sentence encoder's time for a batch of 1, 8 and 32
 request texts, against the prefill of the same prompts on vanilla vLLM CPU (eager, float32,
 plugin off, one output token), both measured in this run; reported as milliseconds and ratio.
+And what the answer check costs a finished request: the same encoder on the request texts with
+the model's greedy answers (steering.text_gate.answer_text, --answer-tokens new tokens), against
+generating those answers on the same engine.
 
 Usage: python benchmarks/text_gate_cost.py [--reps 5]
 """
@@ -22,6 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--answer-tokens", type=int, default=40)
     args = ap.parse_args()
     os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"  # vanilla vLLM: guardit's plugin off
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -31,7 +35,7 @@ def main() -> None:
     from calibration import read_prompts
     from calibration.capture import encode_chat
     from guardit.model_prep import prepare_model
-    from steering.text_gate import DEFAULT_ENCODER, load_encoder, request_text
+    from steering.text_gate import DEFAULT_ENCODER, answer_text, load_encoder, request_text
 
     model_dir = prepare_model()
     prompts = [
@@ -54,11 +58,14 @@ def main() -> None:
     enc = load_encoder(DEFAULT_ENCODER)
     enc.window_embeddings(texts[:4])  # warm-up
     params = SamplingParams(temperature=0.0, max_tokens=1)
+    answer_params = SamplingParams(temperature=0.0, max_tokens=args.answer_tokens)
     llm.generate([{"prompt_token_ids": x} for x in ids[:4]], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": x} for x in ids], answer_params, use_tqdm=False)
+    checked = [answer_text(t, o.outputs[0].text) for t, o in zip(texts, outs)]
     rows = []
     for b in args.batches:
-        batch_ids, batch_texts = (ids * 4)[:b], (texts * 4)[:b]
-        t_enc, t_pre = [], []
+        batch_ids, batch_texts, batch_checked = (ids * 4)[:b], (texts * 4)[:b], (checked * 4)[:b]
+        t_enc, t_pre, t_ans, t_gen = [], [], [], []
         for _ in range(args.reps):
             start = time.perf_counter()
             enc.window_embeddings(batch_texts)
@@ -66,7 +73,14 @@ def main() -> None:
             start = time.perf_counter()
             llm.generate([{"prompt_token_ids": x} for x in batch_ids], params, use_tqdm=False)
             t_pre.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            enc.window_embeddings(batch_checked)
+            t_ans.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            llm.generate([{"prompt_token_ids": x} for x in batch_ids], answer_params, use_tqdm=False)
+            t_gen.append(time.perf_counter() - start)
         e, p = median(t_enc) * 1000, median(t_pre) * 1000
+        a, g = median(t_ans) * 1000, median(t_gen) * 1000
         rows.append(
             {
                 "batch": b,
@@ -74,6 +88,9 @@ def main() -> None:
                 "encoder_ms": round(e, 1),
                 "vllm_prefill_ms": round(p, 1),
                 "encoder_over_prefill": round(e / p, 3),
+                "answer_check_ms": round(a, 1),
+                "vllm_generation_ms": round(g, 1),
+                "answer_check_over_generation": round(a / g, 3),
             }
         )
         print(rows[-1], flush=True)
