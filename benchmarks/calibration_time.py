@@ -10,12 +10,11 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLES, calibrate_command, machine, median, save
+from common import EXAMPLES, calibrate_command, machine, median, save, seconds
 
 
 def main() -> None:
@@ -37,16 +36,10 @@ def main() -> None:
         cli, fit = [], []
         for _ in range(args.reps):
             with tempfile.TemporaryDirectory() as tmp:
-                start = time.perf_counter()
-                subprocess.run(
-                    calibrate_command(model_dir, concept, Path(tmp) / "pack"),
-                    check=True,
-                    capture_output=True,
-                )
-                cli.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ConceptCalibrator(concept.replace("_", "-"), progress=False).fit(model, tok, forget, retain)
-            fit.append(time.perf_counter() - start)
+                command = calibrate_command(model_dir, concept, Path(tmp) / "pack")
+                cli.append(seconds(subprocess.run, command, check=True, capture_output=True))
+            calibrator = ConceptCalibrator(concept.replace("_", "-"), progress=False)
+            fit.append(seconds(calibrator.fit, model, tok, forget, retain))
         rows.append(
             {
                 "concept": concept,

@@ -10,6 +10,8 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +44,13 @@ def machine() -> dict:
 
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
+
+
+def seconds(fn: Callable[..., object], *args, **kwargs) -> float:
+    """Wall time of one call ``fn(*args, **kwargs)``."""
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
 
 
 def calibrate_command(model_dir: Path, concept: str, out: Path) -> list[str]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import EXAMPLES, machine, median, save
+from common import EXAMPLES, machine, median, save, seconds
 
 
 def main() -> None:
@@ -66,19 +65,12 @@ def main() -> None:
     for b in args.batches:
         batch_ids, batch_texts, batch_checked = (ids * 4)[:b], (texts * 4)[:b], (checked * 4)[:b]
         t_enc, t_pre, t_ans, t_gen = [], [], [], []
+        requests = [{"prompt_token_ids": x} for x in batch_ids]
         for _ in range(args.reps):
-            start = time.perf_counter()
-            enc.window_embeddings(batch_texts)
-            t_enc.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            llm.generate([{"prompt_token_ids": x} for x in batch_ids], params, use_tqdm=False)
-            t_pre.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            enc.window_embeddings(batch_checked)
-            t_ans.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            llm.generate([{"prompt_token_ids": x} for x in batch_ids], answer_params, use_tqdm=False)
-            t_gen.append(time.perf_counter() - start)
+            t_enc.append(seconds(enc.window_embeddings, batch_texts))
+            t_pre.append(seconds(llm.generate, requests, params, use_tqdm=False))
+            t_ans.append(seconds(enc.window_embeddings, batch_checked))
+            t_gen.append(seconds(llm.generate, requests, answer_params, use_tqdm=False))
         e, p = median(t_enc) * 1000, median(t_pre) * 1000
         a, g = median(t_ans) * 1000, median(t_gen) * 1000
         rows.append(

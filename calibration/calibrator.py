@@ -238,7 +238,8 @@ class ConceptCalibrator:
         t_orth = orthogonal_target(targets, directions)
         checked = self.answer_check and self.gate_kind != "probe"
         own = self._own_answers(model, tokenizer, data, everything=checked)
-        steer, drops = self._strong_enough(model, data, own[: len(fp)], steer, steer_layer_order(stats, anchor), t_orth)
+        order = steer_layer_order(stats, anchor)
+        steer, drops = self._strong_enough(model, data, own[: len(fp)], steer, order, directions, t_orth)
         steer_scope = "all" if gate.layer >= steer[0] else "prompt"
         planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
         texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
@@ -322,6 +323,7 @@ class ConceptCalibrator:
         answers: list[list[int]],
         steer: list[int],
         order: list[int],
+        directions: torch.Tensor,
         t_orth: torch.Tensor,
     ) -> tuple[list[int], list[tuple[int, float, list[int]]]]:
         """Check the rotation on the forget prompts: forced at the calibrated angle, how much less
@@ -331,15 +333,19 @@ class ConceptCalibrator:
         cap = self.max_steer_layers if self.max_steer_layers is not None else MAX_GROWN_STEER_LAYERS
         head = max(1, data.skip)
         angle = math.radians(self.angle_deg)
-        base = answer_nll(model, data.ids[0], answers, data.pad, head=head, batch_size=self.batch_size)
+
+        def nll(rotations: dict[int, torch.Tensor] | None) -> float:
+            total, count = answer_nll(model, data.ids[0], answers, data.pad, rotations, angle, self.angle_mode,
+                                      head, self.batch_size)  # fmt: skip
+            return total / max(count, 1)
+
+        base = nll(None)
         extra = [l for l in order if l not in steer]
         tried = []
         while True:
-            rotations = {l: make_plane(self.directions_[l], t_orth[l]) for l in steer}
-            nll = answer_nll(model, data.ids[0], answers, data.pad, rotations, angle, self.angle_mode, head,
-                             self.batch_size)  # fmt: skip
-            tried.append((len(steer), nll - base, list(steer)))
-            if nll - base >= MIN_ANSWER_DROP or not extra or len(steer) >= cap:
+            drop = nll({l: make_plane(directions[l], t_orth[l]) for l in steer}) - base
+            tried.append((len(steer), drop, list(steer)))
+            if drop >= MIN_ANSWER_DROP or not extra or len(steer) >= cap:
                 return steer, tried
             steer = sorted(steer + [extra.pop(0)])
 

@@ -93,11 +93,12 @@ def answer_nll(
     mode: AngleMode = "absolute",
     head: int = 1,
     batch_size: int = 16,
-) -> float:
-    """Mean negative log-likelihood per token of each prompt's ``answers`` (teacher-forced), with
-    the residual stream optionally rotated at ``rotations`` {layer: plane (2, d)} by ``angle``
-    (radians) on every token after the first ``head`` ones: what a forced pack does to a request
-    (the template head stays unrotated, as when serving)."""
+) -> tuple[float, int]:
+    """(total negative log-likelihood in nats, number of tokens) of each prompt's ``answers``
+    (teacher-forced; empty answers are skipped), with the residual stream optionally rotated at
+    ``rotations`` {layer: plane (2, d)} by ``angle`` (radians) on every token after the first
+    ``head`` ones: what a forced pack does to a request (the template head stays unrotated, as
+    when serving). ``batch_size`` 1 runs each prompt unpadded, exactly as a single request."""
     rows = [(p, a) for p, a in zip(ids, answers) if a]
     layers = decoder_layers(model)
     handles = []
@@ -125,7 +126,7 @@ def answer_nll(
     finally:
         for h in handles:
             h.remove()
-    return total / max(count, 1)
+    return total, count
 
 
 @dataclass

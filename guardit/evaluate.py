@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from calibration import hf_fingerprint, load_model, read_prompts, write_jsonl
 from calibration.calibrator import builtin_prompts
-from calibration.capture import Activations, capture, encode_chat
+from calibration.capture import Activations, answer_nll, capture, encode_chat
 from calibration.prompts import PromptRecord
 from guardit import baselines as edits
 from guardit.generation import hf_generate, leaked
@@ -119,16 +119,10 @@ def is_forget(split: str) -> bool:
     return split.startswith(FORGET_PREFIXES)
 
 
-@torch.no_grad()
 def _nll(model, tok, prompts: list[str], outputs: list[list[int]]) -> tuple[float, int]:
-    nll, n = 0.0, 0
-    for p, o in zip(encode_chat(tok, prompts), outputs):
-        if not o:
-            continue
-        logits = model(torch.tensor([p + o])).logits[0, len(p) - 1 : -1]
-        nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(o), reduction="sum").item()
-        n += len(o)
-    return nll, n
+    """(total nats, tokens) of ``outputs`` after their chat-formatted prompts, each prompt run
+    alone and unpadded, as one request."""
+    return answer_nll(model, encode_chat(tok, prompts), outputs, tok.pad_token_id or 0, batch_size=1)
 
 
 def perplexity(model, tok, prompts: list[str], outputs: list[list[int]]) -> float:

@@ -230,7 +230,9 @@ def test_the_rotation_check_is_what_the_served_forced_rotation_does(hf_model, pa
 
     ids = encode_chat(tok, [r.prompt for r in read_prompts(EXAMPLES / concept / "forget.jsonl")])
     answers = greedy_answer_ids(model, tok, ids, ANSWER_TOKENS, 32, "", progress=False)
-    base = answer_nll(model, ids, answers, tok.pad_token_id)
+    total, count = answer_nll(model, ids, answers, tok.pad_token_id)
+    base = total / count
     with steer(model, [pack], force=True, tokenizer=tok):
-        served = answer_nll(model, ids, answers, tok.pad_token_id)
+        total, count = answer_nll(model, ids, answers, tok.pad_token_id)
+    served = total / count
     assert served - base == pytest.approx(tried[-1]["nats"], abs=2e-3)
