@@ -32,18 +32,23 @@ from calibration.gate import (
     WEAK_RECALL,
     GateFit,
     TextGateFit,
-    binding_negatives,
     combine_gates,
-    conformal_rank,
     fit_gate,
     fit_text_gate,
-    gate_threshold,
-    negatives_for_rank,
 )
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, concept_words, read_prompts, without_words
+from steering.conformal import binding_negatives, conformal_rank, gate_threshold, negatives_for_rank
 from steering.errors import GuarditError
-from steering.pack import AnswerCheckMeta, ConceptPack, GateMeta, KindThresholds, PackMeta, TextGateMeta
+from steering.pack import (
+    AnswerCheckMeta,
+    ConceptPack,
+    GateMeta,
+    KindThresholds,
+    OofNegatives,
+    PackMeta,
+    TextGateMeta,
+)
 from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
 from steering.text_gate import DEFAULT_ENCODER, answer_text, load_encoder, request_text
 
@@ -131,6 +136,16 @@ class _GateKinds:
         probe never decides)."""
         t = self.thresholds[self.chosen].probe
         return probe.threshold if t is None else t
+
+    def negatives(self, probe: GateFit) -> OofNegatives:
+        """The out-of-fold negative scores of every head the pack keeps, so that serving can place
+        its thresholds at another level α (:meth:`ConceptPack.at_alpha`)."""
+        fits = {"probe": probe, "text": self.text_fit, "answer": self.answer_fit}
+        kept = {h: f for h, f in fits.items() if f is not None and (h == "probe" or self.text is not None)}
+        return OofNegatives(
+            retain={h: f.oof_retain.tolist() for h, f in kept.items()},  # type: ignore[misc]
+            neutral={h: f.oof_neutral.tolist() for h, f in kept.items()},  # type: ignore[misc]
+        )
 
 
 def _gate_report(gate: GateFit, kinds: _GateKinds, n_masked: int) -> dict:
@@ -288,6 +303,7 @@ class ConceptCalibrator:
                 kind=kinds.chosen,  # type: ignore[arg-type]
                 text=kinds.text,
                 kinds=kinds.thresholds,  # type: ignore[arg-type]
+                negatives=kinds.negatives(gate),
             ),
             angle_deg=self.angle_deg,
             angle_mode=self.angle_mode,

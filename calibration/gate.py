@@ -20,7 +20,6 @@ concept's name removed (:attr:`GateFit.generalisation`); both are reported.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,63 +31,11 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from calibration.capture import common_prefix_length
+from steering.conformal import gate_threshold, rank_among, union_threshold
 
 # Out-of-fold recall below which a gate counts as weak: calibration then also tries later gate
 # layers (with --late-gate), and the CLI warns. Why 0.75: FINDINGS.md, "The weak-gate level".
 WEAK_RECALL = 0.75
-
-
-def conformal_threshold(negative_scores: np.ndarray, alpha: float) -> float:
-    """Split-conformal threshold: the ⌈(n+1)(1−α)⌉-th smallest negative score. Firing when a new
-    score is strictly above it has probability ≤ α for an exchangeable new negative. Returns
-    +inf when n is too small for the level (the gate would then never fire)."""
-    s = np.sort(np.asarray(negative_scores, dtype=np.float64))
-    n = len(s)
-    k = math.ceil((n + 1) * (1 - alpha))
-    if k > n:
-        return math.inf
-    return float(s[k - 1])
-
-
-def conformal_rank(n: int, alpha: float) -> int:
-    """Which score the conformal threshold of ``n`` negatives is, counted from the highest (1: the
-    highest); 0 when ``n`` is too small for the level."""
-    return max(0, n - math.ceil((n + 1) * (1 - alpha)) + 1)
-
-
-def negatives_for_rank(rank: int, alpha: float) -> int:
-    """The fewest negatives whose conformal threshold at level α is the ``rank``-th highest score."""
-    n = 1
-    while conformal_rank(n, alpha) < rank:
-        n += 1
-    return n
-
-
-# Level of the everyday ("neutral") negatives: a false fire there changes an ordinary user's output,
-# and the built-in set (neutral + everyday, ~200 prompts) is large enough for a tight level.
-EVERYDAY_ALPHA = 0.01
-
-
-def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> tuple[str, np.ndarray, float]:
-    """The negative set ("retain" or "neutral"), its scores and its level, whose conformal
-    threshold is the gate's τ: the retain set's at α, unless there are neutral scores and theirs,
-    at min(α, EVERYDAY_ALPHA), is higher. A neutral set too small for EVERYDAY_ALPHA (fewer than
-    99) is held to α instead (its threshold would be +inf: a gate that never fires)."""
-    a_n = min(alpha, EVERYDAY_ALPHA)
-    if math.isinf(conformal_threshold(oof_neutral, a_n)):
-        a_n = alpha
-    if len(oof_neutral) and conformal_threshold(oof_neutral, a_n) > conformal_threshold(oof_retain, alpha):
-        return "neutral", oof_neutral, a_n
-    return "retain", oof_retain, alpha
-
-
-def gate_threshold(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> float:
-    """The gate's τ: the higher of the retain scores' conformal threshold at α and the neutral
-    scores' at min(α, EVERYDAY_ALPHA), so false fires stay ≤ α on the concept's neighbours and
-    ≤ min(α, EVERYDAY_ALPHA) on everyday requests (α when there are too few of them for that
-    level)."""
-    _, scores, level = binding_negatives(oof_retain, oof_neutral, alpha)
-    return conformal_threshold(scores, level)
 
 
 @dataclass
@@ -346,27 +293,9 @@ class UnionGate:
         return float(np.mean(self.oof_forget > self.threshold))
 
 
-def _ranks(fit: GateFit | TextGateFit) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted negative scores, and the forget, retain and neutral scores' ranks among them)."""
-    neg = np.sort(np.r_[fit.oof_retain, fit.oof_neutral])
-
-    def rank(x: np.ndarray) -> np.ndarray:
-        return np.searchsorted(neg, x, side="left").astype(np.float64)  # negatives strictly below
-
-    return neg, rank(fit.oof_forget), rank(fit.oof_retain), rank(fit.oof_neutral)
-
-
-def _score_at_rank(neg: np.ndarray, tau: float) -> float:
-    """The score threshold t with: score > t exactly when its rank among ``neg`` is > τ."""
-    if not math.isfinite(tau) or tau >= len(neg):
-        return math.inf
-    return float(neg[math.floor(tau)])
-
-
 def combine_gates(fits: Sequence[GateFit | TextGateFit], alpha: float) -> UnionGate:
     """The union of ``fits`` (fitted on the same prompts, in the same folds) under one conformal
     threshold (:class:`UnionGate`)."""
-    ranked = [_ranks(f) for f in fits]
-    cf, cr, cn = (np.max([r[i] for r in ranked], axis=0) for i in (1, 2, 3))
-    tau = gate_threshold(cr, cn, alpha)
-    return UnionGate(tuple(_score_at_rank(r[0], tau) for r in ranked), cf, cr, cn, tau)
+    u = union_threshold([(f.oof_retain, f.oof_neutral) for f in fits], alpha)
+    cf = np.max([rank_among(neg, f.oof_forget) for neg, f in zip(u.negatives, fits)], axis=0)
+    return UnionGate(u.thresholds, cf, u.retain_ranks, u.neutral_ranks, u.tau)

@@ -75,6 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from steering.pack import load_packs
 
         packs = load_packs(args.pack)  # structure first: fails fast, before the model loads
+        if args.alpha is not None:
+            packs = [p.at_alpha(args.alpha) for p in packs]
         model, tok = load_model(model_dir)
         fp = hf_fingerprint(model)
         for pack in packs:
@@ -85,7 +87,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         from guardit.vllm_generation import vllm_generate
 
-        rows = vllm_generate(model_dir, records, args.pack, max_tokens=args.max_tokens, force=args.force)
+        rows = vllm_generate(
+            model_dir, records, args.pack, max_tokens=args.max_tokens, force=args.force, alpha=args.alpha
+        )
     if not args.token_ids:
         for r in rows:
             r.pop("token_ids", None)
@@ -224,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=48)
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--force", action="store_true", help="rotate every request (ignore the gates)")
+    g.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="the gates' false-fire level (strictness; higher fires more): each pack's thresholds are placed "
+        "there from its out-of-fold scores, without recalibrating (default: each pack's calibrated level)",
+    )
     g.add_argument("--token-ids", action="store_true", help="also write the generated token ids")
     g.set_defaults(func=cmd_generate)
 

@@ -83,15 +83,21 @@ def take_reruns(tokenizer, rows: list[int], new_ids, new_gates, token_ids: list,
 
 
 def answer_recheck(
-    bank: SteeringBank, tokenizer, prompt_ids: Sequence[Sequence[int]], outputs: Sequence[str], gates: list[dict]
+    bank: SteeringBank,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    outputs: Sequence[str],
+    gates: list[dict],
+    alpha: float | None = None,
 ) -> list[frozenset[str]]:
     """The answer check of finished rows (either engine): per row, the packs to force when
     generating it again (empty: keep the answer). ``gates[i]``: row i's gate readings by pack
-    (every pack that applied to it); each checked pack's reading gains its ``answer_score``."""
+    (every pack that applied to it); each checked pack's reading gains its ``answer_score``.
+    ``alpha``: the rows' gate level (None: as calibrated)."""
     texts = bank.answer_texts(tokenizer, prompt_ids, outputs)
     applied = [set(g) for g in gates]
     fired = [{pid for pid, v in g.items() if v["fired"]} for g in gates]
-    redo, score = bank.recheck(texts, applied, fired)
+    redo, score = bank.recheck(texts, applied, fired, [alpha] * len(texts))
     for i, g in enumerate(gates):
         for pid, v in g.items():
             s = float(score[i, bank.index[pid]])

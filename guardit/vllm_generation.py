@@ -17,7 +17,7 @@ from guardit.generation import answer_recheck, result_row, take_reruns
 from integrations.vllm import config as vcfg
 from steering.errors import GuarditError
 from steering.pack import load_packs
-from steering.policy import KEY_ANGLE, KEY_FORCE, KEY_PACKS, KEY_RID
+from steering.policy import KEY_ALPHA, KEY_ANGLE, KEY_FORCE, KEY_PACKS, KEY_RID
 from steering.runtime import SteeringBank
 
 BANK_ATTR = "guardit_bank"  # the engine's packs, for the answer check (engine_generate)
@@ -78,17 +78,19 @@ def engine_generate(
     max_tokens: int = 48,
     force: bool = False,
     angle: float | None = None,
+    alpha: float | None = None,
 ) -> list[dict]:
     """Generate for each record on a running engine; packs named by concept id. Packs with an
     answer check (engines from :func:`make_llm`) check each finished answer and generate a row again
-    with the fired packs forced, as ``guardit.generation`` does on HF."""
+    with the fired packs forced, as ``guardit.generation`` does on HF. ``alpha``: the gates' level
+    (``guardit_alpha``; None: each pack's calibrated level)."""
     tok = llm.get_tokenizer()
     ids = encode_chat(tok, [r.prompt for r in records])
-    token_ids, gates = _submit(llm, ids, [list(packs)] * len(ids), force, angle, max_tokens)
+    token_ids, gates = _submit(llm, ids, [list(packs)] * len(ids), force, angle, max_tokens, alpha)
     outputs = [tok.decode(x, skip_special_tokens=True) for x in token_ids]
     bank: SteeringBank | None = getattr(llm, BANK_ATTR, None)
     if packs and not force and bank is not None and bank.has_answer_check():
-        redo = answer_recheck(bank, tok, ids, outputs, gates)
+        redo = answer_recheck(bank, tok, ids, outputs, gates, alpha)
         again = [i for i, r in enumerate(redo) if r]
         if again:
             reruns = _submit(llm, [ids[i] for i in again], [sorted(redo[i]) for i in again], True, angle, max_tokens)
@@ -97,7 +99,13 @@ def engine_generate(
 
 
 def _submit(
-    llm, ids: list[list[int]], packs: list[list[str]], force: bool, angle: float | None, max_tokens: int
+    llm,
+    ids: list[list[int]],
+    packs: list[list[str]],
+    force: bool,
+    angle: float | None,
+    max_tokens: int,
+    alpha: float | None = None,
 ) -> tuple[list[list[int]], list[dict]]:
     """One ``llm.generate`` call: per prompt its packs; returns the new token ids (without
     end-of-sequence) and the gate readings that the engine logged for each prompt."""
@@ -114,6 +122,8 @@ def _submit(
                 extra[KEY_FORCE] = True
             if angle is not None:
                 extra[KEY_ANGLE] = angle
+            if alpha is not None:
+                extra[KEY_ALPHA] = alpha
         params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None))
     path = vcfg.events_path()
     offset = path.stat().st_size if path is not None and path.is_file() else 0
@@ -135,12 +145,17 @@ def _submit(
     return token_ids, [logged.get(f"{tag}-{i}", {}) if packs[i] else {} for i in range(len(ids))]
 
 
-def vllm_generate(model_dir, records, pack_dirs=(), max_tokens: int = 48, force: bool = False) -> list[dict]:
+def vllm_generate(
+    model_dir, records, pack_dirs=(), max_tokens: int = 48, force: bool = False, alpha: float | None = None
+) -> list[dict]:
     """One-shot: start an engine with ``pack_dirs`` and generate (all packs apply to every prompt)."""
     packs = load_packs(list(pack_dirs))
+    if alpha is not None:
+        for p in packs:  # before the engine starts: a level a pack cannot serve fails here
+            p.at_alpha(alpha)
     llm = make_llm(model_dir, pack_dirs)
     try:
-        return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force)
+        return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force, alpha=alpha)
     finally:
         shutdown(llm)
 

@@ -9,8 +9,9 @@ A pack is a directory with two files:
   the head on the sentence encoder's embedding (:mod:`steering.text_gate`); with an answer
   check, ``answer_weight`` (e,) and ``answer_bias`` (1,) for the head on the embedding of the
   request text followed by the model's answer.
-- ``pack.json``: metadata validated by :class:`PackMeta` (layers, gate threshold, angle, model
-  fingerprint, calibration statistics).
+- ``pack.json``: metadata validated by :class:`PackMeta` (layers, gate thresholds and level α,
+  the calibration negatives' out-of-fold scores that place the thresholds at another level
+  (:meth:`ConceptPack.at_alpha`), angle, model fingerprint, calibration statistics).
 
 Loading reads ``pack.safetensors`` into process memory in one piece (never memory-mapped, so a
 file changed or truncated on disk cannot touch a running server), checks it against the SHA-256
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,7 +33,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from steering.errors import PackError
+from steering.conformal import check_alpha
+from steering.errors import PackError, PolicyError
 from steering.rotation import ANGLE_MODES, DEFAULT_ANGLE_DEG, check_angle
 
 FORMAT_VERSION = 1
@@ -94,6 +96,62 @@ class TextGateMeta(BaseModel):
 
 GateKind = Literal["probe", "encoder", "hybrid"]
 GATE_KINDS: tuple[str, ...] = ("probe", "encoder", "hybrid")
+Head = Literal["probe", "text", "answer"]
+# The scores each kind decides with, in the order calibration combines them.
+KIND_HEADS: dict[str, tuple[Head, ...]] = {"probe": ("probe",), "encoder": ("text", "answer"),
+                                           "hybrid": ("probe", "text", "answer")}  # fmt: skip
+
+
+def _finite_list(v: list[float]) -> list[float]:
+    if not all(math.isfinite(x) for x in v):
+        raise ValueError("scores must be finite")
+    return v
+
+
+Scores = Annotated[list[float], AfterValidator(_finite_list)]
+
+
+class OofNegatives(BaseModel):
+    """The calibration negatives' out-of-fold scores, per score ("head"): what places the gate's
+    thresholds at any level α without recalibrating (:meth:`ConceptPack.at_alpha`). ``retain``:
+    the concept's neighbours; ``neutral``: the built-in everyday requests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    retain: dict[Head, Scores]
+    neutral: dict[Head, Scores]
+
+    @model_validator(mode="after")
+    def _same_heads(self) -> OofNegatives:
+        if set(self.retain) != set(self.neutral) or not self.retain:
+            raise ValueError("retain and neutral need scores for the same heads")
+        for name, by_head in (("retain", self.retain), ("neutral", self.neutral)):
+            if len({len(v) for v in by_head.values()}) != 1:
+                raise ValueError(f"{name}: every head needs one score per {name} prompt")
+        return self
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(retain prompts, everyday prompts)."""
+        return len(next(iter(self.retain.values()))), len(next(iter(self.neutral.values())))
+
+    def thresholds(self, kind: str, heads: tuple[Head, ...], alpha: float) -> KindThresholds:
+        """The thresholds of gate ``kind`` at level α, as calibration places them
+        (:mod:`steering.conformal`): the probe alone by its own scores, a text kind as the union of
+        its ``heads``."""
+        import numpy as np
+
+        from steering.conformal import gate_threshold, union_threshold
+
+        missing = [h for h in heads if h not in self.retain]
+        if missing:
+            raise PackError(f"no out-of-fold scores for {missing}")
+        if kind == "probe":
+            values = (gate_threshold(np.array(self.retain["probe"]), np.array(self.neutral["probe"]), alpha),)
+        else:
+            pairs = [(np.array(self.retain[h]), np.array(self.neutral[h])) for h in heads]
+            values = union_threshold(pairs, alpha).thresholds
+        return KindThresholds(**dict(zip(heads, values)))
 
 
 class KindThresholds(BaseModel):
@@ -124,6 +182,9 @@ class GateMeta(BaseModel):
     kind: GateKind = "probe"
     text: TextGateMeta | None = None
     kinds: dict[GateKind, KindThresholds] = Field(default_factory=dict)
+    negatives: OofNegatives | None = Field(
+        default=None, description="out-of-fold negative scores, to place the thresholds at another alpha"
+    )
 
     @model_validator(mode="after")
     def _text(self) -> GateMeta:
@@ -166,6 +227,36 @@ class PackMeta(BaseModel):
         description="SHA-256 of pack.safetensors, written by save_pretrained and checked at load "
         "(packs saved before it existed have none and load unchecked)",
     )
+
+    def check_alpha(self, alpha: float, field: str = "alpha") -> None:
+        """Can the gate's thresholds be placed at level α? Only from kept out-of-fold scores, and
+        only where the retain prompts are enough for the level (α ≥ 1/(n+1)). Raises
+        :class:`PolicyError` naming ``field``."""
+        from steering.conformal import conformal_rank
+
+        if alpha == self.gate.alpha:
+            return
+        if self.gate.negatives is None:
+            raise PolicyError(
+                f"{field}: pack '{self.concept_id}' keeps no out-of-fold scores (an older calibration), so it "
+                f"serves only its calibrated level {self.gate.alpha}; recalibrate it to serve other levels"
+            )
+        n = self.gate.negatives.counts[0]
+        if conformal_rank(n, alpha) == 0:
+            raise PolicyError(
+                f"{field}: {alpha} is below the least level pack '{self.concept_id}' supports with its {n} "
+                f"retain prompts (1/{n + 1} = {1 / (n + 1):.4f})"
+            )
+
+    def false_fire_bounds(self, alpha: float | None = None) -> dict[str, float]:
+        """The false-fire bounds the gate's thresholds achieve at level ``alpha`` (None: the
+        calibrated one), on the concept's neighbours ("retain") and on everyday requests
+        ("everyday") (:func:`steering.conformal.false_fire_bounds`); empty for a pack that keeps no
+        out-of-fold scores."""
+        from steering.conformal import false_fire_bounds
+
+        g = self.gate
+        return {} if g.negatives is None else false_fire_bounds(*g.negatives.counts, alpha or g.alpha)
 
     @field_validator("concept_id")
     @classmethod
@@ -279,6 +370,28 @@ class ConceptPack:
                            self.answer_weight if keep_answer else None,
                            self.answer_bias if keep_answer else None)  # fmt: skip
 
+    def at_alpha(self, alpha: float) -> ConceptPack:
+        """The same pack with every calibrated kind's thresholds placed at level α (stricter
+        forgetting above the calibrated level: fires more, with more false fires; laxer below),
+        from the out-of-fold negative scores it keeps, by the rule calibration used
+        (:mod:`steering.conformal`). At the calibrated level the thresholds are the pack's own."""
+        g = self.meta.gate
+        self.meta.check_alpha(check_alpha(alpha, "alpha"))
+        if alpha == g.alpha:
+            return self
+        assert g.negatives is not None
+        kinds = {k: g.negatives.thresholds(k, _kind_heads(k, t), alpha) for k, t in (g.kinds or {g.kind: None}).items()}
+        served = kinds[g.kind]
+        text = g.text
+        if text is not None:
+            answer = None if text.answer is None else text.answer.model_copy(update={"threshold": served.answer})
+            text = text.model_copy(update={"threshold": served.text, "answer": answer})
+        threshold = g.threshold if served.probe is None else served.probe
+        gate = g.model_copy(update={"alpha": alpha, "threshold": threshold, "text": text,
+                                    "kinds": kinds if g.kinds else {}})  # fmt: skip
+        # Only finite thresholds changed (KindThresholds checked them): the kept scores are shared.
+        return replace(self, meta=self.meta.model_copy(update={"gate": gate}))
+
     def save_pretrained(self, directory: str | Path) -> Path:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -361,6 +474,13 @@ class ConceptPack:
                 f"concept pack '{self.id}' was calibrated on model '{self.meta.model.name}', not on "
                 f"'{fingerprint.name}' ({details})"
             )
+
+
+def _kind_heads(kind: str, calibrated: KindThresholds | None) -> tuple[Head, ...]:
+    """The heads a kind decides with: those its calibrated thresholds name (an encoder kind has
+    an answer threshold only with an answer check)."""
+    heads = KIND_HEADS[kind]
+    return heads if calibrated is None else tuple(h for h in heads if getattr(calibrated, h) is not None)
 
 
 def _check_tensors(meta: PackMeta, planes: torch.Tensor, w: torch.Tensor, b: float, where: str) -> None:

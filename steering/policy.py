@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from steering.conformal import check_alpha
 from steering.errors import PolicyError, PolicyForbidden, echo
-from steering.pack import PACK_ID_RE
+from steering.pack import PACK_ID_RE, PackMeta
 from steering.rotation import check_angle
 
 # Every guardit key of SamplingParams.extra_args / vllm_xargs starts with this.
@@ -26,10 +28,11 @@ PREFIX = "guardit_"
 KEY_PACKS = "guardit_packs"  # "id1,id2" (or a list offline); "none" or "" = no packs
 KEY_ANGLE = "guardit_angle"  # degrees, overrides the packs' calibrated angle
 KEY_FORCE = "guardit_force"  # rotate without the gate (evaluation)
+KEY_ALPHA = "guardit_alpha"  # gate strictness: the false-fire level its thresholds are placed at
 # Keys only the server middleware sets (any client value is removed before it).
 KEY_TENANT = "guardit_tenant"
 KEY_RID = "guardit_rid"
-CLIENT_KEYS = (KEY_PACKS, KEY_ANGLE, KEY_FORCE)
+CLIENT_KEYS = (KEY_PACKS, KEY_ANGLE, KEY_FORCE, KEY_ALPHA)
 SERVER_KEYS = (KEY_TENANT, KEY_RID)
 DEFAULT_MAX_PACKS = 16
 
@@ -42,6 +45,7 @@ class RequestSpec(BaseModel):
     packs: tuple[str, ...] = ()
     angle: float | None = None
     force: bool = False
+    alpha: float | None = None  # None: each pack's calibrated level
     tenant: str | None = None
     rid: str | None = None
 
@@ -55,6 +59,8 @@ class RequestSpec(BaseModel):
             out[KEY_ANGLE] = self.angle
         if self.force:
             out[KEY_FORCE] = True
+        if self.alpha is not None:
+            out[KEY_ALPHA] = self.alpha
         if self.tenant is not None:
             out[KEY_TENANT] = self.tenant
         if self.rid is not None:
@@ -126,11 +132,14 @@ def parse_request(
             raise PolicyError(f"{KEY_ANGLE} must be a number of degrees, got {type(angle).__name__}")
         angle = check_angle(angle, KEY_ANGLE)
     force = _flag(KEY_FORCE, fields.get(KEY_FORCE, False))
+    alpha = fields.get(KEY_ALPHA)
+    if alpha is not None:
+        alpha = check_alpha(alpha, KEY_ALPHA)
     tenant, rid = fields.get(KEY_TENANT), fields.get(KEY_RID)
     for key, val in ((KEY_TENANT, tenant), (KEY_RID, rid)):
         if val is not None and not isinstance(val, str):
             raise PolicyError(f"{key} must be a string")
-    spec = RequestSpec(packs=packs, angle=angle, force=force, tenant=tenant, rid=rid)
+    spec = RequestSpec(packs=packs, angle=angle, force=force, alpha=alpha, tenant=tenant, rid=rid)
     return spec if spec.active or keep_empty else None
 
 
@@ -184,6 +193,15 @@ class TenantPolicy(ApiKey):
     mandatory: list[str] = Field(default_factory=list, description="always applied; the client cannot switch them off")
     allow_client_packs: bool = Field(default=True, description="may the client choose packs (beyond mandatory)")
     angle: float | None = None
+    alpha: float | None = Field(
+        default=None,
+        description="gate strictness: the false-fire level the packs' thresholds are placed at (higher: "
+        "fires more, with more false fires); None: each pack's calibrated level",
+    )
+    allow_client_alpha: bool = Field(
+        default=False,
+        description="may the client set guardit_alpha; with mandatory packs only at or above this tenant's alpha",
+    )
 
     @property
     def has_packs(self) -> bool:
@@ -194,6 +212,11 @@ class TenantPolicy(ApiKey):
     @classmethod
     def _angle(cls, v: float | None) -> float | None:
         return None if v is None else check_angle(v, "angle")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float | None) -> float | None:
+        return None if v is None else check_alpha(v, "alpha")
 
 
 class PolicyConfig(BaseModel):
@@ -235,6 +258,15 @@ class PolicyConfig(BaseModel):
         base = p.resolve().parent
         return cfg.model_copy(update={"packs": {k: str((base / v).resolve()) for k, v in cfg.packs.items()}})
 
+    def check_levels(self, metas: Mapping[str, PackMeta]) -> None:
+        """Can every pack a tenant applies serve the tenant's gate level? (:meth:`PackMeta.check_alpha`;
+        ``metas``: the loaded packs' metadata by concept id.) Raises :class:`PolicyError` naming the
+        tenant's field."""
+        for name, t in self.tenants.items():
+            if t.alpha is not None:
+                for pid in dict.fromkeys(t.mandatory + t.packs):
+                    metas[pid].check_alpha(t.alpha, f"tenants.{name}.alpha")
+
     def tenant_for_key(self, api_key: str) -> str | None:
         """The tenant whose key this is (constant-time comparison of hashes), or None."""
         digest = hashlib.sha256(api_key.encode()).hexdigest()
@@ -273,4 +305,16 @@ class PolicyConfig(BaseModel):
         packs = tuple(dict.fromkeys(list(t.mandatory) + chosen))
         angle = spec.angle if spec and spec.angle is not None else t.angle
         force = bool(spec.force) if spec else False
-        return RequestSpec(packs=packs, angle=angle, force=force, tenant=tenant)
+        alpha = t.alpha if spec is None or spec.alpha is None else self._client_alpha(tenant, spec.alpha)
+        return RequestSpec(packs=packs, angle=angle, force=force, alpha=alpha, tenant=tenant)
+
+    def _client_alpha(self, tenant: str, alpha: float) -> float:
+        """A client's strictness, where the tenant's policy allows it: never laxer than the
+        tenant's level while mandatory packs apply (and not at all there without a tenant level)."""
+        t = self.tenants[tenant]
+        if not t.allow_client_alpha:
+            raise PolicyForbidden(f"{KEY_ALPHA}: tenant '{tenant}' may not set the gate's strictness")
+        if t.mandatory and (t.alpha is None or alpha < t.alpha):
+            floor = "" if t.alpha is None else f" below {t.alpha}"
+            raise PolicyForbidden(f"{KEY_ALPHA}: cannot be set{floor} while mandatory packs {t.mandatory} apply")
+        return alpha

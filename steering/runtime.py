@@ -5,8 +5,8 @@ flattened batch of tokens (T, d) belonging to R rows (sequences/requests), the i
 
 1. :meth:`SteeringBank.update_gates` at each gate layer: per-token probe scores s = w·h + b update
    each row's running statistics (sum, count, max over every token it has processed); a row's
-   gate fires once its pooled value (mean or max, per pack) exceeds the pack's threshold, and
-   stays fired.
+   gate fires once its pooled value (mean or max, per pack) exceeds the pack's threshold (placed
+   at the row's level α when the request sets one, :meth:`SteeringBank.gate`), and stays fired.
 2. :meth:`SteeringBank.steer_` at each steered layer: rotates, in place, only the tokens of rows
    whose gate fired for a pack with a plane at this layer. Other tokens are neither read back
    nor written, so rows whose gates stay closed are bit-identical to the unhooked model.
@@ -31,25 +31,45 @@ from typing import NamedTuple
 
 import torch
 
-from steering.pack import ConceptPack
+from steering.pack import ConceptPack, GateMeta
 from steering.policy import RequestSpec
 from steering.rotation import rotate_rows_
 
+MAX_LEVELS = 256  # (pack, level) gates kept placed per bank
+
 
 class PackUse(NamedTuple):
-    """How one row uses one pack: the angle in degrees (None: the pack's calibrated angle) and
-    whether the rotation is forced (applied without consulting the gate)."""
+    """How one row uses one pack: the angle in degrees (None: the pack's calibrated angle),
+    whether the rotation is forced (applied without consulting the gate), and the gate's level α
+    (None: the pack's calibrated level; otherwise its thresholds are placed there,
+    :meth:`ConceptPack.at_alpha`)."""
 
     angle: float | None = None
     force: bool = False
+    alpha: float | None = None
 
 
-RowSpec = Mapping[str, PackUse | tuple[float | None, bool]]  # pack id -> how the row uses it
+RowSpec = Mapping[str, PackUse | tuple]  # pack id -> how the row uses it: a PackUse or its fields
+# A row's gate level for the text gates and the answer check: one α for all its packs, or α by
+# pack id (None, or a pack left out: as calibrated).
+RowLevel = float | None | Mapping[str, float | None]
+
+
+def row_levels(rows: Sequence[RowSpec | RequestSpec | None]) -> list[RowLevel]:
+    """The gate levels of rows given as pack uses or request specs (:meth:`SteeringBank.settings`'
+    rows), for :meth:`SteeringBank.text_gates`."""
+    out: list[RowLevel] = []
+    for row in rows:
+        if row is None or isinstance(row, RequestSpec):
+            out.append(None if row is None else row.alpha)
+        else:
+            out.append({pid: PackUse(*use).alpha for pid, use in row.items()})
+    return out
 
 
 def row_spec(spec: RequestSpec | None) -> dict[str, PackUse]:
     """A request's spec as its row's pack uses (no packs for None)."""
-    return {} if spec is None else {pid: PackUse(spec.angle, spec.force) for pid in spec.packs}
+    return {} if spec is None else {pid: PackUse(spec.angle, spec.force, spec.alpha) for pid in spec.packs}
 
 
 @dataclass
@@ -107,6 +127,7 @@ class RowSettings:
     active: torch.Tensor  # bool: pack applies to this row (gated)
     force: torch.Tensor  # bool: rotate this row without consulting the gate
     angle: torch.Tensor  # float32 radians
+    threshold: torch.Tensor  # float32: the probe's threshold at the row's level α
 
 
 @dataclass
@@ -154,6 +175,7 @@ class SteeringBank:
                 )
         self.layers = sorted(set(self.gate_layers) | set(self.steer_layers))
         self._needed: dict[tuple[frozenset[str], bool, bool], frozenset[int]] = {}
+        self._gates: dict[tuple[int, float], GateMeta] = {}
         self.steer_cols = {
             layer: torch.tensor([p for p, _, _ in entries], dtype=torch.long, device=dev)
             for layer, entries in self.steer_layers.items()
@@ -183,6 +205,19 @@ class SteeringBank:
     def num_packs(self) -> int:
         return len(self.packs)
 
+    def gate(self, j: int, alpha: float | None = None) -> GateMeta:
+        """Pack ``j``'s gate with its thresholds at level ``alpha`` (None: as calibrated), placed
+        once per level (:meth:`ConceptPack.at_alpha`); raises :class:`PolicyError` for a level the
+        pack cannot serve (requests are checked against it when they arrive)."""
+        if alpha is None:
+            return self.packs[j].meta.gate
+        key = (j, alpha)
+        if key not in self._gates:
+            if len(self._gates) >= MAX_LEVELS:  # clients choose levels: keep the most recent only
+                self._gates.pop(next(iter(self._gates)))
+            self._gates[key] = self.packs[j].at_alpha(alpha).meta.gate
+        return self._gates[key]
+
     def settings(
         self,
         rows: Sequence[RowSpec | RequestSpec | None],
@@ -197,19 +232,24 @@ class SteeringBank:
         active = torch.zeros(r, p, dtype=torch.bool)
         force = torch.zeros(r, p, dtype=torch.bool)
         angle = self.default_angle.cpu().expand(r, p).clone()
+        threshold = self.thresholds.cpu().expand(r, p).clone()
         for i, row in enumerate(rows):
             uses = row_spec(row) if row is None or isinstance(row, RequestSpec) else row
-            for pid, (deg, forced) in uses.items():
+            for pid, use in uses.items():
+                deg, forced, alpha = PackUse(*use)
                 j = self.index[pid]
                 active[i, j] = True
                 force[i, j] = forced
                 if deg is not None:
                     angle[i, j] = math.radians(deg)
+                if alpha is not None:
+                    threshold[i, j] = self.gate(j, alpha).threshold
         if text_fired is not None:
             text_fired = text_fired.cpu() & active
             force |= text_fired
             active &= ~self.encoder_only | text_fired
-        return RowSettings(active.to(self.device), force.to(self.device), angle.to(self.device))
+        dev = self.device
+        return RowSettings(active.to(dev), force.to(dev), angle.to(dev), threshold.to(dev))
 
     def readout(self, stats: GateStats, settings: RowSettings) -> tuple[torch.Tensor, torch.Tensor]:
         """What the gates say, on the CPU: (the pooled probe value (R, P), fired (R, P) bool, a
@@ -221,19 +261,24 @@ class SteeringBank:
         ids = set(pack_ids)
         return any(self.packs[j].id in ids for j in self.text_packs)
 
-    def text_gates(self, texts: list[str], pack_ids: list[Iterable[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_gates(
+        self, texts: list[str], pack_ids: list[Iterable[str]], alphas: Sequence[RowLevel] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-gate decisions before the forward: ``texts[i]`` is row i's request text
-        (:func:`steering.text_gate.request_text`), ``pack_ids[i]`` the packs it uses. Returns
-        (fired (R, P) bool, score (R, P) float32, -inf where no text gate was scored). Each row's
-        text is embedded once (one encoder batch for all rows), whatever the number of packs."""
-        return self._head_gates("text", texts, pack_ids)
+        (:func:`steering.text_gate.request_text`), ``pack_ids[i]`` the packs it uses, ``alphas[i]``
+        its gates' level (:data:`RowLevel`; None: as calibrated). Returns (fired (R, P) bool, score (R, P) float32,
+        -inf where no text gate was scored). Each row's text is embedded once (one encoder batch
+        for all rows), whatever the number of packs."""
+        return self._head_gates("text", texts, pack_ids, alphas)
 
-    def answer_gates(self, texts: list[str], pack_ids: list[Iterable[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_gates(
+        self, texts: list[str], pack_ids: list[Iterable[str]], alphas: Sequence[RowLevel] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Answer-check decisions after a generation: ``texts[i]`` is row i's request text followed
         by its answer (:func:`steering.text_gate.answer_text`), ``pack_ids[i]`` the packs to check
-        (those that applied to the row and did not fire). Same returns as :meth:`text_gates`;
-        packs without an answer check are never scored."""
-        return self._head_gates("answer", texts, pack_ids)
+        (those that applied to the row and did not fire). Same arguments and returns as
+        :meth:`text_gates`; packs without an answer check are never scored."""
+        return self._head_gates("answer", texts, pack_ids, alphas)
 
     def has_answer_check(self) -> bool:
         return any(p.meta.gate.text is not None and p.meta.gate.text.answer is not None for p in self.packs)
@@ -249,27 +294,40 @@ class SteeringBank:
         ]
 
     def recheck(
-        self, texts: list[str], applied: Sequence[Iterable[str]], fired: Sequence[Iterable[str]]
+        self,
+        texts: list[str],
+        applied: Sequence[Iterable[str]],
+        fired: Sequence[Iterable[str]],
+        alphas: Sequence[RowLevel] | None = None,
     ) -> tuple[list[frozenset[str]], torch.Tensor]:
         """The answer check of finished generations, one rule for both engines. ``texts[i]``: row
         i's request text and answer (:func:`steering.text_gate.answer_text`); ``applied[i]``,
         ``fired[i]``: the packs that applied to it and those whose gate fired. Returns, per row,
         the packs to force when generating it again (empty: keep the answer): the packs whose
         answer check fired, with the packs that had fired, so the new answer is rotated for all of
-        them; and the answer scores (R, P), -inf where not scored."""
+        them; and the answer scores (R, P), -inf where not scored. ``alphas[i]``: row i's gate
+        level (:data:`RowLevel`; None: as calibrated)."""
         fired_sets = [set(f) for f in fired]
         check = [set(a) - f for a, f in zip(applied, fired_sets)]
-        hit, score = self.answer_gates(texts, check)
+        hit, score = self.answer_gates(texts, check, alphas)
         redo = []
         for i, f in enumerate(fired_sets):
             new = {self.packs[j].id for j in hit[i].nonzero().flatten().tolist()}
             redo.append(frozenset(new | f) if new else frozenset())
         return redo, score
 
-    def _head_gates(self, head: str, texts: list[str], pack_ids: list[Iterable[str]]):
+    def _head_gates(
+        self, head: str, texts: list[str], pack_ids: list[Iterable[str]], alphas: Sequence[RowLevel] | None
+    ):
         from steering.text_gate import check_encoder
 
         r, p = len(texts), self.num_packs
+        levels = list(alphas) if alphas is not None else [None] * r
+
+        def level(i: int, j: int) -> float | None:
+            a = levels[i]
+            return a.get(self.packs[j].id) if isinstance(a, Mapping) else a
+
         fired = torch.zeros(r, p, dtype=torch.bool)
         score = torch.full((r, p), -math.inf)
         uses = [set(ids) for ids in pack_ids]
@@ -289,7 +347,7 @@ class SteeringBank:
             weight = torch.stack([getattr(self.packs[j], f"{head}_weight") for j in cols])
             bias = torch.tensor([getattr(self.packs[j], f"{head}_bias") for j in cols])
             s = torch.stack([(e @ weight.t() + bias).max(0).values for e in embs])  # (rows, cols)
-            thr = torch.tensor([_head_threshold(self.packs[j], head) for j in cols])
+            thr = torch.tensor([[_head_threshold(self.gate(j, level(i, j)), head) for j in cols] for i in rows])
             use = torch.tensor([[self.packs[j].id in uses[i] for j in cols] for i in rows], dtype=torch.bool)
             idx, col_idx = torch.tensor(rows), torch.tensor(cols)
             score[idx.unsqueeze(1), col_idx] = torch.where(use, s, torch.full_like(s, -math.inf))
@@ -330,7 +388,7 @@ class SteeringBank:
         stats.count[:, cols] += add_cnt
         stats.peak[:, cols] = torch.maximum(stats.peak[:, cols], new_max)
         value = stats.value(self.max_pool)[:, cols]
-        opened = (value > self.thresholds[cols]) & settings.active[:, cols]
+        opened = (value > settings.threshold[:, cols]) & settings.active[:, cols]
         if tokens.ready is not None:
             opened &= tokens.ready.unsqueeze(-1) | self.scope_all[cols].unsqueeze(0)
         stats.fired[:, cols] |= opened | settings.force[:, cols]
@@ -405,8 +463,8 @@ class SteeringBank:
         return bool((stats.fired[:, cols] | settings.force[:, cols]).any())
 
 
-def _head_threshold(pack: ConceptPack, head: str) -> float:
-    text = pack.meta.gate.text
+def _head_threshold(gate: GateMeta, head: str) -> float:
+    text = gate.text
     assert text is not None
     if head == "answer":
         assert text.answer is not None

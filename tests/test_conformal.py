@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from calibration.gate import conformal_threshold
+from steering.conformal import conformal_threshold
 
 
 def test_threshold_is_the_right_order_statistic():
@@ -15,7 +15,7 @@ def test_threshold_is_the_right_order_statistic():
 
 
 def test_rank_of_the_threshold_and_negatives_needed_for_the_next():
-    from calibration.gate import conformal_rank, negatives_for_rank
+    from steering.conformal import conformal_rank, negatives_for_rank
 
     for alpha in (0.05, 0.1, 0.2):
         for n in range(1, 120):
@@ -218,7 +218,7 @@ def test_calibrate_seed_reaches_the_pack_and_the_report(tmp_path, capsys, model_
 def test_everyday_negatives_bind_at_their_own_tighter_level():
     """τ is the higher of the retain set's threshold at α and the everyday set's at min(α, 0.01):
     one everyday prompt scoring above every retain prompt no longer hides under α = 0.05."""
-    from calibration.gate import EVERYDAY_ALPHA, binding_negatives, gate_threshold
+    from steering.conformal import EVERYDAY_ALPHA, binding_negatives, gate_threshold
 
     retain = np.linspace(-3, 0, 32)
     everyday = np.r_[np.full(200, -5.0), 1.0, 2.0]  # two outliers among 202
@@ -238,7 +238,8 @@ def test_the_hybrid_threshold_is_shared_by_rank_and_served_exactly():
     negative does not push the other score's threshold up (as mean/sd standardisation did)."""
     import torch
 
-    from calibration.gate import GateFit, TextGateFit, combine_gates, gate_threshold
+    from calibration.gate import GateFit, TextGateFit, combine_gates
+    from steering.conformal import gate_threshold
 
     rng = np.random.default_rng(0)
     # the probe's negatives spread far below (a large sd), the text score's are compact

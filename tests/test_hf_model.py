@@ -236,3 +236,62 @@ def test_the_rotation_check_is_what_the_served_forced_rotation_does(hf_model, pa
         total, count = answer_nll(model, ids, answers, tok.pad_token_id)
     served = total / count
     assert served - base == pytest.approx(tried[-1]["nats"], abs=2e-3)
+
+
+@torch.no_grad()
+def test_a_stricter_level_fires_more_and_closed_rows_stay_vanilla(hf_model, hp):
+    """The calibrated Harry Potter pack keeps its out-of-fold scores, and serving's rule places
+    every kind's thresholds from them exactly where calibration did. At stricter levels it fires
+    on a growing set of the retain test prompts (each set inside the next, as lower thresholds
+    must give) and on the forget test prompts at least as often; rows still closed at a level
+    are bit-identical to the unhooked model."""
+    from steering.pack import KIND_HEADS
+
+    model, tok = hf_model
+    g = hp.meta.gate
+    assert g.negatives is not None and hp.meta.false_fire_bounds() == {"retain": 1 / 33, "everyday": 2 / 203}
+    for kind, t in g.kinds.items():
+        heads = tuple(h for h in KIND_HEADS[kind] if getattr(t, h) is not None)
+        assert g.negatives.thresholds(kind, heads, g.alpha) == t
+    d = EXAMPLES / "harry_potter"
+    retain = [r.prompt for r in read_prompts(d / "retain_test.jsonl")]
+    prompts, n_retain = retain + [r.prompt for r in read_prompts(d / "forget_test.jsonl")], len(retain)
+    inp, mask = _batch(tok, prompts)
+    ref = model(input_ids=inp, attention_mask=mask).logits
+    fired = {}
+    for alpha in (g.alpha, 0.2, 0.5):
+        with steer(model, [hp.at_alpha(alpha)], tokenizer=tok) as s:
+            got = model(input_ids=inp, attention_mask=mask).logits
+            fired[alpha] = [r[hp.id].fired for r in s.gates()]
+        closed = [i for i, f in enumerate(fired[alpha]) if not f]
+        assert torch.equal(got[closed], ref[closed])
+    lo, mid, hi = (set(i for i, f in enumerate(fired[a]) if f) for a in (g.alpha, 0.2, 0.5))
+    assert lo <= mid <= hi
+    assert len([i for i in hi if i < n_retain]) > len([i for i in lo if i < n_retain])
+
+
+def test_several_packs_on_one_request_forget_each_concept_as_well_as_alone(hf_model, packs_dir):
+    """One request with the Harry Potter, Einstein and Lord of the Rings packs (each with its own
+    gate; fired ones rotate in id order): on each concept's forget test prompts it leaks no more
+    known facts than that concept's pack alone, and each concept's retain prompts whose gates all
+    stay closed are vanilla, bit for bit."""
+    model, tok = hf_model
+    names = ("harry-potter", "einstein", "lord-of-the-rings")
+    packs = load_packs([packs_dir / n for n in names], hf_fingerprint(model))
+    for name, pack in zip(names, packs):
+        d = EXAMPLES / name.replace("-", "_")
+        forget, retain = read_prompts(d / "forget_test.jsonl"), read_prompts(d / "retain_test.jsonl")
+        van = hf_generate(model, tok, forget + retain, [], max_tokens=24, progress=False)
+        alone = hf_generate(model, tok, forget, [pack], max_tokens=24, progress=False)
+        together = hf_generate(model, tok, forget + retain, packs, max_tokens=24, progress=False)
+        known = [i for i, r in enumerate(van[: len(forget)]) if leaked(r["output"], r["answers"])]
+        assert known, name
+
+        def leaks(rows, known=known):
+            return sum(leaked(rows[i]["output"], rows[i]["answers"]) for i in known)
+
+        assert leaks(together) <= leaks(alone), name
+        kept = together[len(forget) :]
+        closed = [i for i, r in enumerate(kept) if not any(g["fired"] for g in r["gate"].values())]
+        assert len(closed) >= 0.8 * len(retain), name
+        assert all(kept[i]["token_ids"] == van[len(forget) + i]["token_ids"] for i in closed), name

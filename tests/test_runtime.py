@@ -143,3 +143,32 @@ def test_late_gate_rotates_earlier_layers_only_for_tokens_after_it_fired():
     new = torch.randn(1, 16)
     assert bank.layers_needed(["late"], prompt_pending=False) == {3, 5}
     assert bank.steer_(3, new, TokenMap(rows[:1], is_prompt=torch.tensor([False])), stats, settings).tolist() == [0]
+
+
+def test_several_fired_packs_rotate_one_after_another_in_id_order():
+    """The composition rule: fired packs with a plane at the same layer rotate the token one after
+    another in the order of their concept ids (whatever order they were named or loaded in), each
+    rotation exact and norm-preserving, so the composition is too; a row where only one fired gets
+    that pack's rotation alone."""
+    from steering.rotation import rotate
+
+    packs = [toy_pack(name, seed=s) for name, s in (("c", 1), ("a", 2), ("b", 3))]
+    h = torch.randn(6, 16, dtype=torch.float64).float()
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    outs = []
+    for order in (packs, packs[::-1], packs[1:] + packs[:1]):
+        bank = SteeringBank(order)
+        settings = bank.settings([{p.id: (None, True) for p in packs}, {"b": (None, True)}, {}])
+        x = h.clone()
+        bank.steer_(3, x, TokenMap(rows), GateStats.empty(3, 3), settings)
+        outs.append(x)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    by_id = {p.id: p for p in packs}
+    angle = torch.full((2,), math.radians(90.0))  # float32 radians, as the bank keeps them
+    expected = h[:2]
+    for pid in ("a", "b", "c"):
+        expected = rotate(expected, by_id[pid].planes[0], angle)
+    assert torch.allclose(outs[0][:2], expected, atol=1e-6)  # (batched with other rows: float rounding)
+    assert torch.allclose(outs[0][:2].norm(dim=-1), h[:2].norm(dim=-1), rtol=1e-6)
+    assert torch.allclose(outs[0][2:4], rotate(h[2:4], by_id["b"].planes[0], angle), atol=1e-6)
+    assert torch.equal(outs[0][4:], h[4:])

@@ -121,6 +121,34 @@ def test_vllm_and_hf_agree_on_gates_and_vllm_forgets(engine, hf_model, packs_dir
             assert leaks <= 0.10 * len(v_rows), [r["output"] for r in v_rows]
 
 
+def test_a_request_level_on_vllm_gates_as_the_pack_placed_there_on_hf(engine, hf_model, packs_dir):
+    """guardit_alpha on the engine (each request's thresholds placed from the pack's out-of-fold
+    scores) gives HF's decisions with the pack at that level, on the Harry Potter retain
+    test split, where the stricter level fires more; a level the pack cannot serve fails that
+    request alone, naming guardit_alpha."""
+    from guardit.vllm_generation import engine_generate
+
+    model, tok = hf_model
+    (pack,) = load_packs([packs_dir / "harry-potter"], hf_fingerprint(model))
+    recs = _records()[("harry_potter", "retain_test")]
+    hf_rows = hf_generate(model, tok, recs, [pack.at_alpha(0.5)], max_tokens=MAX_TOKENS, progress=False)
+    strict = engine_generate(engine, recs, [pack.id], MAX_TOKENS, alpha=0.5)
+    calibrated = engine_generate(engine, recs, [pack.id], MAX_TOKENS)
+
+    def fired(rows):
+        return [r["gate"][pack.id]["fired"] for r in rows]
+
+    assert fired(strict) == fired(hf_rows) and sum(fired(strict)) > sum(fired(calibrated))
+    # rows closed at both levels are vanilla; (rotated rows may differ from HF's in late tokens:
+    # float rounding of two engines, then greedy decoding)
+    same = [i for i, (a, b) in enumerate(zip(fired(strict), fired(calibrated))) if not a and not b]
+    assert same and all(strict[i]["token_ids"] == calibrated[i]["token_ids"] for i in same)
+    from vllm.exceptions import VLLMValidationError  # vLLM's wrapper of the validator's ValueError
+
+    with pytest.raises(VLLMValidationError, match="guardit_alpha: 0.01 is below the least level"):
+        engine_generate(engine, recs[:1], [pack.id], 4, alpha=0.01)
+
+
 def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_dir, vanilla_tokens):
     """A pack whose gate decides after some of its steered layers (so those rotate only generated
     tokens), with prompts split over prefill chunks: vLLM fires where HF does, closed requests

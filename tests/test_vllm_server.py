@@ -21,6 +21,7 @@ KEYS = {
     "privacy": "privacy-key",
     "research": "research-key",
     "answer": "answer-key",
+    "strict": "strict-key",
     "admin": "admin-key",
 }
 HP_Q = "What is the name of the wizarding school in Harry Potter?"
@@ -47,8 +48,14 @@ def server(tmp_path_factory, packs_dir, model_dir, text_variants):
             "kids": {"api_key_env": "GUARDIT_TEST_KEY_KIDS", "mandatory": ["harry-potter"]},
             "open": {"api_key_env": "GUARDIT_TEST_KEY_OPEN"},
             "privacy": {"api_key_sha256": hashlib.sha256(KEYS["privacy"].encode()).hexdigest(), "packs": ["einstein"]},
-            "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH"},
+            "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH", "allow_client_alpha": True},
             "answer": {"api_key_env": "GUARDIT_TEST_KEY_ANSWER", "mandatory": ["hp-answer-open"]},
+            "strict": {
+                "api_key_env": "GUARDIT_TEST_KEY_STRICT",
+                "mandatory": ["harry-potter"],
+                "alpha": 0.5,
+                "allow_client_alpha": True,
+            },
         },
         "max_packs_per_request": 1,
         "admin": {"api_key_env": "GUARDIT_TEST_KEY_ADMIN"},
@@ -61,6 +68,7 @@ def server(tmp_path_factory, packs_dir, model_dir, text_variants):
         GUARDIT_TEST_KEY_OPEN=KEYS["open"],
         GUARDIT_TEST_KEY_RESEARCH=KEYS["research"],
         GUARDIT_TEST_KEY_ANSWER=KEYS["answer"],
+        GUARDIT_TEST_KEY_STRICT=KEYS["strict"],
         GUARDIT_TEST_KEY_ADMIN=KEYS["admin"],
         GUARDIT_RUN_DIR=str(d / "run"),
     )
@@ -479,6 +487,40 @@ def test_metrics_need_the_admin_key_and_count_only_configured_labels(server):
         if l.startswith("guardit_gate_") and 'tenant="' in l
     }
     assert tenants and tenants <= set(KEYS) - {"admin"}, tenants
+
+
+def test_a_tenant_level_is_served_and_its_false_fire_bound_reported(server):
+    """Tenant 'strict' serves the Harry Potter pack at α = 0.5 (thresholds placed from the pack's
+    out-of-fold scores when the server starts, no recalibration): it fires on retain questions
+    that stay closed for 'kids' (the calibrated level) and still forgets; the headers and /metrics
+    give the level and the bound it achieves. A client may go stricter where its policy allows it,
+    never laxer than its tenant's level while a mandatory pack applies; a level a pack cannot serve
+    is 400 naming guardit_alpha."""
+    out, h = _chat(server, "strict", HP_Q)
+    assert h["x-guardit-fired"] == "harry-potter" and "hogwarts" not in out.lower()
+    assert h["x-guardit-alpha"] == "0.5"
+    assert h["x-guardit-false-fire-bound"] == "harry-potter;retain=0.4848;everyday=0.0099"
+    _, h = _chat(server, "kids", HP_Q, max_tokens=4)
+    assert h["x-guardit-alpha"] == "calibrated"
+    assert h["x-guardit-false-fire-bound"] == "harry-potter;retain=0.0303;everyday=0.0099"
+    # A near neighbour (the Harry Potter pack's retain test split): closed at the calibrated level.
+    near = "Who is the wizard in the legends of King Arthur?"
+    assert _chat(server, "kids", near, max_tokens=4)[1]["x-guardit-fired"] == ""
+    assert _chat(server, "strict", near, max_tokens=4)[1]["x-guardit-fired"] == "harry-potter"
+    # everyday requests stay held to 1 % at any level: an everyday question stays closed
+    assert _chat(server, "strict", RETAIN_Q[1], max_tokens=4)[1]["x-guardit-fired"] == ""
+    _, h = _chat(server, "strict", near, {"guardit_alpha": 0.9}, max_tokens=4)
+    assert h["x-guardit-alpha"] == "0.9" and h["x-guardit-fired"] == "harry-potter"
+    code, msg = _status(server, "strict", {"guardit_alpha": 0.3})
+    assert code == 403 and "guardit_alpha: cannot be set below 0.5" in msg
+    code, msg = _status(server, "kids", {"guardit_alpha": 0.9})
+    assert code == 403 and "guardit_alpha: tenant 'kids' may not set" in msg
+    code, msg = _status(server, "research", {"guardit_packs": "harry-potter", "guardit_alpha": 0.01})
+    assert code == 400 and "guardit_alpha: 0.01 is below the least level pack 'harry-potter'" in msg
+    status, text = _http(server, "GET", "/metrics", key=KEYS["admin"])
+    assert status == 200
+    assert 'guardit_false_fire_bound{pack="harry-potter",set="retain",tenant="strict"} 0.48484848' in text
+    assert 'guardit_false_fire_bound{pack="harry-potter",set="retain",tenant="kids"} 0.0303030' in text
 
 
 def test_force_as_the_server_types_it_and_bounded_errors(server):

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from steering.conformal import check_alpha
 from steering.errors import PolicyError
 from steering.modules import decoder_layers
 from steering.pack import ConceptPack
 from steering.rotation import check_angle
-from steering.runtime import GateStats, RowSettings, RowSpec, SteeringBank, TokenMap
+from steering.runtime import GateStats, PackUse, RowSettings, RowSpec, SteeringBank, TokenMap, row_levels
 from steering.text_gate import request_text
 
 
@@ -133,7 +134,7 @@ class SteerSession:
         if len(prompts) != len(specs):
             raise PolicyError("a pack has a text gate: the forward needs input_ids, not inputs_embeds")
         texts = [request_text(self.tokenizer, p, h) for p, h in zip(prompts, heads)]
-        return self.bank.text_gates(texts, [list(u) for u in used])
+        return self.bank.text_gates(texts, [list(u) for u in used], row_levels(specs))
 
     def bank_device(self, device: torch.device) -> None:
         if self.bank.device != device:
@@ -213,7 +214,9 @@ def steer(
 
     By default every pack applies to every row, gated, at its calibrated angle. ``angles`` overrides
     angles (degrees) by pack id; ``force`` rotates without the gate (for evaluation); ``rows`` gives
-    per-row settings {pack_id: (angle_deg or None, force)} for the next batch. Packs with a text
+    per-row settings {pack_id: PackUse(angle_deg or None, force, alpha or None)} for the next batch (``alpha``:
+    the gate's level, its thresholds placed there from the pack's out-of-fold scores; for every row,
+    pass ``pack.at_alpha(alpha)`` instead). Packs with a text
     gate decode each row's prompt for the encoder with ``tokenizer`` (default: the one saved in
     the model's folder).
     """
@@ -230,6 +233,10 @@ def steer(
             bad = set(row) - set(bank.index)
             if bad:
                 raise PolicyError(f"rows[{i}]: unknown concept id(s) {sorted(bad)}")
+            for pid, use in row.items():
+                alpha = PackUse(*use).alpha
+                if alpha is not None:
+                    bank.packs[bank.index[pid]].meta.check_alpha(check_alpha(alpha, f"rows[{i}].{pid}.alpha"))
     session = SteerSession(model, bank, rows, default, tokenizer)
     session.attach()
     try:

@@ -137,7 +137,8 @@ class ServerAnswerCheck:
         ids = self._prompt_ids(route, body)
         texts = self.bank.answer_texts(self.tokenizer, [ids] * len(answers), answers)
         known = [p for p in spec.packs if p in self.bank.index]
-        redo, _ = self.bank.recheck(texts, [known] * len(texts), [set(fired)] * len(texts))
+        n = len(texts)
+        redo, _ = self.bank.recheck(texts, [known] * n, [set(fired)] * n, [spec.alpha] * n)
         return frozenset().union(*redo)
 
 

@@ -23,7 +23,8 @@ class GuarditValidator(LogitsProcessor):  # type: ignore[misc]
         if not extra or not guardit_fields(extra):
             return
         known, limit = config.known_packs()
-        parse_request(extra, known, limit)  # raises PolicyError (a ValueError) naming the field
+        spec = parse_request(extra, known, limit)  # raises PolicyError (a ValueError) naming the field
+        config.check_levels(spec, config.pack_metas())
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass

@@ -15,16 +15,19 @@ learnt from the app itself at start-up, and each request is handled by its route
 - Unguarded routes (they run the model, but no policy can be put on them): 403 for a tenant with
   packs; for the others, a body that carries any ``guardit_`` field is refused (400).
 - Responses to a tenant carry ``x-guardit-tenant``; guarded ones with packs also
-  ``x-guardit-evaluated`` and ``x-guardit-fired`` (non-streaming responses; streams carry what
-  is known when they start).
+  ``x-guardit-evaluated``, ``x-guardit-alpha`` (the gates' level: the tenant's or the client's
+  ``guardit_alpha`` where the policy allows it, or "calibrated"), ``x-guardit-false-fire-bound``
+  (per pack, the bound that level achieves on the concept's neighbours and on everyday requests)
+  and ``x-guardit-fired`` (non-streaming responses; streams carry what is known when they start).
 - The answer check (:mod:`integrations.vllm.answer_check`): the response to a chat or
   completions request with a pack that has one is held back until checked (a stream is generated
   whole, then streamed); when the check fires, the request runs again with the fired packs forced
   and the client gets that response, with ``x-guardit-answer-check`` naming the packs the check
   fired.
 - Prometheus counters ``guardit_gate_evaluated_total`` / ``guardit_gate_fired_total`` by pack and
-  tenant on ``/metrics``, fed from the engine's event log; labels come only from the configured
-  tenants and packs.
+  tenant on ``/metrics``, fed from the engine's event log, and the gauge
+  ``guardit_false_fire_bound`` by pack, tenant and negative set, at each tenant's level; labels
+  come only from the configured tenants and packs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from integrations.vllm import config as vcfg
 from integrations.vllm.answer_check import ServerAnswerCheck, event_stream
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
 from steering.errors import PolicyError, PolicyForbidden
+from steering.pack import PackMeta
 from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
 
 log = logging.getLogger("guardit.middleware")
@@ -93,11 +97,18 @@ class EventTail:
 
 
 class _Collector:
-    def __init__(self, tail: EventTail) -> None:
+    def __init__(self, tail: EventTail, config: PolicyConfig, metas: dict[str, PackMeta]) -> None:
         self.tail = tail
+        # The false-fire bounds of each tenant's packs at the tenant's level (fixed by the config).
+        self.bounds = [
+            (pid, name, kind, value)
+            for name, t in config.tenants.items()
+            for pid in dict.fromkeys(t.mandatory + t.packs)
+            for kind, value in metas[pid].false_fire_bounds(t.alpha).items()
+        ]
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         self.tail.poll()
         ev = CounterMetricFamily(
@@ -113,6 +124,15 @@ class _Collector:
                 fi.add_metric([p, t], n)
         yield ev
         yield fi
+        bound = GaugeMetricFamily(
+            "guardit_false_fire_bound",
+            "Bound on a gate's false-fire rate at the tenant's level, on the concept's neighbours "
+            "(set=retain) and on everyday requests (set=everyday); packs without out-of-fold scores have none",
+            labels=["pack", "tenant", "set"],
+        )
+        for p, t, kind, value in self.bounds:
+            bound.add_metric([p, t, kind], value)
+        yield bound
 
 
 def _json_response(status: int, message: str, field: str | None = None):
@@ -132,12 +152,22 @@ def _json_body(status: int, body: bytes):
     return respond
 
 
-def _guardit_headers(tenant: str, spec=None, fired: list[str] | None = None) -> list[tuple[bytes, bytes]]:
-    """The response headers a tenant gets: its name; for a request with packs, the packs evaluated
-    and, when the gate result is known, those that fired."""
+def _guardit_headers(
+    tenant: str, spec=None, fired: list[str] | None = None, metas: dict[str, PackMeta] | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The response headers a tenant gets: its name; for a request with packs, the packs evaluated,
+    the gates' level and the false-fire bounds it achieves per pack (``metas``: the packs'
+    metadata), and, when the gate result is known, the packs that fired."""
     hdrs = [(b"x-guardit-tenant", tenant.encode())]
     if spec is not None and spec.active:
         hdrs.append((b"x-guardit-evaluated", ",".join(spec.packs).encode()))
+        hdrs.append((b"x-guardit-alpha", b"calibrated" if spec.alpha is None else str(spec.alpha).encode()))
+        if metas is not None:
+            bounds = []
+            for pid in spec.packs:
+                b = metas[pid].false_fire_bounds(spec.alpha)
+                bounds.append(";".join([pid, *(f"{k}={v:.4f}" for k, v in b.items())]))
+            hdrs.append((b"x-guardit-false-fire-bound", ",".join(bounds).encode()))
         if fired is not None:
             hdrs.append((b"x-guardit-fired", ",".join(fired).encode()))
     return hdrs
@@ -200,13 +230,15 @@ class GuarditMiddleware:
         if not path:
             raise RuntimeError(f"guardit middleware needs {vcfg.ENV_CONFIG} (a policies YAML)")
         self.config = PolicyConfig.load(path)
+        self.metas = vcfg.pack_metas()
+        self.config.check_levels(self.metas)
         self.tail = EventTail(vcfg.events_path(), set(self.config.tenants), set(self.config.packs))
         self.answers = ServerAnswerCheck.from_config(self.config, os.environ.get(vcfg.ENV_MODEL))
         self.routes: RouteTable | None = None
         try:
             from prometheus_client import REGISTRY
 
-            REGISTRY.register(_Collector(self.tail))
+            REGISTRY.register(_Collector(self.tail, self.config, self.metas))
         except ValueError:  # already registered (app rebuilt in the same process)
             pass
 
@@ -292,9 +324,8 @@ class GuarditMiddleware:
             if message["type"] == "http.response.start" and tenant is not None:
                 result = await self._gate_result(spec.rid, wait) if spec is not None and spec.active else None
                 fired = None if result is None else result["fired"]
-                message = dict(
-                    message, headers=list(message.get("headers", [])) + _guardit_headers(tenant, spec, fired)
-                )
+                extra = _guardit_headers(tenant, spec, fired, self.metas)
+                message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 
         return new_send
@@ -353,7 +384,7 @@ class GuarditMiddleware:
             headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
         hdrs = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         hdrs.append((b"content-length", str(len(payload)).encode()))
-        hdrs += _guardit_headers(tenant, spec, sorted(fired) if result is not None or by_answer else None)
+        hdrs += _guardit_headers(tenant, spec, sorted(fired) if result is not None or by_answer else None, self.metas)
         hdrs.append((b"x-guardit-answer-check", ",".join(by_answer).encode()))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": payload})
@@ -373,6 +404,7 @@ class GuarditMiddleware:
                 raise PolicyError(f"{bad[0]} is set by the server and may not be sent by a client")
             client = guardit_fields(xargs)
             spec = self.config.resolve(tenant, client)
+            vcfg.check_levels(spec, self.metas)
         except PolicyForbidden as e:
             return await _json_response(403, str(e), "vllm_xargs")(send)
         except (PolicyError, ValueError) as e:

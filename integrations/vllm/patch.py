@@ -143,7 +143,8 @@ class EngineState:
         if not use:
             return
         texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
-        fired, score = bank.text_gates(texts, [list(st.spec.packs) for st, _ in use])  # type: ignore[union-attr]
+        specs = [st.spec for st, _ in use]
+        fired, score = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
         for k, (st, _) in enumerate(use):
             st.text_fired, st.text_score = fired[k], score[k]
 
@@ -292,6 +293,7 @@ class EngineState:
         try:
             # Validated at admission already; a request cannot name more packs than are loaded.
             spec = parse_request(getattr(sp, "extra_args", None), known, max_packs=len(known))
+            config.check_levels(spec, {p.id: p.meta for p in bank.packs})
         except ValueError as e:  # never let one request break a batch
             log.error("guardit: request %s has an invalid spec (%s); steering all its packs", rid, e)
             spec = RequestSpec(packs=tuple(bank.index), force=True)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from integrations.vllm import config as vcfg
-from steering.errors import GuarditError, PackError
+from steering.errors import GuarditError, PackError, PolicyError
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import PolicyConfig
 
@@ -49,6 +49,7 @@ def check_config(config_path: str | Path, model_dir: str | Path) -> PolicyConfig
     """Load the policies YAML and every pack it names, checked against the model. Raises GuarditError."""
     cfg = PolicyConfig.load(config_path)
     fp = folder_fingerprint(model_dir)
+    metas = {}
     for cid, path in cfg.packs.items():
         try:
             (pack,) = load_packs([path], fp)
@@ -56,6 +57,11 @@ def check_config(config_path: str | Path, model_dir: str | Path) -> PolicyConfig
             raise PackError(f"{config_path}: packs.{cid}: {e}") from None
         if pack.id != cid:
             raise PackError(f"{config_path}: packs.{cid} points to a pack whose concept id is '{pack.id}'")
+        metas[cid] = pack.meta
+    try:
+        cfg.check_levels(metas)
+    except PolicyError as e:
+        raise PolicyError(f"{config_path}: {e}") from None
     return cfg
 
 
