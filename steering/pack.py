@@ -28,12 +28,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from steering.conformal import check_alpha
+from steering.conformal import check_alpha, conformal_rank, false_fire_bounds, gate_threshold, union_threshold
 from steering.errors import PackError, PolicyError
 from steering.rotation import ANGLE_MODES, DEFAULT_ANGLE_DEG, check_angle
 
@@ -139,10 +140,6 @@ class OofNegatives(BaseModel):
         """The thresholds of gate ``kind`` at level α, as calibration places them
         (:mod:`steering.conformal`): the probe alone by its own scores, a text kind as the union of
         its ``heads``."""
-        import numpy as np
-
-        from steering.conformal import gate_threshold, union_threshold
-
         missing = [h for h in heads if h not in self.retain]
         if missing:
             raise PackError(f"no out-of-fold scores for {missing}")
@@ -232,8 +229,6 @@ class PackMeta(BaseModel):
         """Can the gate's thresholds be placed at level α? Only from kept out-of-fold scores, and
         only where the retain prompts are enough for the level (α ≥ 1/(n+1)). Raises
         :class:`PolicyError` naming ``field``."""
-        from steering.conformal import conformal_rank
-
         if alpha == self.gate.alpha:
             return
         if self.gate.negatives is None:
@@ -253,8 +248,6 @@ class PackMeta(BaseModel):
         calibrated one), on the concept's neighbours ("retain") and on everyday requests
         ("everyday") (:func:`steering.conformal.false_fire_bounds`); empty for a pack that keeps no
         out-of-fold scores."""
-        from steering.conformal import false_fire_bounds
-
         g = self.gate
         return {} if g.negatives is None else false_fire_bounds(*g.negatives.counts, alpha or g.alpha)
 

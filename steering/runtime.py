@@ -213,7 +213,7 @@ class SteeringBank:
             return self.packs[j].meta.gate
         key = (j, alpha)
         if key not in self._gates:
-            if len(self._gates) >= MAX_LEVELS:  # clients choose levels: keep the most recent only
+            if len(self._gates) >= MAX_LEVELS:  # clients choose levels: the oldest placed one goes
                 self._gates.pop(next(iter(self._gates)))
             self._gates[key] = self.packs[j].at_alpha(alpha).meta.gate
         return self._gates[key]
