@@ -69,18 +69,19 @@ def negatives_for_rank(rank: int, alpha: float) -> int:
     return n
 
 
-def everyday_level(oof_neutral: np.ndarray, alpha: float) -> float:
-    """The level the everyday negatives are held to: min(α, EVERYDAY_ALPHA), or α when there are too
-    few of them for that (fewer than 99: the threshold would be +inf, a gate that never fires)."""
+def everyday_level(n_neutral: int, alpha: float) -> float:
+    """The level ``n_neutral`` everyday negatives are held to: min(α, EVERYDAY_ALPHA), or α when
+    there are too few of them for that (fewer than 99: the threshold would be +inf, a gate that
+    never fires)."""
     a_n = min(alpha, EVERYDAY_ALPHA)
-    return alpha if math.isinf(conformal_threshold(oof_neutral, a_n)) else a_n
+    return a_n if conformal_rank(n_neutral, a_n) else alpha
 
 
 def binding_negatives(oof_retain: np.ndarray, oof_neutral: np.ndarray, alpha: float) -> tuple[str, np.ndarray, float]:
     """The negative set ("retain" or "neutral"), its scores and its level, whose conformal
     threshold is the gate's τ: the retain set's at α, unless there are neutral scores and theirs,
     at :func:`everyday_level`, is higher."""
-    a_n = everyday_level(oof_neutral, alpha)
+    a_n = everyday_level(len(oof_neutral), alpha)
     if len(oof_neutral) and conformal_threshold(oof_neutral, a_n) > conformal_threshold(oof_retain, alpha):
         return "neutral", oof_neutral, a_n
     return "retain", oof_retain, alpha
@@ -98,11 +99,9 @@ def false_fire_bounds(n_retain: int, n_neutral: int, alpha: float) -> dict[str, 
     """The false-fire bounds a threshold placed at level α achieves, on the concept's neighbours
     ("retain") and on everyday requests ("everyday"): rank/(n+1) for the conformal rank of each set
     (≤ its level; 0 where the set is too small for the level: the threshold is then +inf)."""
-    a_n = min(alpha, EVERYDAY_ALPHA)
-    n_level = a_n if conformal_rank(n_neutral, a_n) else alpha  # as everyday_level decides
     out = {"retain": conformal_rank(n_retain, alpha) / (n_retain + 1)}
     if n_neutral:
-        out["everyday"] = conformal_rank(n_neutral, n_level) / (n_neutral + 1)
+        out["everyday"] = conformal_rank(n_neutral, everyday_level(n_neutral, alpha)) / (n_neutral + 1)
     return out
 
 

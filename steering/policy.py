@@ -53,6 +53,14 @@ class RequestSpec(BaseModel):
     def active(self) -> bool:
         return bool(self.packs)
 
+    def check_levels(self, metas: Mapping[str, PackMeta]) -> None:
+        """Can every pack of the request serve its gate level (:meth:`PackMeta.check_alpha`;
+        ``metas``: the loaded packs' metadata by concept id)? Raises :class:`PolicyError` naming
+        ``guardit_alpha`` otherwise."""
+        if self.alpha is not None:
+            for pid in self.packs:
+                metas[pid].check_alpha(self.alpha, KEY_ALPHA)
+
     def to_extra_args(self) -> dict[str, Any]:
         out: dict[str, Any] = {KEY_PACKS: ",".join(self.packs) if self.packs else "none"}
         if self.angle is not None:

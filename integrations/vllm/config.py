@@ -15,7 +15,7 @@ from pathlib import Path
 
 from steering.errors import PackError
 from steering.pack import META_FILE, PackMeta
-from steering.policy import DEFAULT_MAX_PACKS, KEY_ALPHA, PolicyConfig, RequestSpec
+from steering.policy import DEFAULT_MAX_PACKS, PolicyConfig
 
 ENV_CONFIG = "GUARDIT_CONFIG"
 ENV_PACKS = "GUARDIT_PACKS"
@@ -62,14 +62,6 @@ def pack_metas() -> dict[str, PackMeta]:
     """Concept id -> the loaded pack's metadata (what a request's gate level is checked against),
     cached per environment."""
     return _metas(os.environ.get(ENV_CONFIG, ""), os.environ.get(ENV_PACKS, ""))
-
-
-def check_levels(spec: RequestSpec | None, metas: dict[str, PackMeta]) -> None:
-    """Can every pack of the request serve its gate level? Raises :class:`PolicyError` naming
-    ``guardit_alpha`` otherwise."""
-    if spec is not None and spec.alpha is not None:
-        for pid in spec.packs:
-            metas[pid].check_alpha(spec.alpha, KEY_ALPHA)
 
 
 def events_path() -> Path | None:

@@ -24,7 +24,8 @@ class GuarditValidator(LogitsProcessor):  # type: ignore[misc]
             return
         known, limit = config.known_packs()
         spec = parse_request(extra, known, limit)  # raises PolicyError (a ValueError) naming the field
-        config.check_levels(spec, config.pack_metas())
+        if spec is not None:
+            spec.check_levels(config.pack_metas())
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass

@@ -404,7 +404,7 @@ class GuarditMiddleware:
                 raise PolicyError(f"{bad[0]} is set by the server and may not be sent by a client")
             client = guardit_fields(xargs)
             spec = self.config.resolve(tenant, client)
-            vcfg.check_levels(spec, self.metas)
+            spec.check_levels(self.metas)
         except PolicyForbidden as e:
             return await _json_response(403, str(e), "vllm_xargs")(send)
         except (PolicyError, ValueError) as e:

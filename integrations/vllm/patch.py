@@ -293,7 +293,8 @@ class EngineState:
         try:
             # Validated at admission already; a request cannot name more packs than are loaded.
             spec = parse_request(getattr(sp, "extra_args", None), known, max_packs=len(known))
-            config.check_levels(spec, {p.id: p.meta for p in bank.packs})
+            if spec is not None:
+                spec.check_levels({p.id: p.meta for p in bank.packs})
         except ValueError as e:  # never let one request break a batch
             log.error("guardit: request %s has an invalid spec (%s); steering all its packs", rid, e)
             spec = RequestSpec(packs=tuple(bank.index), force=True)
