@@ -104,7 +104,7 @@ AUTO_MARGIN = 0.05
 # Length of the answers the answer check is calibrated on (greedy, new tokens): long enough for
 # the answer to name what it is about, short enough to generate for every calibration prompt.
 ANSWER_TOKENS = 40
-_NEUTRAL_ANSWERS: dict[tuple, list[str]] = {}  # (fingerprint, dtype, prompt ids, tokens) -> answers
+_NEUTRAL_ANSWERS: dict[tuple, list[str]] = {}  # (fingerprint, precision, prompt ids, tokens) -> answers
 
 # The rotation's own check: forced on the forget prompts, it must make the model's own answers to
 # them at least this much less likely (mean nats per answer token, teacher-forced); until it does,
@@ -323,9 +323,9 @@ class ConceptCalibrator:
 
     def _neutral_answers(self, model, tokenizer, data: _Captured) -> list[str]:
         """The model's greedy answers to the built-in neutral prompts: the same for every concept,
-        so generated once per process and model (keyed by the weights' fingerprint and dtype)."""
-        dtype = str(next(model.parameters()).dtype)
-        key = (hf_fingerprint(model).weights_sha256, dtype, tuple(map(tuple, data.ids[2])), ANSWER_TOKENS)
+        so generated once per process and model (keyed by the weights' fingerprint and precision)."""
+        fp = hf_fingerprint(model)
+        key = (fp.weights_sha256, fp.precision, tuple(map(tuple, data.ids[2])), ANSWER_TOKENS)
         if key not in _NEUTRAL_ANSWERS:
             _NEUTRAL_ANSWERS[key] = greedy_answers(
                 model, tokenizer, data.ids[2], ANSWER_TOKENS, 32, "answers (built-in prompts)", self.progress

@@ -77,10 +77,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         packs = load_packs(args.pack)  # structure first: fails fast, before the model loads
         if args.alpha is not None:
             packs = [p.at_alpha(args.alpha) for p in packs]
-        model, tok = load_model(model_dir)
+        model, tok = load_model(model_dir, args.precision)
         fp = hf_fingerprint(model)
         for pack in packs:
-            pack.check_model(fp)
+            pack.check_model(fp, args.allow_precision_change)
         rows = hf_generate(
             model, tok, records, packs, max_tokens=args.max_tokens, force=args.force, batch_size=args.batch_size
         )
@@ -88,7 +88,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from guardit.vllm_generation import vllm_generate
 
         rows = vllm_generate(
-            model_dir, records, args.pack, max_tokens=args.max_tokens, force=args.force, alpha=args.alpha
+            model_dir,
+            records,
+            args.pack,
+            max_tokens=args.max_tokens,
+            force=args.force,
+            alpha=args.alpha,
+            precision=args.precision,
+            allow_precision_change=args.allow_precision_change,
         )
     if not args.token_ids:
         for r in rows:
@@ -108,16 +115,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from integrations.vllm.serve import serve
 
-    return serve(args.config, str(_model_dir(args.model)), args.vllm_args)
+    return serve(args.config, str(_model_dir(args.model)), args.vllm_args, args.allow_precision_change)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if len(args.pack) > 1:
+        return _eval_policy(args)
+    if len(args.suite) != 1 or args.everyday:
+        bad = "--everyday" if args.everyday else "--suite"
+        raise GuarditError(f"{bad}: with one --pack, give one --suite and no --everyday (several: a policy eval)")
     from guardit.evaluate import run_eval
 
     report = run_eval(
         _model_dir(args.model),
-        args.pack,
-        args.suite,
+        args.pack[0],
+        args.suite[0],
         args.out,
         engine=args.engine,
         max_tokens=args.max_tokens,
@@ -127,6 +139,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(
         f"report: {Path(args.out) / 'report.md'}  (guardit: forget leak {g['forget_test.leak_rate']:.0%}, "
         f"retain bit-identical {g['retain.bit_identical']:.0%})"
+    )
+    return 0
+
+
+def _precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-precision-change",
+        action="store_true",
+        help="accept packs calibrated on the same model at another precision (e.g. float32 packs on a "
+        "bf16 or int8 copy); another model is refused still",
+    )
+
+
+def _eval_policy(args: argparse.Namespace) -> int:
+    from guardit.policy_eval import run_policy_eval
+
+    if args.engine != "hf":
+        raise GuarditError("--engine: a multi-concept (several --pack) eval runs on hf")
+    report = run_policy_eval(
+        _model_dir(args.model), args.pack, args.suite, args.out, max_tokens=args.max_tokens, everyday=args.everyday
+    )
+    leaks = sum(r["leaks_policy"] for s in report["leakage"].values() for r in s.values())
+    known = sum(r["known"] for s in report["leakage"].values() for r in s.values())
+    same = sum(r["bit_identical"] for r in report["retention"].values())
+    total = sum(r["prompts"] for r in report["retention"].values())
+    print(
+        f"report: {Path(args.out) / 'report.md'}  (policy of {len(args.pack)} packs: {leaks}/{known} known facts "
+        f"leak, retain {same}/{total} bit-identical)"
     )
     return 0
 
@@ -235,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the gates' false-fire level (strictness; higher fires more): each pack's thresholds are placed "
         "there from its out-of-fold scores, without recalibrating (default: each pack's calibrated level)",
     )
+    g.add_argument(
+        "--precision",
+        default="float32",
+        help="run the model in float32 (default), bfloat16 or int8-dynamic (HF only); packs calibrated "
+        "at another precision need --allow-precision-change",
+    )
+    _precision_flag(g)
     g.add_argument("--token-ids", action="store_true", help="also write the generated token ids")
     g.set_defaults(func=cmd_generate)
 
@@ -245,16 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start 'vllm serve' with the guardit plugin, tenants and policies")
     s.add_argument("--config", required=True, help="policies YAML")
+    _precision_flag(s)
     s.add_argument("model", nargs="?", default=None, help="HF model folder (default: the bundled model)")
     s.add_argument(
         "vllm_args", nargs=argparse.REMAINDER, help="further arguments for 'vllm serve' (after MODEL, or after '--')"
     )
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("eval", help="evaluate a pack on a suite; writes report.md/json and plots")
+    e = sub.add_parser(
+        "eval", help="evaluate a pack on a suite, or a policy of several packs on their suites; writes report.md/json"
+    )
     e.add_argument("--model", default=None)
-    e.add_argument("--pack", required=True)
-    e.add_argument("--suite", required=True, help="folder of JSONL prompt files")
+    e.add_argument(
+        "--pack",
+        action="append",
+        required=True,
+        help="concept pack directory; repeat it for a multi-concept policy (each pack paired with a --suite)",
+    )
+    e.add_argument("--suite", action="append", required=True, help="folder of JSONL prompt files (repeatable)")
+    e.add_argument(
+        "--everyday", default=None, help="JSONL of everyday requests, for a policy's cross-concept retention"
+    )
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     e.add_argument("--max-tokens", type=int, default=40)

@@ -105,7 +105,8 @@ def method_names(pack: ConceptPack, baselines: bool, calibration_sets: bool) -> 
     return names, skipped
 
 
-def _splits(suite: Path) -> dict[str, list[PromptRecord]]:
+def read_suite(suite: Path) -> dict[str, list[PromptRecord]]:
+    """A suite's test splits by name: its forget-like splits and ``retain_test``."""
     if not (suite / "forget_test.jsonl").is_file() or not (suite / "retain_test.jsonl").is_file():
         raise GuarditError(f"suite {suite} needs forget_test.jsonl and retain_test.jsonl")
     out = {}
@@ -239,7 +240,7 @@ def run_eval(
     suite, out = Path(suite_dir), Path(out_dir)
     model, tok = load_model(model_dir)
     pack = ConceptPack.from_pretrained(pack_dir, hf_fingerprint(model))
-    splits = _splits(suite)
+    splits = read_suite(suite)
     calib = _calibration_sets(suite)
     methods, skipped = method_names(pack, baselines, calib is not None)
     engines = _engines(methods, engine)

@@ -21,13 +21,26 @@ from steering.policy import KEY_ALPHA, KEY_ANGLE, KEY_FORCE, KEY_PACKS, KEY_RID
 from steering.runtime import SteeringBank
 
 BANK_ATTR = "guardit_bank"  # the engine's packs, for the answer check (engine_generate)
+VLLM_PRECISIONS = ("float32", "bfloat16")
 ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM CPU: KV cache size in GiB (default: derived from free memory)
 
 
-def make_llm(model_dir: str | Path, pack_dirs: Sequence[str | Path] = (), run_dir: str | Path | None = None, **kw):
-    """A vLLM engine with the given packs loaded (CPU-friendly defaults)."""
+def make_llm(
+    model_dir: str | Path,
+    pack_dirs: Sequence[str | Path] = (),
+    run_dir: str | Path | None = None,
+    allow_precision_change: bool = False,
+    **kw,
+):
+    """A vLLM engine with the given packs loaded (CPU-friendly defaults; ``kw`` overrides them and
+    goes to ``vllm.LLM``). ``allow_precision_change``: accept packs calibrated at another precision
+    of the model (e.g. float32 packs on ``dtype="bfloat16"``)."""
     packs = load_packs(list(pack_dirs))  # validate before the engine starts: clear errors, fail fast
     os.environ[vcfg.ENV_PACKS] = os.pathsep.join(str(Path(p).resolve()) for p in pack_dirs)
+    if allow_precision_change:
+        os.environ[vcfg.ENV_ALLOW_PRECISION] = "1"
+    else:
+        os.environ.pop(vcfg.ENV_ALLOW_PRECISION, None)
     os.environ.pop(vcfg.ENV_CONFIG, None)
     os.environ[vcfg.ENV_RUN_DIR] = str(run_dir or tempfile.mkdtemp(prefix="guardit-run-"))
     from vllm import LLM
@@ -146,14 +159,24 @@ def _submit(
 
 
 def vllm_generate(
-    model_dir, records, pack_dirs=(), max_tokens: int = 48, force: bool = False, alpha: float | None = None
+    model_dir,
+    records,
+    pack_dirs=(),
+    max_tokens: int = 48,
+    force: bool = False,
+    alpha: float | None = None,
+    precision: str = "float32",
+    allow_precision_change: bool = False,
 ) -> list[dict]:
-    """One-shot: start an engine with ``pack_dirs`` and generate (all packs apply to every prompt)."""
+    """One-shot: start an engine with ``pack_dirs`` and generate (all packs apply to every prompt).
+    ``precision``: the engine's dtype, ``float32`` or ``bfloat16`` (int8 copies are HF's here)."""
+    if precision not in VLLM_PRECISIONS:
+        raise GuarditError(f"precision: {precision!r} is not one of {', '.join(VLLM_PRECISIONS)} on the vLLM engine")
     packs = load_packs(list(pack_dirs))
     if alpha is not None:
         for p in packs:  # before the engine starts: a level a pack cannot serve fails here
             p.at_alpha(alpha)
-    llm = make_llm(model_dir, pack_dirs)
+    llm = make_llm(model_dir, pack_dirs, allow_precision_change=allow_precision_change, dtype=precision)
     try:
         return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force, alpha=alpha)
     finally:

@@ -55,11 +55,22 @@ class ModelFingerprint(BaseModel):
     hidden_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
     weights_sha256: str = Field(min_length=16, description="hash of the first embedding rows, cast to bf16")
+    precision: str | None = Field(
+        default=None,
+        min_length=1,
+        description="how the weights are held: float32, bfloat16, float16, int8-dynamic or a quantization "
+        "method (None: not recorded, as in packs from before it was, or a model folder not yet loaded)",
+    )
 
     def mismatch(self, other: ModelFingerprint) -> list[str]:
-        """Fields (other than the display name) that differ between two fingerprints."""
+        """Fields (other than the display name and the precision) that differ between two
+        fingerprints: a difference here is another model."""
         fields = ["model_type", "num_layers", "hidden_size", "vocab_size", "weights_sha256"]
         return [f for f in fields if getattr(self, f) != getattr(other, f)]
+
+    def precision_changed(self, other: ModelFingerprint) -> bool:
+        """Whether the same weights are held at another precision (only when both record one)."""
+        return None not in (self.precision, other.precision) and self.precision != other.precision
 
 
 def _finite(v: float) -> float:
@@ -410,8 +421,11 @@ class ConceptPack:
         return out
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, fingerprint: ModelFingerprint | None = None) -> ConceptPack:
-        """Load and validate a pack; with ``fingerprint``, refuse a pack made for another model."""
+    def from_pretrained(
+        cls, directory: str | Path, fingerprint: ModelFingerprint | None = None, allow_precision_change: bool = False
+    ) -> ConceptPack:
+        """Load and validate a pack; with ``fingerprint``, refuse a pack made for another model, and
+        one made for another precision of it unless ``allow_precision_change`` (:meth:`check_model`)."""
         d = Path(directory)
         meta_path, tensor_path = d / META_FILE, d / TENSORS_FILE
         if not d.is_dir():
@@ -454,10 +468,14 @@ class ConceptPack:
         except PackError as e:
             raise PackError(f"{d}: {e}") from None
         if fingerprint is not None:
-            pack.check_model(fingerprint)
+            pack.check_model(fingerprint, allow_precision_change)
         return pack
 
-    def check_model(self, fingerprint: ModelFingerprint) -> None:
+    def check_model(self, fingerprint: ModelFingerprint, allow_precision_change: bool = False) -> None:
+        """Refuse another model (shape or weights differ), always; refuse the same weights held at
+        another precision (a bf16 or int8 copy of the float32 model the pack was calibrated on)
+        unless ``allow_precision_change``: the gate's thresholds and the rotation were fitted at the
+        pack's precision, so serving another one is a choice to make knowingly."""
         diff = self.meta.model.mismatch(fingerprint)
         if diff:
             details = ", ".join(
@@ -466,6 +484,12 @@ class ConceptPack:
             raise PackError(
                 f"concept pack '{self.id}' was calibrated on model '{self.meta.model.name}', not on "
                 f"'{fingerprint.name}' ({details})"
+            )
+        if self.meta.model.precision_changed(fingerprint) and not allow_precision_change:
+            raise PackError(
+                f"concept pack '{self.id}' was calibrated on '{self.meta.model.name}' in "
+                f"{self.meta.model.precision}; this copy of it runs in {fingerprint.precision}. Accept it "
+                f"knowingly with {PRECISION_FLAG} (allow_precision_change=True in Python)"
             )
 
 
@@ -497,12 +521,14 @@ def _check_tensors(meta: PackMeta, planes: torch.Tensor, w: torch.Tensor, b: flo
         raise PackError(f"pack '{where}': bad angle_mode {meta.angle_mode!r}")
 
 
-def load_packs(paths: list[str | Path], fingerprint: ModelFingerprint | None = None) -> list[ConceptPack]:
+def load_packs(
+    paths: list[str | Path], fingerprint: ModelFingerprint | None = None, allow_precision_change: bool = False
+) -> list[ConceptPack]:
     """Load several packs; refuse duplicates by concept id."""
     packs: list[ConceptPack] = []
     seen: dict[str, Path] = {}
     for p in paths:
-        pack = ConceptPack.from_pretrained(p, fingerprint)
+        pack = ConceptPack.from_pretrained(p, fingerprint, allow_precision_change)
         if pack.id in seen:
             raise PackError(f"concept '{pack.id}' is loaded twice (from {seen[pack.id]} and {p})")
         seen[pack.id] = Path(p)
@@ -511,14 +537,22 @@ def load_packs(paths: list[str | Path], fingerprint: ModelFingerprint | None = N
 
 
 FINGERPRINT_ROWS = 64  # embedding rows hashed into a model's fingerprint
+PRECISION_FLAG = "--allow-precision-change"  # the CLI's flag (guardit generate, eval, serve)
 
 
 def fingerprint(
-    name: str, model_type: str, num_layers: int, hidden_size: int, vocab_size: int, embed_weight: torch.Tensor
+    name: str,
+    model_type: str,
+    num_layers: int,
+    hidden_size: int,
+    vocab_size: int,
+    embed_weight: torch.Tensor,
+    precision: str | None = None,
 ) -> ModelFingerprint:
     """Fingerprint a model from its shape and its first FINGERPRINT_ROWS embedding rows (cast to
-    bf16 and hashed, so the same weights loaded in float32 or bf16, by transformers or by vLLM,
-    hash the same). ``embed_weight`` may hold just those rows."""
+    bf16 and hashed, so the same weights loaded in float32 or bf16, or with int8 linear layers, by
+    transformers or by vLLM, hash the same), plus the precision the weights are held in (which
+    :meth:`ConceptPack.check_model` compares separately). ``embed_weight`` may hold just those rows."""
     rows = embed_weight[:FINGERPRINT_ROWS].detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
     digest = hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()
     return ModelFingerprint(
@@ -528,4 +562,5 @@ def fingerprint(
         hidden_size=hidden_size,
         vocab_size=vocab_size,
         weights_sha256=digest,
+        precision=precision,
     )

@@ -91,6 +91,7 @@ def test_generate_refuses_wrong_model_and_nan_packs(tmp_path, capsys, packs_dir,
     meta["model"]["weights_sha256"] = "f" * 64
     meta["model"]["name"] = "some-other-model"
     (wrong / "pack.json").write_text(json.dumps(meta))
+    gen = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
     rc, err = _run(
         capsys,
         [
@@ -106,6 +107,17 @@ def test_generate_refuses_wrong_model_and_nan_packs(tmp_path, capsys, packs_dir,
         ],
     )
     assert rc == 2 and len(err) == 1 and "calibrated on model 'some-other-model'" in err[0]
+    rc, err = _run(capsys, gen + ["--pack", str(wrong), "--allow-precision-change"])
+    assert rc == 2 and "calibrated on model 'some-other-model'" in err[0]  # another model, even so
+
+    # the same model in bf16: refused unless allowed knowingly; an unknown precision is named
+    rc, err = _run(capsys, gen + ["--pack", str(packs_dir / "harry-potter"), "--precision", "bfloat16"])
+    assert rc == 2 and len(err) == 1 and "in float32; this copy of it runs in bfloat16" in err[0]
+    assert "--allow-precision-change" in err[0]
+    rc, err = _run(capsys, gen + ["--precision", "int4"])
+    assert rc == 2 and "precision: 'int4' is not one of float32, bfloat16, int8-dynamic" in err[0]
+    rc, err = _run(capsys, gen + ["--precision", "int8-dynamic", "--engine", "vllm"])
+    assert rc == 2 and "precision: 'int8-dynamic' is not one of float32, bfloat16 on the vLLM engine" in err[0]
 
     nan = tmp_path / "nan"
     shutil.copytree(packs_dir / "harry-potter", nan)

@@ -11,10 +11,10 @@ from conftest import EXAMPLES, ROOT
 pytestmark = pytest.mark.model
 
 
-def _small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = ()):
-    suite = tmp_path / "suite"
+def _small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = (), concept: str = "harry_potter"):
+    suite = tmp_path / ("suite" if concept == "harry_potter" else concept)
     suite.mkdir()
-    src = EXAMPLES / "harry_potter"
+    src = EXAMPLES / concept
     for name in ("forget_test", "retain_test", *extra):
         lines = (src / f"{name}.jsonl").read_text().splitlines()[:n]
         (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
@@ -61,6 +61,41 @@ def test_eval_report_is_recomputable(tmp_path, packs_dir, model_dir):
     if g["neutral.gate_fire_rate"] == 0.0:
         assert g["neutral_perplexity"] == v["neutral_perplexity"]
     assert t["rotation_no_gate"]["neutral_perplexity"] != v["neutral_perplexity"]
+
+
+def test_a_multi_concept_policy_eval_shows_each_concepts_leakage_and_cross_concept_retention(
+    tmp_path, packs_dir, model_dir, capsys
+):
+    """`guardit eval` with three packs, each paired with its concept's suite: per concept, leaks
+    alone and with the whole policy; per retain suite (and everyday requests), bit-identical rows
+    and which pack fired; every number recomputed from the saved outputs."""
+    from guardit.cli import main
+    from guardit.policy_eval import summarize_policy
+
+    names = ("harry_potter", "einstein", "lord_of_the_rings")
+    suites = [_small_suite(tmp_path, n=4, concept=c) for c in names]
+    everyday = tmp_path / "everyday.jsonl"
+    everyday.write_text("\n".join((ROOT / "examples" / "everyday_test.jsonl").read_text().splitlines()[:4]) + "\n")
+    out = tmp_path / "policy"
+    args = ["eval", "--model", str(model_dir), "--out", str(out), "--max-tokens", "16", "--everyday", str(everyday)]
+    for c, s in zip(names, suites):
+        args += ["--pack", str(packs_dir / c.replace("_", "-")), "--suite", str(s)]
+    assert main(args) == 0
+    assert "policy of 3 packs" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads(json.dumps(summarize_policy(out)))
+    ids = [c.replace("_", "-") for c in names]
+    assert set(report["leakage"]) == set(ids) and set(report["retention"]) == {*ids, "everyday"}
+    for cid in ids:
+        r = report["leakage"][cid]["forget_test"]
+        assert r["prompts"] == 4 and r["leaks_policy"] <= r["leaks_alone"] <= r["known"]
+    for r in report["retention"].values():
+        assert r["closed_bit_identical"] and r["bit_identical"] >= r["prompts"] - r["fired"]
+    md = (out / "report.md").read_text()
+    assert "## Per-concept leakage" in md and "## Cross-concept retention" in md and "| everyday | 4 |" in md
+    # each pack needs its suite
+    assert main(args[:-2]) == 2
+    assert "--suite: a multi-concept eval pairs each --pack" in capsys.readouterr().err
 
 
 @pytest.mark.vllm

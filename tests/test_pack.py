@@ -3,9 +3,10 @@ import json
 import pytest
 import torch
 from helpers import FP, edit_tensors, toy_pack
+from pydantic import ValidationError
 
 from steering.errors import PackError
-from steering.pack import ConceptPack, load_packs
+from steering.pack import ConceptPack, ModelFingerprint, load_packs
 
 
 def test_roundtrip(tmp_path):
@@ -24,6 +25,28 @@ def test_wrong_model_is_refused(tmp_path):
     other = FP.model_copy(update={"weights_sha256": "1" * 64, "name": "other"})
     with pytest.raises(PackError, match="calibrated on model 'toy', not on 'other'.*weights_sha256"):
         ConceptPack.from_pretrained(tmp_path / "p", other)
+
+
+def test_another_precision_is_accepted_only_knowingly(tmp_path):
+    """The same weights at another precision (same shape and embedding hash) are refused unless the
+    caller allows it; another model is refused even then; a fingerprint that records no precision
+    (an older pack, or a model folder not loaded yet) is not compared on it."""
+    fp32 = FP.model_copy(update={"precision": "float32"})
+    toy_pack(fp=fp32).save_pretrained(tmp_path / "p")
+    bf16 = fp32.model_copy(update={"precision": "bfloat16"})
+    with pytest.raises(PackError, match="in float32; this copy of it runs in bfloat16.*--allow-precision-change"):
+        ConceptPack.from_pretrained(tmp_path / "p", bf16)
+    with pytest.raises(PackError, match="runs in int8-dynamic"):
+        load_packs([tmp_path / "p"], fp32.model_copy(update={"precision": "int8-dynamic"}))
+    assert ConceptPack.from_pretrained(tmp_path / "p", bf16, allow_precision_change=True).id == "toy"
+    other = bf16.model_copy(update={"weights_sha256": "1" * 64})
+    with pytest.raises(PackError, match="weights_sha256"):
+        ConceptPack.from_pretrained(tmp_path / "p", other, allow_precision_change=True)
+    ConceptPack.from_pretrained(tmp_path / "p", FP)  # no precision recorded on the model side
+    toy_pack().save_pretrained(tmp_path / "old")  # none recorded on the pack's side
+    ConceptPack.from_pretrained(tmp_path / "old", bf16)
+    with pytest.raises(ValidationError, match="precision"):
+        ModelFingerprint.model_validate(FP.model_dump() | {"precision": ""})
 
 
 def test_nan_in_tensors_is_refused(tmp_path):

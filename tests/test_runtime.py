@@ -5,7 +5,7 @@ import math
 import torch
 from helpers import toy_pack
 
-from steering.runtime import GateStats, SteeringBank, TokenMap
+from steering.runtime import GateStats, PackUse, SteeringBank, TokenMap
 
 
 def _bank(**kw):
@@ -143,6 +143,50 @@ def test_late_gate_rotates_earlier_layers_only_for_tokens_after_it_fired():
     new = torch.randn(1, 16)
     assert bank.layers_needed(["late"], prompt_pending=False) == {3, 5}
     assert bank.steer_(3, new, TokenMap(rows[:1], is_prompt=torch.tensor([False])), stats, settings).tolist() == [0]
+
+
+def test_eight_packs_on_one_request_each_gate_decides_alone_in_any_naming_order():
+    """Eight packs on every row, planes at shared layers (random planes in d = 16 overlap): each
+    pack's gate decides exactly as it does loaded alone; the fired packs rotate one after another in
+    id order, so any naming or loading order gives bit-identical output; norms are kept; a row
+    whose eight gates all stay closed is bit-identical."""
+    from steering.rotation import rotate
+
+    ids = ["h", "c", "f", "a", "g", "b", "e", "d"]
+    packs = [toy_pack(pid, layers=(2, 3) if i % 2 else (3, 4), threshold=0.5, seed=10 + i) for i, pid in enumerate(ids)]
+    g = torch.Generator().manual_seed(0)
+    rows = torch.arange(4).repeat_interleave(3)
+    h_gate = torch.randn(12, 16, generator=g)
+    h_gate[rows == 3] = 0.0  # scores 0 < 0.5: all closed
+    h = torch.randn(12, 16, generator=g)
+
+    def run(order):
+        bank = SteeringBank(order)
+        settings = bank.settings([{p.id: PackUse() for p in order}] * 4)
+        stats = GateStats.empty(4, len(order))
+        bank.update_gates(1, h_gate, TokenMap(rows), stats, settings)
+        x = h.clone()
+        bank.steer_(3, x, TokenMap(rows), stats, settings)
+        return {p.id: stats.fired[:, bank.index[p.id]].tolist() for p in order}, x
+
+    fired, out = run(packs)
+    for p in packs:  # each gate alone
+        assert run([p])[0][p.id] == fired[p.id]
+    per_row = [sum(fired[pid][r] for pid in ids) for r in range(4)]
+    assert max(per_row) >= 3 and per_row[3] == 0  # the case is what it claims to be
+    shuffled = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        order = [packs[i] for i in torch.randperm(8, generator=shuffled).tolist()]
+        assert torch.equal(run(order)[1], out)
+    angle = torch.full((3,), math.radians(90.0))
+    for r in range(4):
+        expected = h[rows == r]
+        for p in sorted(packs, key=lambda p: p.id):
+            if fired[p.id][r] and 3 in p.meta.layers:
+                expected = rotate(expected, p.planes[p.meta.layers.index(3)], angle)
+        assert torch.allclose(out[rows == r], expected, atol=1e-5)
+        assert torch.allclose(out[rows == r].norm(dim=-1), h[rows == r].norm(dim=-1), rtol=1e-6)
+    assert torch.equal(out[rows == 3], h[rows == 3])
 
 
 def test_several_fired_packs_rotate_one_after_another_in_id_order():

@@ -4,6 +4,8 @@
 - ``GUARDIT_CONFIG``: a policies YAML (its ``packs`` section), or
 - ``GUARDIT_PACKS``: pack directories separated by ``os.pathsep`` (``:``).
 - ``GUARDIT_RUN_DIR``: where the engine appends gate events (``events.jsonl``).
+- ``GUARDIT_ALLOW_PRECISION_CHANGE=1``: packs calibrated at another precision of the served model
+  are accepted (``--allow-precision-change``; :meth:`steering.pack.ConceptPack.check_model`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ ENV_CONFIG = "GUARDIT_CONFIG"
 ENV_PACKS = "GUARDIT_PACKS"
 ENV_RUN_DIR = "GUARDIT_RUN_DIR"
 ENV_MODEL = "GUARDIT_MODEL"  # the served model's folder, for the server's answer check (set by guardit serve)
+ENV_ALLOW_PRECISION = "GUARDIT_ALLOW_PRECISION_CHANGE"
+
+
+def allow_precision_change() -> bool:
+    """Whether packs made at another precision of the served model are accepted knowingly."""
+    value = os.environ.get(ENV_ALLOW_PRECISION, "")
+    if value not in ("", "0", "1"):
+        raise PackError(f"{ENV_ALLOW_PRECISION}: {value!r} is not 0 or 1")
+    return value == "1"
 
 
 def pack_dirs() -> dict[str, Path]:

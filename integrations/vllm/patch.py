@@ -101,7 +101,7 @@ class EngineState:
             dirs = config.pack_dirs()
             if dirs:
                 fp = _vllm_fingerprint(runner)
-                packs = load_packs(list(dirs.values()), fp)
+                packs = load_packs(list(dirs.values()), fp, config.allow_precision_change())
                 for cid, pack in zip(dirs, packs):
                     if pack.id != cid:
                         raise ValueError(f"guardit: pack at {dirs[cid]} has id '{pack.id}', config names it '{cid}'")
@@ -357,17 +357,19 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     from pathlib import Path
 
     model = runner.model
-    hf = runner.model_config.hf_config
+    mc = runner.model_config
+    hf = mc.hf_config
     text = getattr(hf, "text_config", None) or hf
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
     weight = getattr(embed, "weight", embed)
     return fingerprint(
-        name=Path(str(runner.model_config.model)).name,
+        name=Path(str(mc.model)).name,
         model_type=str(text.model_type),
         num_layers=len(decoder_layers(model)),
         hidden_size=int(text.hidden_size),
         vocab_size=int(text.vocab_size),
         embed_weight=weight,
+        precision=str(mc.quantization or mc.dtype).removeprefix("torch."),
     )
 
 

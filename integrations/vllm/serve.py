@@ -65,9 +65,14 @@ def check_config(config_path: str | Path, model_dir: str | Path) -> PolicyConfig
     return cfg
 
 
-def serve(config_path: str, model_dir: str, vllm_args: list[str]) -> int:
+def serve(config_path: str, model_dir: str, vllm_args: list[str], allow_precision_change: bool = False) -> int:
+    """Check the config, then exec vLLM's OpenAI server with the guardit middleware and plugin.
+    ``allow_precision_change``: the engine accepts packs calibrated at another precision of the
+    model (e.g. ``--dtype bfloat16`` among the vLLM arguments with float32 packs)."""
     check_config(config_path, model_dir)
     env = dict(os.environ)
+    if allow_precision_change:
+        env[vcfg.ENV_ALLOW_PRECISION] = "1"
     env[vcfg.ENV_CONFIG] = str(Path(config_path).resolve())
     env[vcfg.ENV_MODEL] = str(Path(model_dir).resolve())
     env.pop(vcfg.ENV_PACKS, None)
