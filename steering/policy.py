@@ -253,18 +253,24 @@ class PolicyConfig(BaseModel):
         p = Path(path)
         if not p.is_file():
             raise PolicyError(f"policy config not found: {p}")
+        return cls.parse(p.read_text(), p.resolve().parent, str(p))
+
+    @classmethod
+    def parse(cls, text: str, base: str | Path, source: str) -> PolicyConfig:
+        """A config from YAML (or JSON) text; pack paths relative to ``base`` are made absolute.
+        Errors name ``source`` and the field."""
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise PolicyError(f"{p}: not valid YAML ({e})") from None
+            raise PolicyError(f"{source}: not valid YAML ({e})") from None
         try:
             cfg = cls.model_validate(raw or {})
         except ValidationError as e:
             first = e.errors()[0]
             loc = ".".join(str(x) for x in first["loc"]) or "(root)"
-            raise PolicyError(f"{p}: field '{loc}': {first['msg']}") from None
-        base = p.resolve().parent
-        return cfg.model_copy(update={"packs": {k: str((base / v).resolve()) for k, v in cfg.packs.items()}})
+            raise PolicyError(f"{source}: field '{loc}': {first['msg']}") from None
+        root = Path(base).resolve()
+        return cfg.model_copy(update={"packs": {k: str((root / v).resolve()) for k, v in cfg.packs.items()}})
 
     def check_levels(self, metas: Mapping[str, PackMeta]) -> None:
         """Can every pack a tenant applies serve the tenant's gate level? (:meth:`PackMeta.check_alpha`;

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from serving import http as _http
+from serving import start_server, stop_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
@@ -27,12 +27,6 @@ KEYS = {
 HP_Q = "What is the name of the wizarding school in Harry Potter?"
 AE_Q = "Who developed the theory of relativity?"
 RETAIN_Q = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who discovered gravity?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,62 +54,18 @@ def server(tmp_path_factory, packs_dir, model_dir, text_variants):
         "max_packs_per_request": 1,
         "admin": {"api_key_env": "GUARDIT_TEST_KEY_ADMIN"},
     }
-    (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
-    port = _free_port()
-    env = dict(
-        os.environ,
-        GUARDIT_TEST_KEY_KIDS=KEYS["kids"],
-        GUARDIT_TEST_KEY_OPEN=KEYS["open"],
-        GUARDIT_TEST_KEY_RESEARCH=KEYS["research"],
-        GUARDIT_TEST_KEY_ANSWER=KEYS["answer"],
-        GUARDIT_TEST_KEY_STRICT=KEYS["strict"],
-        GUARDIT_TEST_KEY_ADMIN=KEYS["admin"],
-        GUARDIT_RUN_DIR=str(d / "run"),
-    )
-    log = open(d / "server.log", "w")
-    # The README's form: no MODEL (the bundled one), vLLM's flags after '--'.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "guardit.cli",
-            "serve",
-            "--config",
-            str(d / "policies.yaml"),
-            "--",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--max-num-seqs",
-            "32",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    import urllib.request
-
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + (d / "server.log").read_text()[-3000:])
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except Exception as e:
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("server did not start:\n" + (d / "server.log").read_text()[-3000:]) from e
-            time.sleep(2)
+    env = {
+        "GUARDIT_TEST_KEY_KIDS": KEYS["kids"],
+        "GUARDIT_TEST_KEY_OPEN": KEYS["open"],
+        "GUARDIT_TEST_KEY_RESEARCH": KEYS["research"],
+        "GUARDIT_TEST_KEY_ANSWER": KEYS["answer"],
+        "GUARDIT_TEST_KEY_STRICT": KEYS["strict"],
+        "GUARDIT_TEST_KEY_ADMIN": KEYS["admin"],
+    }
+    base, proc = start_server(d, cfg, env)
     SERVER_LOG[base] = d / "server.log"
     yield base
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def _client(base, tenant):
@@ -369,23 +319,6 @@ def test_config_with_wrong_model_pack_fails_at_start(tmp_path, packs_dir, model_
 
 
 # -- fail closed on every route (the security suite) --------------------------------------------
-
-
-def _http(base, method, path, body=None, key=None, headers=None, raw_body=None):
-    """(status, text) of one request; any status is returned, never raised."""
-    import urllib.error
-    import urllib.request
-
-    data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
-    h = {"content-type": "application/json", **(headers or {})}
-    if key is not None:
-        h["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(base + path, data=data, method=method, headers=h)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
 
 
 def _routes(base):

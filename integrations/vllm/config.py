@@ -1,6 +1,8 @@
 """What the engine loads: concept packs named by the environment (set by ``guardit serve`` or by
 :func:`guardit.vllm_generation.make_llm`), so every vLLM process sees the same set.
 
+- ``GUARDIT_POLICY_STORE``: a policy store (:mod:`integrations.vllm.store`; ``guardit serve``):
+  the policies can change while the server runs, and the packs are every pack installed; else
 - ``GUARDIT_CONFIG``: a policies YAML (its ``packs`` section), or
 - ``GUARDIT_PACKS``: pack directories separated by ``os.pathsep`` (``:``).
 - ``GUARDIT_RUN_DIR``: where the engine appends gate events (``events.jsonl``).
@@ -15,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from integrations.vllm.store import PolicyStore
 from steering.errors import PackError
 from steering.pack import META_FILE, PackMeta
 from steering.policy import DEFAULT_MAX_PACKS, PolicyConfig
@@ -24,6 +27,36 @@ ENV_PACKS = "GUARDIT_PACKS"
 ENV_RUN_DIR = "GUARDIT_RUN_DIR"
 ENV_MODEL = "GUARDIT_MODEL"  # the served model's folder, for the server's answer check (set by guardit serve)
 ENV_ALLOW_PRECISION = "GUARDIT_ALLOW_PRECISION_CHANGE"
+ENV_STORE = "GUARDIT_POLICY_STORE"
+
+
+@functools.lru_cache(maxsize=4)
+def _store(root: str) -> PolicyStore:
+    return PolicyStore(root)
+
+
+def store() -> PolicyStore | None:
+    """The policy store named by the environment (one object per process), or None."""
+    root = os.environ.get(ENV_STORE)
+    return _store(root) if root else None
+
+
+def configured() -> bool:
+    """Does this process serve packs, now or (with a store) after a live change?"""
+    return store() is not None or bool(pack_dirs())
+
+
+def policies() -> PolicyConfig | None:
+    """The policies in force: the store's current version, or the config file; None offline."""
+    s = store()
+    if s is not None:
+        return s.config()
+    return PolicyConfig.load(os.environ[ENV_CONFIG]) if os.environ.get(ENV_CONFIG) else None
+
+
+def _version() -> str:
+    s = store()
+    return str(s.version()) if s is not None else ""
 
 
 def allow_precision_change() -> bool:
@@ -35,7 +68,11 @@ def allow_precision_change() -> bool:
 
 
 def pack_dirs() -> dict[str, Path]:
-    """Concept id -> pack directory, from the environment (empty when nothing is configured)."""
+    """Concept id -> pack directory, from the environment (empty when nothing is configured; with a
+    store, every pack installed so far)."""
+    s = store()
+    if s is not None:
+        return s.pack_dirs()
     if os.environ.get(ENV_CONFIG):
         cfg = PolicyConfig.load(os.environ[ENV_CONFIG])
         return {k: Path(v) for k, v in cfg.packs.items()}
@@ -53,31 +90,41 @@ def pack_dirs() -> dict[str, Path]:
 
 
 @functools.lru_cache(maxsize=1)
-def _known(config: str, packs: str) -> tuple[frozenset[str], int]:
+def _known(config: str, packs: str, store: str, version: str) -> tuple[frozenset[str], int]:
     ids = frozenset(pack_dirs())
-    limit = PolicyConfig.load(config).max_packs_per_request if config else DEFAULT_MAX_PACKS
-    return ids, limit
+    cfg = policies()
+    return ids, cfg.max_packs_per_request if cfg is not None else DEFAULT_MAX_PACKS
 
 
 def known_packs() -> tuple[frozenset[str], int]:
-    """(loaded concept ids, max packs per request), cached per environment."""
-    return _known(os.environ.get(ENV_CONFIG, ""), os.environ.get(ENV_PACKS, ""))
+    """(loaded concept ids, max packs per request), cached per environment and policy version."""
+    return _known(*_env(), _version())
 
 
 @functools.lru_cache(maxsize=1)
-def _metas(config: str, packs: str) -> dict[str, PackMeta]:
+def _metas(config: str, packs: str, store: str, version: str) -> dict[str, PackMeta]:
     return {k: PackMeta.model_validate_json((d / META_FILE).read_text()) for k, d in pack_dirs().items()}
 
 
 def pack_metas() -> dict[str, PackMeta]:
     """Concept id -> the loaded pack's metadata (what a request's gate level is checked against),
-    cached per environment."""
-    return _metas(os.environ.get(ENV_CONFIG, ""), os.environ.get(ENV_PACKS, ""))
+    cached per environment and policy version."""
+    return _metas(*_env(), _version())
+
+
+def _env() -> tuple[str, str, str]:
+    return os.environ.get(ENV_CONFIG, ""), os.environ.get(ENV_PACKS, ""), os.environ.get(ENV_STORE, "")
 
 
 def events_path() -> Path | None:
     d = os.environ.get(ENV_RUN_DIR)
     return Path(d) / "events.jsonl" if d else None
+
+
+def fingerprint_path() -> Path | None:
+    """Where the engine writes the served model's fingerprint at start-up."""
+    d = os.environ.get(ENV_RUN_DIR)
+    return Path(d) / "model.json" if d else None
 
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:

@@ -24,6 +24,9 @@ learnt from the app itself at start-up, and each request is handled by its route
   whole, then streamed); when the check fires, the request runs again with the fired packs forced
   and the client gets that response, with ``x-guardit-answer-check`` naming the packs the check
   fired.
+- Live policy changes: ``GET``/``PUT /guardit/policy`` (admin key) shows the version in force or
+  installs a new one in the policy store (:mod:`integrations.vllm.store`) after checking it as at
+  start-up; each request reads the version in force once, when it arrives, and keeps it.
 - Prometheus counters ``guardit_gate_evaluated_total`` / ``guardit_gate_fired_total`` by pack and
   tenant on ``/metrics``, fed from the engine's event log, and the gauge
   ``guardit_false_fire_bound`` by pack, tenant and negative set, at each tenant's level; labels
@@ -39,17 +42,19 @@ import os
 import threading
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from integrations.vllm import config as vcfg
 from integrations.vllm.answer_check import ServerAnswerCheck, event_stream
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
-from steering.errors import PolicyError, PolicyForbidden
+from steering.errors import GuarditError, PolicyError, PolicyForbidden
 from steering.pack import PackMeta
 from steering.policy import PREFIX, SERVER_KEYS, PolicyConfig, guardit_fields
 
 log = logging.getLogger("guardit.middleware")
 MESSAGE_LIMIT = 300  # characters of an error message sent back
+POLICY_ENDPOINT = "/guardit/policy"  # admin: GET the policy version in force, PUT a new one
 
 
 class EventTail:
@@ -96,31 +101,44 @@ class EventTail:
             return self.by_rid.get(rid)
 
 
-class _Collector:
-    def __init__(self, tail: EventTail, config: PolicyConfig, metas: dict[str, PackMeta]) -> None:
-        self.tail = tail
-        # The false-fire bounds of each tenant's packs at the tenant's level (fixed by the config).
-        self.bounds = [
+@dataclass(frozen=True)
+class Served:
+    """One policy version as the middleware serves it; a request keeps the one it started with."""
+
+    version: int  # the policy store's version (0: a config file, fixed)
+    config: PolicyConfig
+    metas: dict[str, PackMeta]  # every pack the engine may hold (a store's earlier versions' too)
+    answers: ServerAnswerCheck | None
+
+    def bounds(self) -> list[tuple[str, str, str, float]]:
+        """The false-fire bounds of each tenant's packs at the tenant's level."""
+        return [
             (pid, name, kind, value)
-            for name, t in config.tenants.items()
+            for name, t in self.config.tenants.items()
             for pid in dict.fromkeys(t.mandatory + t.packs)
-            for kind, value in metas[pid].false_fire_bounds(t.alpha).items()
+            for kind, value in self.metas[pid].false_fire_bounds(t.alpha).items()
         ]
+
+
+class _Collector:
+    def __init__(self, middleware: GuarditMiddleware) -> None:
+        self.middleware = middleware
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        self.tail.poll()
+        served, tail = self.middleware.current(), self.middleware.tail
+        tail.poll()
         ev = CounterMetricFamily(
             "guardit_gate_evaluated", "Gate evaluations by concept pack and tenant", labels=["pack", "tenant"]
         )
         fi = CounterMetricFamily(
             "guardit_gate_fired", "Gate firings by concept pack and tenant", labels=["pack", "tenant"]
         )
-        with self.tail.lock:
-            for (p, t), n in self.tail.evaluated.items():
+        with tail.lock:
+            for (p, t), n in tail.evaluated.items():
                 ev.add_metric([p, t], n)
-            for (p, t), n in self.tail.fired.items():
+            for (p, t), n in tail.fired.items():
                 fi.add_metric([p, t], n)
         yield ev
         yield fi
@@ -130,7 +148,7 @@ class _Collector:
             "(set=retain) and on everyday requests (set=everyday); packs without out-of-fold scores have none",
             labels=["pack", "tenant", "set"],
         )
-        for p, t, kind, value in self.bounds:
+        for p, t, kind, value in served.bounds():
             bound.add_metric([p, t, kind], value)
         yield bound
 
@@ -171,6 +189,15 @@ def _guardit_headers(
         if fired is not None:
             hdrs.append((b"x-guardit-fired", ",".join(fired).encode()))
     return hdrs
+
+
+def _policy_view(served: Served) -> dict:
+    """What the admin endpoint shows of a version: its number, its packs and tenants (no keys)."""
+    cfg = served.config
+    tenants = {
+        name: t.model_dump(mode="json", exclude={"api_key_env", "api_key_sha256"}) for name, t in cfg.tenants.items()
+    }
+    return {"version": served.version, "packs": sorted(cfg.packs), "tenants": tenants}
 
 
 def _route_path(scope) -> str:
@@ -226,27 +253,50 @@ def _with_length(scope, raw: bytes) -> dict:
 class GuarditMiddleware:
     def __init__(self, app, config_path: str | None = None) -> None:
         self.app = app
-        path = config_path or os.environ.get(vcfg.ENV_CONFIG)
-        if not path:
+        self.store = vcfg.store()
+        self.config_path = config_path or os.environ.get(vcfg.ENV_CONFIG)
+        if self.store is None and not self.config_path:
             raise RuntimeError(f"guardit middleware needs {vcfg.ENV_CONFIG} (a policies YAML)")
-        self.config = PolicyConfig.load(path)
-        self.metas = vcfg.pack_metas()
-        self.config.check_levels(self.metas)
-        self.tail = EventTail(vcfg.events_path(), set(self.config.tenants), set(self.config.packs))
-        self.answers = ServerAnswerCheck.from_config(self.config, os.environ.get(vcfg.ENV_MODEL))
+        self.model_dir = os.environ.get(vcfg.ENV_MODEL)
+        self._lock = threading.Lock()
+        self.served = self._load()
+        cfg = self.served.config
+        self.tail = EventTail(vcfg.events_path(), set(cfg.tenants), set(cfg.packs))
         self.routes: RouteTable | None = None
         try:
             from prometheus_client import REGISTRY
 
-            REGISTRY.register(_Collector(self.tail, self.config, self.metas))
+            REGISTRY.register(_Collector(self))
         except ValueError:  # already registered (app rebuilt in the same process)
             pass
+
+    def _load(self) -> Served:
+        if self.store is not None:
+            version, cfg = self.store.version(), self.store.config()
+        else:
+            version, cfg = 0, PolicyConfig.load(self.config_path)
+        metas = vcfg.pack_metas()
+        cfg.check_levels(metas)
+        return Served(version, cfg, metas, ServerAnswerCheck.from_config(cfg, self.model_dir))
+
+    def current(self) -> Served:
+        """The policy version in force (with a store, switched to a newly installed one as a whole)."""
+        served = self.served
+        if self.store is not None and self.store.version() != served.version:
+            with self._lock:
+                if self.store.version() != self.served.version:
+                    self.served = self._load()
+                    self.tail.tenants |= set(self.served.config.tenants)
+                    self.tail.packs |= set(self.served.config.packs)
+                    log.info("guardit: policy version %d in force", self.served.version)
+            served = self.served
+        return served
 
     def _learn_routes(self, scope) -> RouteTable:
         """Classify the running app's routes once (at the lifespan start-up event, or else at the
         first request); Starlette puts the app in every scope."""
         if self.routes is None:
-            self.routes = RouteTable(scope.get("app"), self.config.public_paths)
+            self.routes = RouteTable(scope.get("app"), self.served.config.public_paths)
             if self.routes.unclassified:
                 log.warning(
                     "guardit: routes not classified, treated as unguarded (refused for tenants with packs): %s",
@@ -259,13 +309,18 @@ class GuarditMiddleware:
             if scope["type"] == "lifespan":
                 self._learn_routes(scope)
             return await self.app(scope, receive, send)
-        template, cls = self._learn_routes(scope).match(_route_path(scope))
+        served = self.current()
+        cfg = served.config
+        path = _route_path(scope)
+        template, cls = self._learn_routes(scope).match(path)
+        if path == POLICY_ENDPOINT:
+            template, cls = POLICY_ENDPOINT, "admin"
         if cls == "public":
             return await self.app(scope, receive, send)
         key = _api_key(scope)
-        tenant = self.config.tenant_for_key(key) if key else None
-        admin = bool(key) and tenant is None and self.config.is_admin_key(key)
-        refusal = self._refusal(cls, template, tenant, admin)
+        tenant = cfg.tenant_for_key(key) if key else None
+        admin = bool(key) and tenant is None and cfg.is_admin_key(key)
+        refusal = self._refusal(served, cls, template, tenant, admin)
         if scope["type"] == "websocket":
             if refusal is not None:
                 return await send({"type": "websocket.close", "code": 1008})
@@ -274,8 +329,10 @@ class GuarditMiddleware:
             return await _json_response(*refusal)(send)
         if template == ROUTES_ENDPOINT:
             return await _json_body(200, json.dumps(self.routes.as_dict()).encode())(send)
+        if template == POLICY_ENDPOINT:
+            return await self._policy(scope, receive, send, served)
         if cls == "guarded" and scope.get("method") == "POST":
-            return await self._guarded(scope, receive, send, tenant)
+            return await self._guarded(scope, receive, send, tenant, served)
         if cls == "unguarded" and scope.get("method") in ("POST", "PUT", "PATCH"):
             raw = await _read_body(receive)
             if PREFIX.encode() in raw:
@@ -285,19 +342,60 @@ class GuarditMiddleware:
                     f"none (a body that contains '{PREFIX}' is refused)",
                 )(send)
             scope, receive = _with_length(scope, raw), _replay(raw, receive)
-        return await self.app(scope, receive, self._headers(send, tenant))
+        return await self.app(scope, receive, self._headers(send, served, tenant))
 
-    def _refusal(self, cls: str, template: str | None, tenant: str | None, admin: bool):
+    async def _policy(self, scope, receive, send, served: Served):
+        """``GET``: the policy version in force. ``PUT``: install a new one (the whole policies
+        document, YAML or JSON, pack paths relative to the server's config file), validated first
+        as at start-up (packs against the served model, levels); on any error nothing changes and
+        the answer is 400 naming the field. The next request runs under the new version; requests
+        already admitted finish under theirs."""
+        method = scope.get("method")
+        if method == "GET":
+            return await _json_body(200, json.dumps(_policy_view(served)).encode())(send)
+        if method != "PUT":
+            return await _json_response(405, f"{POLICY_ENDPOINT} takes GET or PUT")(send)
+        if self.store is None:
+            return await _json_response(409, "live policy changes need the policy store that guardit serve makes")(send)
+        raw = await _read_body(receive)
+        try:
+            await asyncio.to_thread(self._install, raw.decode("utf-8"), served)
+        except (GuarditError, UnicodeDecodeError, ValueError) as e:
+            return await _json_response(400, str(e), "body")(send)
+        return await _json_body(200, json.dumps(_policy_view(self.current())).encode())(send)
+
+    def _install(self, text: str, served: Served) -> int:
+        from integrations.vllm.serve import check_policies, served_fingerprint
+
+        assert self.store is not None
+        base = Path(self.config_path).resolve().parent if self.config_path else Path.cwd()
+        cfg = PolicyConfig.parse(text, base, "policy")
+        if cfg.admin is None:
+            raise PolicyError("policy: field 'admin': a live change keeps an admin key (no later change could be made)")
+        if cfg.public_paths != served.config.public_paths:
+            raise PolicyError("policy: field 'public_paths': the routes served without a key change only at a restart")
+        check_policies(cfg, "policy", served_fingerprint(self.model_dir), vcfg.allow_precision_change())
+        with self._lock:
+            version = self.store.install(cfg)
+        log.info(
+            "guardit: policy version %d installed: packs %s, tenants %s",
+            version,
+            sorted(cfg.packs),
+            sorted(cfg.tenants),
+        )
+        return version
+
+    def _refusal(self, served: Served, cls: str, template: str | None, tenant: str | None, admin: bool):
         """(status, message) when the caller may not use this route, else None."""
         if tenant is None and not admin:
             return 401, "missing or unknown API key"
         if cls == "admin":
-            if admin or (template == "/metrics" and self.config.metrics_public):
+            if admin or (template == "/metrics" and served.config.metrics_public):
                 return None
             return 403, f"{template} needs the admin key"
         if cls in ("guarded", "unguarded") and admin:
             return 403, "the admin key runs no model; use a tenant's key"
-        if cls == "unguarded" and self.config.tenants[tenant].has_packs:
+        if cls == "unguarded" and served.config.tenants[tenant].has_packs:
             return 403, (
                 f"{template} runs the model where guardit cannot apply tenant '{tenant}''s packs; "
                 "use /v1/chat/completions, /v1/completions, /v1/responses or /v1/messages"
@@ -317,14 +415,14 @@ class GuarditMiddleware:
 
         return new_receive
 
-    def _headers(self, send, tenant: str | None, spec=None, wait: bool = False):
+    def _headers(self, send, served: Served, tenant: str | None, spec=None, wait: bool = False):
         """A send() that adds the guardit headers to the response start."""
 
         async def new_send(message):
             if message["type"] == "http.response.start" and tenant is not None:
                 result = await self._gate_result(spec.rid, wait) if spec is not None and spec.active else None
                 fired = None if result is None else result["fired"]
-                extra = _guardit_headers(tenant, spec, fired, self.metas)
+                extra = _guardit_headers(tenant, spec, fired, served.metas)
                 message = dict(message, headers=list(message.get("headers", [])) + extra)
             await send(message)
 
@@ -353,12 +451,13 @@ class GuarditMiddleware:
         await self.app(_with_length(scope, raw), _replay(raw, receive), keep)
         return start.get("status", 500), list(start.get("headers", [])), b"".join(chunks)
 
-    async def _answer_checked(self, scope, receive, send, tenant: str, spec, body: dict, route: str):
+    async def _answer_checked(self, scope, receive, send, served: Served, tenant: str, spec, body: dict, route: str):
         """A request whose packs have an answer check: run it (a stream as one response), check the
         answer, and when the check fires run it again with the fired packs forced (same rid: its
         gate events merge, so /metrics counts one evaluation and the fire); send the kept
         response (to a stream, as its events)."""
-        assert self.answers is not None
+        answers = served.answers
+        assert answers is not None
         stream = bool(body.get("stream"))
         usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
         body = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
@@ -371,7 +470,7 @@ class GuarditMiddleware:
                 response = json.loads(payload)
             except ValueError:
                 response = {}
-            redo = await asyncio.to_thread(self.answers.redo, route, spec, body, response, fired)
+            redo = await asyncio.to_thread(answers.redo, route, spec, body, response, fired)
             if redo:
                 again = spec.model_copy(update={"packs": tuple(sorted(redo)), "force": True})
                 other = guardit_fields(body.get("vllm_xargs") or {}, keep=False)
@@ -384,12 +483,12 @@ class GuarditMiddleware:
             headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
         hdrs = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         hdrs.append((b"content-length", str(len(payload)).encode()))
-        hdrs += _guardit_headers(tenant, spec, sorted(fired) if result is not None or by_answer else None, self.metas)
+        hdrs += _guardit_headers(tenant, spec, sorted(fired) if result is not None or by_answer else None, served.metas)
         hdrs.append((b"x-guardit-answer-check", ",".join(by_answer).encode()))
         await send({"type": "http.response.start", "status": status, "headers": hdrs})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _guarded(self, scope, receive, send, tenant: str):
+    async def _guarded(self, scope, receive, send, tenant: str, served: Served):
         """Write the tenant's policy, combined with the client's guardit fields, into vllm_xargs."""
         raw = await _read_body(receive)
         try:
@@ -403,8 +502,8 @@ class GuarditMiddleware:
             if bad:
                 raise PolicyError(f"{bad[0]} is set by the server and may not be sent by a client")
             client = guardit_fields(xargs)
-            spec = self.config.resolve(tenant, client)
-            spec.check_levels(self.metas)
+            spec = served.config.resolve(tenant, client)
+            spec.check_levels(served.metas)
         except PolicyForbidden as e:
             return await _json_response(403, str(e), "vllm_xargs")(send)
         except (PolicyError, ValueError) as e:
@@ -419,11 +518,11 @@ class GuarditMiddleware:
             body.pop("vllm_xargs", None)
         route = _route_path(scope)
         try:
-            checked = spec.active and self.answers is not None and self.answers.applies(route, spec, body)
+            checked = spec.active and served.answers is not None and served.answers.applies(route, spec, body)
         except PolicyError as e:
             return await _json_response(400, str(e), "stream")(send)
         if checked:
-            return await self._answer_checked(scope, receive, send, tenant, spec, body, route)
+            return await self._answer_checked(scope, receive, send, served, tenant, spec, body, route)
         new_raw = json.dumps(body).encode()
-        new_send = self._headers(send, tenant, spec, wait=not body.get("stream"))
+        new_send = self._headers(send, served, tenant, spec, wait=not body.get("stream"))
         return await self.app(_with_length(scope, new_raw), _replay(new_raw, receive), new_send)

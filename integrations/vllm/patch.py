@@ -88,34 +88,74 @@ class EngineState:
     def __init__(self) -> None:
         self.bank: SteeringBank | None = None
         self.loaded = False
+        self.version = 0  # the policy store's version whose packs are loaded (0: no store)
         self.requests: dict[str, _Request] = {}
         self.step: _Step | None = None
-        self.hooked: set[int] = set()
+        self.hooked: dict[int, set[int]] = {}  # id(model) -> decoder layers with our hook
         self.called: set[int] = set()  # layers whose hook ran in the current forward
         self.tokenizer = None  # decodes prompts for packs with a text gate
 
     # -- set-up ----------------------------------------------------------------------------------
     def ensure(self, runner) -> None:
-        if not self.loaded:
-            self.loaded = True
-            dirs = config.pack_dirs()
-            if dirs:
-                fp = _vllm_fingerprint(runner)
-                packs = load_packs(list(dirs.values()), fp, config.allow_precision_change())
-                for cid, pack in zip(dirs, packs):
-                    if pack.id != cid:
-                        raise ValueError(f"guardit: pack at {dirs[cid]} has id '{pack.id}', config names it '{cid}'")
-                self.bank = SteeringBank(packs, device=runner.device)
-                log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
-                if self.bank.text_packs:
-                    self._load_text_gates(runner)
+        """Before each forward (and at load): the packs loaded (at start-up, and the new ones of a
+        policy version installed since the last forward), their layers hooked."""
+        store = config.store()
+        version = store.version() if store is not None else 0
+        if not self.loaded or version != self.version:
+            first = not self.loaded
+            self.loaded, self.version = True, version
+            self._add_packs(runner, config.pack_dirs())
+            if first:
+                _write_fingerprint(_vllm_fingerprint(runner))
+        if self.bank is not None:
+            self._hook_layers(runner)
+
+    def _add_packs(self, runner, dirs) -> None:
+        """Load the packs of ``dirs`` not loaded yet (all of them at start-up; a live policy change's
+        new ones later) into a new bank holding the old packs too: requests admitted before a change
+        still name the packs it dropped. Live requests' gate state moves to the new bank's columns."""
+        old = self.bank
+        new = {cid: d for cid, d in dirs.items() if old is None or cid not in old.index}
+        if not new:
+            return
+        packs = load_packs(list(new.values()), _vllm_fingerprint(runner), config.allow_precision_change())
+        for cid, pack in zip(new, packs):
+            if pack.id != cid:
+                raise ValueError(f"guardit: pack at {new[cid]} has id '{pack.id}', config names it '{cid}'")
+        self.bank = SteeringBank([*(old.packs if old is not None else []), *packs], device=runner.device)
+        if old is not None:
+            self._widen(old)
+        log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
+        if any(p.meta.gate.text is not None for p in packs):
+            self._load_text_gates(runner)
+
+    def _widen(self, old: SteeringBank) -> None:
+        """Move every live request's gate state from ``old``'s pack columns to the new bank's."""
+        bank = self.bank
+        assert bank is not None
+        cols = torch.tensor([bank.index[p.id] for p in old.packs])
+        p = bank.num_packs
+        for st in self.requests.values():
+            gate = GateStats.empty(1, p, st.gate.fired.device)
+            for name in ("total", "count", "peak", "fired"):
+                getattr(gate, name)[:, cols] = getattr(st.gate, name)
+            text_fired, text_score = torch.zeros(p, dtype=torch.bool), torch.full((p,), -math.inf)
+            text_fired[cols], text_score[cols] = st.text_fired, st.text_score
+            st.gate, st.text_fired, st.text_score = gate, text_fired, text_score
+
+    def _hook_layers(self, runner) -> None:
+        """Hook the bank's layers that have no hook yet (refusing compiled engines first)."""
+        bank = self.bank
+        assert bank is not None
         model = runner.model
-        if self.bank is not None and id(model) not in self.hooked:
+        done = self.hooked.setdefault(id(model), set())
+        todo = [i for i in bank.layers if i not in done]
+        if todo:
             _check_eager(runner)
             layers = decoder_layers(model)
-            for i in self.bank.layers:
+            for i in todo:
                 layers[i].register_forward_hook(self._hook(i))
-            self.hooked.add(id(model))
+                done.add(i)
 
     def _load_text_gates(self, runner) -> None:
         """Packs with a text gate: load the model's tokenizer and each pack's encoder at start-up
@@ -127,9 +167,10 @@ class EngineState:
         bank = self.bank
         assert bank is not None
         cfg = runner.model_config
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            cfg.tokenizer, revision=cfg.tokenizer_revision, trust_remote_code=cfg.trust_remote_code
-        )
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                cfg.tokenizer, revision=cfg.tokenizer_revision, trust_remote_code=cfg.trust_remote_code
+            )
         for j in bank.text_packs:
             tg = bank.packs[j].meta.gate.text
             assert tg is not None
@@ -353,6 +394,17 @@ def _write_events(events: list[dict]) -> None:
         f.write("".join(json.dumps(e) + "\n" for e in events))
 
 
+def _write_fingerprint(fp: ModelFingerprint) -> None:
+    """The served model's fingerprint, as the engine sees it (precision included), for the
+    middleware to check live-installed packs against before they reach the engine."""
+    path = config.fingerprint_path()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_text(fp.model_dump_json())
+        tmp.replace(path)
+
+
 def _vllm_fingerprint(runner) -> ModelFingerprint:
     from pathlib import Path
 
@@ -393,7 +445,7 @@ def _force_eager(original):
     """Wrap ``EngineArgs.create_engine_config``: with packs configured, the engine runs eager."""
 
     def create_engine_config(self, *args, **kwargs):
-        packs = bool(config.pack_dirs())
+        packs = config.configured()
         if packs:
             if not self.enforce_eager:
                 log.warning(

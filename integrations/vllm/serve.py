@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from integrations.vllm import config as vcfg
+from integrations.vllm.store import PolicyStore
 from steering.errors import GuarditError, PackError, PolicyError
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import PolicyConfig
@@ -48,35 +49,56 @@ def folder_fingerprint(model_dir: str | Path) -> ModelFingerprint:
 def check_config(config_path: str | Path, model_dir: str | Path) -> PolicyConfig:
     """Load the policies YAML and every pack it names, checked against the model. Raises GuarditError."""
     cfg = PolicyConfig.load(config_path)
-    fp = folder_fingerprint(model_dir)
+    check_policies(cfg, str(config_path), folder_fingerprint(model_dir))
+    return cfg
+
+
+def check_policies(cfg: PolicyConfig, source: str, fp: ModelFingerprint, allow_precision_change: bool = False) -> None:
+    """Every pack of ``cfg`` loads, is made for the model ``fp`` and has the id the config gives
+    it, and every tenant's level can be served. Errors name ``source`` and the field."""
     metas = {}
     for cid, path in cfg.packs.items():
         try:
-            (pack,) = load_packs([path], fp)
+            (pack,) = load_packs([path], fp, allow_precision_change)
         except PackError as e:
-            raise PackError(f"{config_path}: packs.{cid}: {e}") from None
+            raise PackError(f"{source}: packs.{cid}: {e}") from None
         if pack.id != cid:
-            raise PackError(f"{config_path}: packs.{cid} points to a pack whose concept id is '{pack.id}'")
+            raise PackError(f"{source}: packs.{cid} points to a pack whose concept id is '{pack.id}'")
         metas[cid] = pack.meta
     try:
         cfg.check_levels(metas)
     except PolicyError as e:
-        raise PolicyError(f"{config_path}: {e}") from None
-    return cfg
+        raise PolicyError(f"{source}: {e}") from None
+
+
+def served_fingerprint(model_dir: str | Path | None) -> ModelFingerprint:
+    """The served model's fingerprint: the engine's own (precision included) once it has started,
+    else the model folder's."""
+    path = vcfg.fingerprint_path()
+    if path is not None and path.is_file():
+        return ModelFingerprint.model_validate_json(path.read_text())
+    if model_dir is None:
+        raise GuarditError(f"the served model is unknown ({vcfg.ENV_MODEL} is not set)")
+    return folder_fingerprint(model_dir)
 
 
 def serve(config_path: str, model_dir: str, vllm_args: list[str], allow_precision_change: bool = False) -> int:
     """Check the config, then exec vLLM's OpenAI server with the guardit middleware and plugin.
     ``allow_precision_change``: the engine accepts packs calibrated at another precision of the
     model (e.g. ``--dtype bfloat16`` among the vLLM arguments with float32 packs)."""
-    check_config(config_path, model_dir)
+    cfg = check_config(config_path, model_dir)
     env = dict(os.environ)
     if allow_precision_change:
         env[vcfg.ENV_ALLOW_PRECISION] = "1"
     env[vcfg.ENV_CONFIG] = str(Path(config_path).resolve())
     env[vcfg.ENV_MODEL] = str(Path(model_dir).resolve())
     env.pop(vcfg.ENV_PACKS, None)
-    env.setdefault(vcfg.ENV_RUN_DIR, tempfile.mkdtemp(prefix="guardit-serve-"))
+    run_dir = Path(env.setdefault(vcfg.ENV_RUN_DIR, tempfile.mkdtemp(prefix="guardit-serve-")))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The policies as version 1 of a fresh store: the admin endpoint installs the next versions.
+    store = PolicyStore(tempfile.mkdtemp(prefix="policies-", dir=run_dir))
+    store.install(cfg)
+    env[vcfg.ENV_STORE] = str(store.root)
     args = list(vllm_args)
     if args and args[0] == "--":
         args = args[1:]
