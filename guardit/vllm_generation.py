@@ -173,8 +173,9 @@ def vllm_generate(
     if precision not in VLLM_PRECISIONS:
         raise GuarditError(f"precision: {precision!r} is not one of {', '.join(VLLM_PRECISIONS)} on the vLLM engine")
     packs = load_packs(list(pack_dirs))
-    if alpha is not None:
-        for p in packs:  # before the engine starts: a level a pack cannot serve fails here
+    for p in packs:  # before the engine starts: the engine's precision rule, and a level a pack cannot serve
+        p.check_model(p.meta.model.model_copy(update={"precision": precision}), allow_precision_change)
+        if alpha is not None:
             p.at_alpha(alpha)
     llm = make_llm(model_dir, pack_dirs, allow_precision_change=allow_precision_change, dtype=precision)
     try:

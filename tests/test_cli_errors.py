@@ -116,6 +116,10 @@ def test_generate_refuses_wrong_model_and_nan_packs(tmp_path, capsys, packs_dir,
     assert "--allow-precision-change" in err[0]
     rc, err = _run(capsys, gen + ["--precision", "int4"])
     assert rc == 2 and "precision: 'int4' is not one of float32, bfloat16, int8-dynamic" in err[0]
+    rc, err = _run(
+        capsys, gen + ["--pack", str(packs_dir / "harry-potter"), "--precision", "bfloat16", "--engine", "vllm"]
+    )
+    assert rc == 2 and "in float32; this copy of it runs in bfloat16" in err[0]  # before the engine starts
     rc, err = _run(capsys, gen + ["--precision", "int8-dynamic", "--engine", "vllm"])
     assert rc == 2 and "precision: 'int8-dynamic' is not one of float32, bfloat16 on the vLLM engine" in err[0]
 
