@@ -39,6 +39,11 @@ def test_versions_are_installed_whole_and_an_id_keeps_its_pack(tmp_path):
     # the same content again is fine; a second reader sees the same version
     assert store.install(_config(tmp_path, {"a": "a", "b": "b"}, {})) == 3
     assert PolicyStore(tmp_path / "store").version() == 3
+    # a copy still being made by another install is not a pack yet
+    half = tmp_path / "store" / "packs" / ".c.tmp"
+    half.mkdir()
+    (half / "pack.json").write_text("{}")
+    assert set(store.pack_dirs()) == {"a", "b"}
     # the stored copy does not follow the operator's folder
     (tmp_path / "a" / "pack.json").unlink()
     assert (store.pack_dirs()["a"] / "pack.json").is_file()

@@ -66,7 +66,10 @@ class PolicyStore:
     def pack_dirs(self) -> dict[str, Path]:
         """Every pack installed, by id (what the engine may be asked to apply)."""
         d = self.root / PACKS
-        return {p.name: p for p in sorted(d.iterdir()) if (p / META_FILE).is_file()} if d.is_dir() else {}
+        if not d.is_dir():
+            return {}
+        # Dot-names are copies still being made by an install (renamed into place when complete).
+        return {p.name: p for p in sorted(d.iterdir()) if not p.name.startswith(".") and (p / META_FILE).is_file()}
 
     def install(self, config: PolicyConfig) -> int:
         """Make ``config`` (already validated, pack paths absolute) the version in force; returns its
