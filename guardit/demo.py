@@ -10,7 +10,7 @@ from pathlib import Path
 
 from calibration.prompts import PromptRecord, read_prompts
 from guardit.console import print_report
-from guardit.generation import leaked
+from guardit.generation import gives_answer, leaked
 from guardit.model_prep import cache_dir, prepare_model
 
 CONCEPT_DIR = Path(__file__).resolve().parent.parent / "examples" / "concepts" / "harry_potter"
@@ -29,7 +29,7 @@ def _show(title: str, rows: list[dict]) -> None:
         gate = ", ".join(
             f"{k}: {'FIRED' if v['fired'] else 'closed'} ({v['score']:+.2f})" for k, v in r["gate"].items()
         )
-        flag = "  [knows the answer]" if leaked(r["output"], r.get("answers", [])) else ""
+        flag = "  [knows the answer]" if gives_answer(r) else ""
         print(f"Q: {r['prompt']}" + (f"   gate {gate}" if gate else ""))
         print(textwrap.indent(textwrap.fill(r["output"].strip() or "(empty)", 96), "   A: ") + flag)
 

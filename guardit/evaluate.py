@@ -32,7 +32,7 @@ from calibration.calibrator import builtin_prompts
 from calibration.capture import Activations, answer_nll, capture, encode_chat
 from calibration.prompts import PromptRecord
 from guardit import baselines as edits
-from guardit.generation import hf_generate, leaked
+from guardit.generation import gives_answer, hf_generate
 from guardit.report import fired, load_outputs, write_report
 from steering.errors import GuarditError
 from steering.pack import GATE_KINDS, ConceptPack
@@ -342,18 +342,16 @@ def summarize(out_dir) -> dict:
         for split in meta["splits"]:
             van, got = load_outputs(out, meta["reference"][method], split), load_outputs(out, method, split)
             if is_forget(split):
-                knew = [i for i, r in enumerate(van) if leaked(r["output"], r.get("answers", []))]
-                row[f"{split}.leak_rate"] = float(np.mean([leaked(r["output"], r.get("answers", [])) for r in got]))
+                knew = [i for i, r in enumerate(van) if gives_answer(r)]
+                row[f"{split}.leak_rate"] = float(np.mean([gives_answer(r) for r in got]))
                 row[f"{split}.leak_among_known"] = (
-                    float(np.mean([leaked(got[i]["output"], got[i].get("answers", [])) for i in knew]))
-                    if knew
-                    else None
+                    float(np.mean([gives_answer(got[i]) for i in knew])) if knew else None
                 )
                 row[f"{split}.gate_fire_rate"] = _fire_rate(method, got)
             else:
                 same = [a["token_ids"] == b["token_ids"] for a, b in zip(van, got)]
                 row["retain.bit_identical"] = float(np.mean(same))
-                row["retain.answer_accuracy"] = float(np.mean([leaked(r["output"], r.get("answers", [])) for r in got]))
+                row["retain.answer_accuracy"] = float(np.mean([gives_answer(r) for r in got]))
                 row["retain.gate_false_fire_rate"] = _fire_rate(method, got)
         row["neutral.gate_fire_rate"] = _fire_rate(method, load_outputs(out, method, "neutral"))
         row["answer_perplexity_under_vanilla"] = util["answer_perplexity_under_vanilla"].get(method)

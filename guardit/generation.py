@@ -126,3 +126,8 @@ def leaked(output: str, answers: Sequence[str]) -> bool:
     case-insensitively: an answer may be a word's stem ("Ital" for Italy, Italian, Italia), but
     "Ital" inside "digital" or "Ron" inside "environment" is not the answer."""
     return any(re.search(r"(?<!\w)" + re.escape(a), output, re.IGNORECASE) for a in answers if a)
+
+
+def gives_answer(row: dict) -> bool:
+    """Does a generation result row (:func:`result_row`) give one of its answers (:func:`leaked`)?"""
+    return leaked(row["output"], row.get("answers", []))

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from calibration import hf_fingerprint, load_model, read_prompts, write_jsonl
 from guardit.evaluate import is_forget, read_suite
-from guardit.generation import hf_generate, leaked
-from guardit.report import fired
+from guardit.generation import gives_answer, hf_generate
+from guardit.report import fired, load_outputs
 from steering.errors import GuarditError
 from steering.pack import load_packs
 
@@ -70,10 +70,6 @@ def run_policy_eval(
     return report
 
 
-def _load(out: Path, run: str, sid: str, split: str) -> list[dict]:
-    return [json.loads(line) for line in (out / "outputs" / f"{run}__{sid}__{split}.jsonl").read_text().splitlines()]
-
-
 def summarize_policy(out_dir) -> dict:
     """Every number of the report, recomputed from the saved outputs."""
     out = Path(out_dir)
@@ -82,14 +78,14 @@ def summarize_policy(out_dir) -> dict:
     retention: dict[str, dict] = {}
     for sid, splits in meta["suites"].items():
         for split in splits:
-            van = _load(out, "vanilla", sid, split)
-            policy = _load(out, "policy", sid, split)
+            van = load_outputs(out, f"vanilla__{sid}", split)
+            policy = load_outputs(out, f"policy__{sid}", split)
             if is_forget(split):
-                alone = _load(out, "alone", sid, split)
-                known = [i for i, r in enumerate(van) if leaked(r["output"], r.get("answers", []))]
+                alone = load_outputs(out, f"alone__{sid}", split)
+                known = [i for i, r in enumerate(van) if gives_answer(r)]
 
                 def leaks(rows: list[dict], known: list[int] = known) -> int:
-                    return sum(leaked(rows[i]["output"], rows[i].get("answers", [])) for i in known)
+                    return sum(gives_answer(rows[i]) for i in known)
 
                 leakage.setdefault(sid, {})[split] = {
                     "prompts": len(van),

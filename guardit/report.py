@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guardit.generation import leaked
+from guardit.generation import gives_answer
 
 COLUMNS = (
     "forget_test.leak_among_known",
@@ -129,8 +129,8 @@ def gate_table(out: Path, meta: dict) -> list[str]:
             van, got = load_outputs(out, meta["reference"][method], split), load_outputs(out, method, split)
             cell = f"fired {sum(map(fired, got))}/{len(got)}"
             if split in forget:
-                knew = [i for i, r in enumerate(van) if leaked(r["output"], r.get("answers", []))]
-                cell += f", leaks {sum(leaked(got[i]['output'], got[i].get('answers', [])) for i in knew)}/{len(knew)}"
+                knew = [i for i, r in enumerate(van) if gives_answer(r)]
+                cell += f", leaks {sum(gives_answer(got[i]) for i in knew)}/{len(knew)}"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines

@@ -94,6 +94,7 @@ class EngineState:
         self.hooked: dict[int, set[int]] = {}  # id(model) -> decoder layers with our hook
         self.called: set[int] = set()  # layers whose hook ran in the current forward
         self.tokenizer = None  # decodes prompts for packs with a text gate
+        self.fingerprint: ModelFingerprint | None = None  # the served model's, taken at start-up
 
     # -- set-up ----------------------------------------------------------------------------------
     def ensure(self, runner) -> None:
@@ -102,11 +103,11 @@ class EngineState:
         store = config.store()
         version = store.version() if store is not None else 0
         if not self.loaded or version != self.version:
-            first = not self.loaded
+            if not self.loaded:
+                self.fingerprint = _vllm_fingerprint(runner)
+                _write_fingerprint(self.fingerprint)
             self.loaded, self.version = True, version
             self._add_packs(runner, config.pack_dirs())
-            if first:
-                _write_fingerprint(_vllm_fingerprint(runner))
         if self.bank is not None:
             self._hook_layers(runner)
 
@@ -118,7 +119,7 @@ class EngineState:
         new = {cid: d for cid, d in dirs.items() if old is None or cid not in old.index}
         if not new:
             return
-        packs = load_packs(list(new.values()), _vllm_fingerprint(runner), config.allow_precision_change())
+        packs = load_packs(list(new.values()), self.fingerprint, config.allow_precision_change())
         for cid, pack in zip(new, packs):
             if pack.id != cid:
                 raise ValueError(f"guardit: pack at {new[cid]} has id '{pack.id}', config names it '{cid}'")
