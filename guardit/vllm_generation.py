@@ -23,6 +23,7 @@ from steering.runtime import SteeringBank
 BANK_ATTR = "guardit_bank"  # the engine's packs, for the answer check (engine_generate)
 VLLM_PRECISIONS = ("float32", "bfloat16")
 ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM CPU: KV cache size in GiB (default: derived from free memory)
+ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM CPU: the cores of each worker ("0-3|4-7"; "auto")
 
 
 def make_llm(
@@ -54,6 +55,9 @@ def make_llm(
         seed=0,
     )
     args.update(kw)
+    env = _tp_defaults(args) if int(args.get("tensor_parallel_size", 1)) > 1 else {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # read by the engine's processes as they start, then put back
     try:
         llm = LLM(**args)
     except RuntimeError as e:
@@ -63,8 +67,35 @@ def make_llm(
             "the vLLM engine failed to start (vLLM's log above names the cause; on a CPU short of memory, "
             f"set {ENV_CPU_KV}=N to give its KV cache N GiB instead of half the NUMA node)"
         ) from e
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     setattr(llm, BANK_ATTR, SteeringBank(packs))  # the answer check runs here, in the driver
     return llm
+
+
+def _tp_defaults(args: dict) -> dict[str, str]:
+    """Tensor parallelism runs on vLLM's own multiprocessing executor (one worker per rank; on
+    several nodes pass ``distributed_executor_backend="ray"``). On a CPU, vLLM's automatic core
+    binding first reserves one core per rank for its scheduler, which leaves none on a small
+    machine: there, unless the user chose a binding, each rank gets an equal share of this
+    process's cores. Returns the environment the engine needs for that."""
+    from vllm.platforms import current_platform
+
+    args.setdefault("distributed_executor_backend", "mp")
+    tp = int(args["tensor_parallel_size"])
+    cores = sorted(os.sched_getaffinity(0))
+    if not current_platform.is_cpu() or ENV_CPU_BIND in os.environ or len(cores) >= 2 * tp:
+        return {}
+    if len(cores) < tp:
+        raise GuarditError(
+            f"tensor_parallel_size: {tp} workers need at least {tp} CPU cores (this process has {len(cores)})"
+        )
+    share = len(cores) // tp
+    return {ENV_CPU_BIND: "|".join(",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(tp))}
 
 
 # How long the engine-core process gets to exit by itself. vLLM's default (5 s) is shorter than its
@@ -167,9 +198,11 @@ def vllm_generate(
     alpha: float | None = None,
     precision: str = "float32",
     allow_precision_change: bool = False,
+    tensor_parallel_size: int = 1,
 ) -> list[dict]:
     """One-shot: start an engine with ``pack_dirs`` and generate (all packs apply to every prompt).
-    ``precision``: the engine's dtype, ``float32`` or ``bfloat16`` (int8 copies are HF's here)."""
+    ``precision``: the engine's dtype, ``float32`` or ``bfloat16`` (int8 copies are HF's here).
+    ``tensor_parallel_size`` > 1 splits the model over that many workers (:func:`make_llm`)."""
     if precision not in VLLM_PRECISIONS:
         raise GuarditError(f"precision: {precision!r} is not one of {', '.join(VLLM_PRECISIONS)} on the vLLM engine")
     packs = load_packs(list(pack_dirs))
@@ -177,7 +210,13 @@ def vllm_generate(
         p.check_model(p.meta.model.model_copy(update={"precision": precision}), allow_precision_change)
         if alpha is not None:
             p.at_alpha(alpha)
-    llm = make_llm(model_dir, pack_dirs, allow_precision_change=allow_precision_change, dtype=precision)
+    llm = make_llm(
+        model_dir,
+        pack_dirs,
+        allow_precision_change=allow_precision_change,
+        dtype=precision,
+        tensor_parallel_size=tensor_parallel_size,
+    )
     try:
         return engine_generate(llm, records, [p.id for p in packs], max_tokens=max_tokens, force=force, alpha=alpha)
     finally:

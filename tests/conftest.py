@@ -70,11 +70,33 @@ def text_variants(packs_dir, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """Gemma 3 270M (the second architecture), prepared from its PyPI packages."""
+    from guardit.model_prep import prepare_model
+
+    return prepare_model(model="gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_pack(gemma_dir, tmp_path_factory) -> Path:
+    """The Harry Potter example concept calibrated on Gemma 3 270M through the CLI, the model named
+    as users name it (``--model gemma3-270m``)."""
+    from guardit.cli import main
+
+    out = tmp_path_factory.mktemp("gemma-packs") / "harry-potter"
+    d = EXAMPLES / "harry_potter"
+    args = ["--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"), "--out", str(out), "--quiet"]
+    assert main(["calibrate", "--model", "gemma3-270m", *args]) == 0
+    return out
+
+
 # Test tiers follow from what a test asks for, so a new test cannot land in the wrong one:
 # a test that uses the bundled model (directly or through packs) is marked 'model'; one that
 # starts a vLLM engine or server (or runs the vLLM reference) is marked 'vllm' too.
-MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir", "text_variants"}
-VLLM_FIXTURES = {"engine", "server", "vanilla_tokens"}
+MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir", "text_variants", "gemma_dir", "gemma_pack"}
+VLLM_FIXTURES = {"engine", "server", "vanilla_tokens", "gemma_tp_runs"}
+GEMMA_FIXTURES = {"gemma_dir", "gemma_pack"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -84,3 +106,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.model)
         if names & VLLM_FIXTURES:
             item.add_marker(pytest.mark.vllm)
+        if names & GEMMA_FIXTURES:
+            item.add_marker(pytest.mark.gemma)

@@ -176,3 +176,19 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "prompt file not found" in proc.stderr
+
+
+def test_model_names_and_tensor_parallel_flags(tmp_path, capsys):
+    """Fast: an unknown model name for `model prepare` is refused by argparse, naming the choices;
+    tensor parallelism asked of the HF engine is refused naming the flag (before any model loads)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["model", "prepare", "--model", "llama-7b"])
+    assert exit_.value.code == 2
+    assert "argument --model: invalid choice: 'llama-7b'" in capsys.readouterr().err
+    out = tmp_path / "o.jsonl"
+    rc, err = _run(capsys, ["generate", "--prompts", str(_prompts(tmp_path / "p.jsonl")), "--out", str(out),
+                            "--tensor-parallel-size", "2"])  # fmt: skip
+    assert rc == 2 and err == [
+        "guardit: error: --tensor-parallel-size: tensor parallelism is vLLM's (use --engine vllm)"
+    ]
+    assert not out.exists()

@@ -34,7 +34,7 @@ import torch
 
 from integrations.vllm import config
 from steering.modules import decoder_layers
-from steering.pack import ModelFingerprint, fingerprint, load_packs
+from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs, parse_request
 from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap
 from steering.text_gate import request_text
@@ -184,9 +184,18 @@ class EngineState:
         use = [(st, ids) for st, ids in new if st.spec is not None and bank.uses_text_gate(st.spec.packs)]
         if not use:
             return
-        texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
-        specs = [st.spec for st, _ in use]
-        fired, score = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
+        tp = _tp_group()
+        if tp is None or tp.rank_in_group == 0:
+            texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
+            specs = [st.spec for st, _ in use]
+            fired, score = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
+        else:
+            fired = torch.zeros(len(use), bank.num_packs, dtype=torch.bool)
+            score = torch.zeros(len(use), bank.num_packs, dtype=torch.float32)
+        if tp is not None:
+            # Every tensor-parallel worker must rotate the same rows: rank 0 decides, the others follow.
+            both = tp.broadcast(torch.stack([fired.float(), score.float()]).contiguous(), src=0)
+            fired, score = both[0].bool(), both[1]
         for k, (st, _) in enumerate(use):
             st.text_fired, st.text_score = fired[k], score[k]
 
@@ -386,9 +395,20 @@ def _text_scores(st: _Request, bank: SteeringBank) -> dict:
     return {"text_scores": out} if out else {}
 
 
+def _tp_group():
+    """vLLM's tensor-parallel group when the model is split over several workers, else None. Each
+    worker holds the whole residual stream (the layers all-reduce their output), so every worker
+    runs the same gates and rotations; only rank 0 writes events and decides text gates."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    return group if group.world_size > 1 else None
+
+
 def _write_events(events: list[dict]) -> None:
     path = config.events_path()
-    if path is None:
+    tp = _tp_group()
+    if path is None or (tp is not None and tp.rank_in_group != 0):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock, path.open("a") as f:
@@ -399,7 +419,8 @@ def _write_fingerprint(fp: ModelFingerprint) -> None:
     """The served model's fingerprint, as the engine sees it (precision included), for the
     middleware to check live-installed packs against before they reach the engine."""
     path = config.fingerprint_path()
-    if path is not None:
+    tp = _tp_group()
+    if path is not None and (tp is None or tp.rank_in_group == 0):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         tmp.write_text(fp.model_dump_json())
@@ -414,14 +435,18 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     hf = mc.hf_config
     text = getattr(hf, "text_config", None) or hf
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
-    weight = getattr(embed, "weight", embed)
+    rows = getattr(embed, "weight", embed)[:FINGERPRINT_ROWS].detach().float().contiguous()
+    tp = _tp_group()
+    if tp is not None:
+        # Under tensor parallelism each worker holds a slice of the vocabulary; rank 0's starts at row 0.
+        rows = tp.broadcast(rows, src=0)
     return fingerprint(
         name=Path(str(mc.model)).name,
         model_type=str(text.model_type),
         num_layers=len(decoder_layers(model)),
         hidden_size=int(text.hidden_size),
         vocab_size=int(text.vocab_size),
-        embed_weight=weight,
+        embed_weight=rows,
         precision=str(mc.quantization or mc.dtype).removeprefix("torch."),
     )
 
