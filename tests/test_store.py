@@ -1,6 +1,10 @@
-"""The policy store behind live policy changes: versions installed atomically, an id keeps its pack."""
+"""The policy store behind live policy changes: versions installed atomically, an id keeps its pack;
+and the variables that name it, which every engine worker must see."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from helpers import toy_pack
@@ -47,3 +51,24 @@ def test_versions_are_installed_whole_and_an_id_keeps_its_pack(tmp_path):
     # the stored copy does not follow the operator's folder
     (tmp_path / "a" / "pack.json").unlink()
     assert (store.pack_dirs()["a"] / "pack.json").is_file()
+
+
+def test_vllms_ray_executor_copies_guardit_variables_to_its_workers(monkeypatch):
+    """Multi-node engines run on vLLM's Ray executor, which copies to its workers only the
+    variables it knows: the plugin adds guardit's prefix, keeping the user's own prefixes."""
+    from vllm.ray.ray_env import get_env_vars_to_copy
+
+    from integrations.vllm import config
+
+    monkeypatch.setenv(config.ENV_PACKS, "/shared/packs/a")
+    monkeypatch.setenv(config.RAY_PREFIXES, "MY_")
+    assert config.ENV_PACKS not in get_env_vars_to_copy()
+    config.carry_over_to_ray_workers()
+    config.carry_over_to_ray_workers()
+    assert os.environ[config.RAY_PREFIXES] == "MY_,GUARDIT_"
+    assert config.ENV_PACKS in get_env_vars_to_copy()
+    # The plugin's entry point does it in every vLLM process.
+    code = f"import os; from integrations.vllm import register; register(); print(os.environ[{config.RAY_PREFIXES!r}])"
+    env = {k: v for k, v in os.environ.items() if k != config.RAY_PREFIXES}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "GUARDIT_"

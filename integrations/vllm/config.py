@@ -28,6 +28,18 @@ ENV_RUN_DIR = "GUARDIT_RUN_DIR"
 ENV_MODEL = "GUARDIT_MODEL"  # the served model's folder, for the server's answer check (set by guardit serve)
 ENV_ALLOW_PRECISION = "GUARDIT_ALLOW_PRECISION_CHANGE"
 ENV_STORE = "GUARDIT_POLICY_STORE"
+ENV_PREFIX = "GUARDIT_"  # every variable above: what vLLM's Ray executor must copy to its workers
+# vLLM's Ray executor copies to its workers (on every node) only the variables it knows, plus
+# those with a prefix listed here (comma-separated).
+RAY_PREFIXES = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
+
+
+def carry_over_to_ray_workers() -> None:
+    """Add guardit's prefix to the variables vLLM's Ray executor copies to its workers, so a
+    multi-node engine's workers load the same packs and policies as a local one's."""
+    prefixes = [p.strip() for p in os.environ.get(RAY_PREFIXES, "").split(",") if p.strip()]
+    if ENV_PREFIX not in prefixes:
+        os.environ[RAY_PREFIXES] = ",".join([*prefixes, ENV_PREFIX])
 
 
 @functools.lru_cache(maxsize=4)

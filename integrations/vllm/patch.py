@@ -508,6 +508,7 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    config.carry_over_to_ray_workers()
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.input_processor import InputProcessor
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
