@@ -23,7 +23,6 @@ from steering.runtime import SteeringBank
 BANK_ATTR = "guardit_bank"  # the engine's packs, for the answer check (engine_generate)
 VLLM_PRECISIONS = ("float32", "bfloat16")
 ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM CPU: KV cache size in GiB (default: derived from free memory)
-ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM CPU: the cores of each worker ("0-3|4-7"; "auto")
 
 
 def make_llm(
@@ -79,23 +78,12 @@ def make_llm(
 
 def _tp_defaults(args: dict) -> dict[str, str]:
     """Tensor parallelism runs on vLLM's own multiprocessing executor (one worker per rank; on
-    several nodes pass ``distributed_executor_backend="ray"``). On a CPU, vLLM's automatic core
-    binding first reserves one core per rank for its scheduler, which leaves none on a small
-    machine: there, unless the user chose a binding, each rank gets an equal share of this
-    process's cores. Returns the environment the engine needs for that."""
+    several nodes pass ``distributed_executor_backend="ray"``). Returns the environment the
+    engine's workers need (on a CPU: :func:`integrations.vllm.config.cpu_worker_binding`)."""
     from vllm.platforms import current_platform
 
     args.setdefault("distributed_executor_backend", "mp")
-    tp = int(args["tensor_parallel_size"])
-    cores = sorted(os.sched_getaffinity(0))
-    if not current_platform.is_cpu() or ENV_CPU_BIND in os.environ or len(cores) >= 2 * tp:
-        return {}
-    if len(cores) < tp:
-        raise GuarditError(
-            f"tensor_parallel_size: {tp} workers need at least {tp} CPU cores (this process has {len(cores)})"
-        )
-    share = len(cores) // tp
-    return {ENV_CPU_BIND: "|".join(",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(tp))}
+    return vcfg.cpu_worker_binding(int(args["tensor_parallel_size"])) if current_platform.is_cpu() else {}
 
 
 # How long the engine-core process gets to exit by itself. vLLM's default (5 s) is shorter than its

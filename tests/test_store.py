@@ -72,3 +72,29 @@ def test_vllms_ray_executor_copies_guardit_variables_to_its_workers(monkeypatch)
     env = {k: v for k, v in os.environ.items() if k != config.RAY_PREFIXES}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "GUARDIT_"
+
+
+def test_cpu_workers_share_a_small_machines_cores(monkeypatch):
+    """Tensor parallelism on a CPU: vLLM's automatic binding reserves a core per worker first, so
+    on a small machine each worker is given an equal share (unless the user set a binding)."""
+    from integrations.vllm import config
+    from integrations.vllm.serve import _tensor_parallel_size
+    from steering.errors import GuarditError
+
+    monkeypatch.delenv(config.ENV_CPU_BIND, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert config.cpu_worker_binding(1) == {}
+    assert config.cpu_worker_binding(2) == {config.ENV_CPU_BIND: "0|1"}
+    with pytest.raises(GuarditError, match="tensor_parallel_size: 4 workers need at least 4 CPU cores"):
+        config.cpu_worker_binding(4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {4, 5, 6, 7, 8})
+    assert config.cpu_worker_binding(3) == {config.ENV_CPU_BIND: "4|5|6"}
+    assert config.cpu_worker_binding(2) == {}  # enough cores: vLLM's own binding
+    monkeypatch.setenv(config.ENV_CPU_BIND, "0|1|2")
+    assert config.cpu_worker_binding(3) == {}  # the user's binding stands
+    assert _tensor_parallel_size(["--dtype", "float32"]) == 1
+    assert _tensor_parallel_size(["--tensor-parallel-size", "2"]) == 2
+    assert _tensor_parallel_size(["--tensor-parallel-size=4"]) == 4
+    assert _tensor_parallel_size(["-tp", "2", "--enforce-eager"]) == 2
+    with pytest.raises(GuarditError, match="--tensor-parallel-size: expected a number of workers, got 'two'"):
+        _tensor_parallel_size(["--tensor-parallel-size", "two"])

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from integrations.vllm.store import PolicyStore
-from steering.errors import PackError
+from steering.errors import GuarditError, PackError
 from steering.pack import META_FILE, PackMeta
 from steering.policy import DEFAULT_MAX_PACKS, PolicyConfig
 
@@ -32,6 +32,26 @@ ENV_PREFIX = "GUARDIT_"  # every variable above: what vLLM's Ray executor must c
 # vLLM's Ray executor copies to its workers (on every node) only the variables it knows, plus
 # those with a prefix listed here (comma-separated).
 RAY_PREFIXES = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
+
+
+ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM CPU: each worker's cores ("0-3|4-7"; default "auto")
+
+
+def cpu_worker_binding(tensor_parallel_size: int) -> dict[str, str]:
+    """The environment a CPU engine split over ``tensor_parallel_size`` workers needs on this
+    machine. vLLM's automatic binding first reserves one core per worker for its scheduler, which
+    leaves none on a small machine; there, unless the user chose a binding, each worker gets an
+    equal share of this process's cores. Empty: leave the binding to vLLM."""
+    tp = tensor_parallel_size
+    cores = sorted(os.sched_getaffinity(0))
+    if tp <= 1 or ENV_CPU_BIND in os.environ or len(cores) >= 2 * tp:
+        return {}
+    if len(cores) < tp:
+        raise GuarditError(
+            f"tensor_parallel_size: {tp} workers need at least {tp} CPU cores (this process has {len(cores)})"
+        )
+    share = len(cores) // tp
+    return {ENV_CPU_BIND: "|".join(",".join(map(str, cores[r * share : (r + 1) * share])) for r in range(tp))}
 
 
 def carry_over_to_ray_workers() -> None:

@@ -115,10 +115,24 @@ def serve(config_path: str, model_dir: str, vllm_args: list[str], allow_precisio
     ]
     if "--device" not in args and not _has_gpu():
         cmd += CPU_DEFAULTS
+        env.update(vcfg.cpu_worker_binding(_tensor_parallel_size(args)))
     cmd += args
     print("guardit: " + " ".join(cmd), file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, env)
     return 0  # pragma: no cover
+
+
+def _tensor_parallel_size(args: list[str]) -> int:
+    """The ``--tensor-parallel-size`` (or ``-tp``) among ``vllm serve`` arguments; 1 if absent."""
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if name in ("--tensor-parallel-size", "-tp"):
+            text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                return int(text)
+            except ValueError:
+                raise GuarditError(f"{name}: expected a number of workers, got {text!r}") from None
+    return 1
 
 
 def _has_gpu() -> bool:
