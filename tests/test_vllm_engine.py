@@ -262,28 +262,31 @@ def test_default_compiled_mode_is_made_eager_so_packs_still_steer(packs_dir, mod
 
 
 def test_compiled_runner_or_unrun_hook_stops_the_engine():
-    """The start-up check refuses a compiled engine; a forward whose hooks did not run stops it."""
+    """The start-up check refuses a compiled engine and pipeline stages; a forward whose hooks did not
+    run stops it."""
     from types import SimpleNamespace
 
     from helpers import toy_pack
     from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 
-    from integrations.vllm.patch import EngineState, _check_eager
+    from integrations.vllm.patch import EngineState, _check_mode
     from steering.runtime import SteeringBank
 
+    def runner(cc: CompilationConfig, stages: int = 1, tp: int = 1):
+        parallel = SimpleNamespace(pipeline_parallel_size=stages, tensor_parallel_size=tp)
+        return SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=cc, parallel_config=parallel))
+
+    eager = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE)
     for cc in (
         CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.NONE),
         CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.PIECEWISE),
     ):
         with pytest.raises(RuntimeError, match="enforce-eager"):
-            _check_eager(SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=cc)))
-    _check_eager(
-        SimpleNamespace(
-            vllm_config=SimpleNamespace(
-                compilation_config=CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE)
-            )
-        )
-    )
+            _check_mode(runner(cc))
+    with pytest.raises(RuntimeError, match="split into 2 pipeline stages"):
+        _check_mode(runner(eager, stages=2))
+    _check_mode(runner(eager))
+    _check_mode(runner(eager, tp=2))
     state = EngineState()
     state.bank = SteeringBank([toy_pack()])
     state.called = set(state.bank.layers)

@@ -13,11 +13,18 @@
 3. Fail closed in every engine mode. The hooks are Python, so they act only in eager mode:
    ``EngineArgs.create_engine_config`` sets ``enforce_eager`` whenever packs are configured (and
    refuses a platform whose model runner is not the GPU/CPU one patched here); the runner's
-   ``load_model`` then refuses to start an engine that would still compile or capture graphs, and
+   ``load_model`` then refuses to start an engine that would still compile or capture graphs, or
+   that splits the model into pipeline stages, and
    every forward checks that each hooked layer's hook ran (a layer whose hook is never called,
    e.g. inside a graph, stops the engine instead of serving unsteered).
 
 Gate results are appended as JSON lines to ``$GUARDIT_RUN_DIR/events.jsonl``.
+
+Tensor parallelism: every worker runs this code on the whole residual stream (each layer's output
+is all-reduced), so every worker loads the packs and applies the same gates and rotations. Rank 0
+alone decides the text gates (broadcast to the others, so no worker can round differently), writes
+events and the fingerprint, and supplies the fingerprint's embedding rows (its vocabulary slice is
+the one that starts at row 0).
 """
 
 from __future__ import annotations
@@ -152,7 +159,7 @@ class EngineState:
         done = self.hooked.setdefault(id(model), set())
         todo = [i for i in bank.layers if i not in done]
         if todo:
-            _check_eager(runner)
+            _check_mode(runner)
             layers = decoder_layers(model)
             for i in todo:
                 layers[i].register_forward_hook(self._hook(i))
@@ -451,10 +458,19 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     )
 
 
-def _check_eager(runner) -> None:
-    """Refuse an engine that compiles or captures the model: guardit's hooks would not run there."""
+def _check_mode(runner) -> None:
+    """Refuse an engine that compiles or captures the model (guardit's hooks would not run there)
+    or splits its layers into pipeline stages (a gate decided in one stage cannot reach the
+    rotations of the next). Tensor parallelism is fine: every worker holds the whole stream."""
     from vllm.config import CompilationMode, CUDAGraphMode
 
+    stages = runner.vllm_config.parallel_config.pipeline_parallel_size
+    if stages > 1:
+        raise RuntimeError(
+            f"guardit: concept packs are loaded but the model is split into {stages} pipeline stages, "
+            "whose gates and rotations guardit cannot join; refusing to start. Fix: tensor parallelism "
+            "(--tensor-parallel-size) instead of --pipeline-parallel-size"
+        )
     cc = runner.vllm_config.compilation_config
     if cc.mode != CompilationMode.NONE or cc.cudagraph_mode != CUDAGraphMode.NONE:
         raise RuntimeError(
