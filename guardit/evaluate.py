@@ -261,6 +261,7 @@ def run_eval(
     _write_utility(out, model, tok, runner, methods, ref_of, neutral, done)
     meta = {
         "pack": pack.id,
+        "model": pack.meta.model.name,
         "gate_kind": pack.meta.gate.kind,
         "alpha": pack.meta.gate.alpha,
         "threshold": pack.meta.gate.threshold,

@@ -144,7 +144,8 @@ def markdown(out: Path, report: dict) -> list[str]:
     lines = [
         f"# guardit evaluation: `{meta['pack']}`",
         "",
-        f"Gate kind: {meta.get('gate_kind', 'probe')}; probe at layer {meta['gate_layer']}, threshold "
+        (f"Model `{meta['model']}`. " if meta.get("model") else "")
+        + f"Gate kind: {meta.get('gate_kind', 'probe')}; probe at layer {meta['gate_layer']}, threshold "
         f"{meta['threshold']:.3f}{text} at α = {meta['alpha']}; steered layers {meta['layers']}; greedy, "
         f"{meta['max_tokens']} new tokens.",
         "",

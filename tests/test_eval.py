@@ -128,7 +128,8 @@ def test_committed_reports_match_their_outputs(report_dir):
 
 
 def test_the_committed_reports_are_found():
-    assert {"harry-potter", "einstein", "world-war-ii", "policy-eight-concepts"} <= {p.name for p in REPORTS}
+    names = {"harry-potter", "einstein", "world-war-ii", "policy-eight-concepts", "gemma-harry-potter-vllm"}
+    assert names <= {p.name for p in REPORTS}
 
 
 def test_a_leak_is_an_answer_at_the_start_of_a_word():
