@@ -32,8 +32,6 @@ ENV_PREFIX = "GUARDIT_"  # every variable above: what vLLM's Ray executor must c
 # vLLM's Ray executor copies to its workers (on every node) only the variables it knows, plus
 # those with a prefix listed here (comma-separated).
 RAY_PREFIXES = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-
-
 ENV_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM CPU: each worker's cores ("0-3|4-7"; default "auto")
 
 

@@ -192,17 +192,16 @@ class EngineState:
         if not use:
             return
         tp = _tp_group()
+        decided = None
         if tp is None or tp.rank_in_group == 0:
             texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
             specs = [st.spec for st, _ in use]
-            fired, score = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
-        else:
-            fired = torch.zeros(len(use), bank.num_packs, dtype=torch.bool)
-            score = torch.zeros(len(use), bank.num_packs, dtype=torch.float32)
+            decided = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
         if tp is not None:
-            # Every tensor-parallel worker must rotate the same rows: rank 0 decides, the others follow.
-            both = tp.broadcast(torch.stack([fired.float(), score.float()]).contiguous(), src=0)
-            fired, score = both[0].bool(), both[1]
+            # Every tensor-parallel worker must rotate the same rows: rank 0 decides, the others follow
+            # (over the group's CPU channel, whatever the device).
+            decided = tp.broadcast_object(decided, src=0)
+        fired, score = decided
         for k, (st, _) in enumerate(use):
             st.text_fired, st.text_score = fired[k], score[k]
 
@@ -442,11 +441,11 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     hf = mc.hf_config
     text = getattr(hf, "text_config", None) or hf
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.model.embed_tokens
-    rows = getattr(embed, "weight", embed)[:FINGERPRINT_ROWS].detach().float().contiguous()
+    rows = getattr(embed, "weight", embed)[:FINGERPRINT_ROWS].detach().to("cpu", torch.float32)
     tp = _tp_group()
     if tp is not None:
         # Under tensor parallelism each worker holds a slice of the vocabulary; rank 0's starts at row 0.
-        rows = tp.broadcast(rows, src=0)
+        rows = tp.broadcast_object(rows if tp.rank_in_group == 0 else None, src=0)
     return fingerprint(
         name=Path(str(mc.model)).name,
         model_type=str(text.model_type),
