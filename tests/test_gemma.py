@@ -84,8 +84,9 @@ def gemma_tp_runs(gemma_dir, gemma_pack, tmp_path_factory) -> dict[int, dict]:
     runs = {}
     for tp in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"gemma-tp{tp}")
-        # A small KV cache per worker: the session's SmolLM2 engine may still hold its own.
-        llm = make_llm(gemma_dir, [gemma_pack], run_dir=run_dir, tensor_parallel_size=tp, gpu_memory_utilization=0.1)
+        # A fixed 1 GiB KV cache per worker, whatever else holds memory (the session's SmolLM2
+        # engine may still be up), instead of a fraction of the machine.
+        llm = make_llm(gemma_dir, [gemma_pack], run_dir=run_dir, tensor_parallel_size=tp, kv_cache_memory_bytes=1 << 30)
         try:
             vanilla = engine_generate(llm, _records(), (), max_tokens=40)
             steered = engine_generate(llm, _records(), ["harry-potter"], max_tokens=40)
