@@ -77,12 +77,11 @@ def make_llm(
 
 
 def _tp_defaults(args: dict) -> dict[str, str]:
-    """Tensor parallelism runs on vLLM's own multiprocessing executor (one worker per rank; on
-    several nodes pass ``distributed_executor_backend="ray"``). Returns the environment the
-    engine's workers need (on a CPU: :func:`integrations.vllm.config.cpu_worker_binding`)."""
+    """Tensor parallelism runs on the executor vLLM chooses (its multiprocessing one on one node,
+    Ray's on a Ray cluster). Returns the environment the engine's workers need (on a CPU:
+    :func:`integrations.vllm.config.cpu_worker_binding`)."""
     from vllm.platforms import current_platform
 
-    args.setdefault("distributed_executor_backend", "mp")
     return vcfg.cpu_worker_binding(int(args["tensor_parallel_size"])) if current_platform.is_cpu() else {}
 
 

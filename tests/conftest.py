@@ -28,28 +28,10 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
     """The two example concepts and the untuned Lord of the Rings (with --late-gate: its early gates
     are weak, so its gate sits after some of its steered layers), calibrated once per session
     through the CLI."""
-    from guardit.cli import main
-
     out = tmp_path_factory.mktemp("packs")
     for concept in ("harry_potter", "einstein", "lord_of_the_rings"):
-        d = EXAMPLES / concept
         late = ["--late-gate"] if concept == "lord_of_the_rings" else []
-        rc = main(
-            [
-                "calibrate",
-                "--model",
-                str(model_dir),
-                "--forget",
-                str(d / "forget.jsonl"),
-                "--retain",
-                str(d / "retain.jsonl"),
-                "--out",
-                str(out / concept.replace("_", "-")),
-                "--quiet",
-                *late,
-            ]
-        )
-        assert rc == 0
+        _calibrate(str(model_dir), concept, out / concept.replace("_", "-"), *late)
     return out
 
 
@@ -82,13 +64,18 @@ def gemma_dir() -> Path:
 def gemma_pack(gemma_dir, tmp_path_factory) -> Path:
     """The Harry Potter example concept calibrated on Gemma 3 270M through the CLI, the model named
     as users name it (``--model gemma3-270m``)."""
+    out = tmp_path_factory.mktemp("gemma-packs") / "harry-potter"
+    _calibrate("gemma3-270m", "harry_potter", out)
+    return out
+
+
+def _calibrate(model: str, concept: str, out: Path, *flags: str) -> None:
+    """An example concept's pack, through the CLI as users make it."""
     from guardit.cli import main
 
-    out = tmp_path_factory.mktemp("gemma-packs") / "harry-potter"
-    d = EXAMPLES / "harry_potter"
-    args = ["--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl"), "--out", str(out), "--quiet"]
-    assert main(["calibrate", "--model", "gemma3-270m", *args]) == 0
-    return out
+    d = EXAMPLES / concept
+    argv = ["calibrate", "--model", model, "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl")]
+    assert main([*argv, "--out", str(out), "--quiet", *flags]) == 0
 
 
 # Test tiers follow from what a test asks for, so a new test cannot land in the wrong one:

@@ -193,7 +193,7 @@ class EngineState:
             return
         tp = _tp_group()
         decided = None
-        if tp is None or tp.rank_in_group == 0:
+        if _leads(tp):
             texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
             specs = [st.spec for st, _ in use]
             decided = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
@@ -411,10 +411,14 @@ def _tp_group():
     return group if group.world_size > 1 else None
 
 
+def _leads(tp) -> bool:
+    """Is this worker the one that decides text gates and writes files (rank 0, or the only one)?"""
+    return tp is None or tp.rank_in_group == 0
+
+
 def _write_events(events: list[dict]) -> None:
     path = config.events_path()
-    tp = _tp_group()
-    if path is None or (tp is not None and tp.rank_in_group != 0):
+    if path is None or not _leads(_tp_group()):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock, path.open("a") as f:
@@ -425,8 +429,7 @@ def _write_fingerprint(fp: ModelFingerprint) -> None:
     """The served model's fingerprint, as the engine sees it (precision included), for the
     middleware to check live-installed packs against before they reach the engine."""
     path = config.fingerprint_path()
-    tp = _tp_group()
-    if path is not None and (tp is None or tp.rank_in_group == 0):
+    if path is not None and _leads(_tp_group()):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         tmp.write_text(fp.model_dump_json())
@@ -445,7 +448,7 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
     tp = _tp_group()
     if tp is not None:
         # Under tensor parallelism each worker holds a slice of the vocabulary; rank 0's starts at row 0.
-        rows = tp.broadcast_object(rows if tp.rank_in_group == 0 else None, src=0)
+        rows = tp.broadcast_object(rows if _leads(tp) else None, src=0)
     return fingerprint(
         name=Path(str(mc.model)).name,
         model_type=str(text.model_type),
