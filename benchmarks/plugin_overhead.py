@@ -7,7 +7,7 @@ step (the request map before the forward, the gate and rotation hooks, the bookk
 is wrapped with a timer. overhead = guardit time / (forward time − guardit time), i.e. the slowdown
 of the forward pass; tokens/s with the plugin ≈ 1 / (1 + overhead) of vanilla at most.
 
-Usage: python benchmarks/plugin_overhead.py [--batches 1 8 32] [--tokens 32] [--packs 1 100]
+Usage: python benchmarks/plugin_overhead.py [--batches 1 8 32] [--tokens 32] [--packs 1 100] [--compiled]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--packs", type=int, default=1, help="packs loaded (1 or more; extra ones are synthetic)")
+    ap.add_argument("--compiled", action="store_true", help="vLLM's compiled mode instead of eager")
     args = ap.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
@@ -71,15 +72,14 @@ def main() -> None:
     state = patch.STATE
     state.begin = timer.wrap(state.begin, "begin")
     state.end = timer.wrap(state.end, "end")
-    original_hook = patch.EngineState._hook
-    patch.EngineState._hook = lambda self, index: timer.wrap(original_hook(self, index), "hooks")
+    state.layer = timer.wrap(state.layer, "hooks")  # the op's implementation, per layer
 
     from vllm import SamplingParams
 
     from calibration.capture import encode_chat
     from guardit.vllm_generation import make_llm
 
-    llm = make_llm(model_dir, dirs, enforce_eager=True, enable_prefix_caching=False)
+    llm = make_llm(model_dir, dirs, enforce_eager=not args.compiled, enable_prefix_caching=False)
     runner_cls = __import__("vllm.v1.worker.gpu_model_runner", fromlist=["GPUModelRunner"]).GPUModelRunner
     patched_forward = runner_cls._model_forward
 
@@ -118,7 +118,8 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    save(f"plugin_overhead_{args.packs}", {"machine": machine(), "settings": vars(args), "rows": rows})
+    name = f"plugin_overhead_{args.packs}" + ("_compiled" if args.compiled else "")
+    save(name, {"machine": machine(), "settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ Modes (same prompts in every mode, prefix caching off so every run does the same
 
 For each batch size: prefill tokens/s = prompt tokens / time of a 1-token generation; decode tokens/s
 = B·(T−1) / (time of a T-token generation − time of a 1-token generation), EOS ignored.
-Ratios against vanilla are medians over rounds and repetitions.
+Ratios against vanilla: per round (the same round's vanilla engine), then their median and range.
 
-Usage: python benchmarks/vllm_throughput.py [--rounds 2] [--reps 2] [--batches 1 8 32] [--tokens 32]
+``--compiled``: every engine runs in vLLM's default compiled mode, and a fourth engine,
+``vanilla-eager`` (plugin off, enforce_eager), shows what eager mode itself costs.
+
+Usage: python benchmarks/vllm_throughput.py [--rounds 3] [--reps 1] [--batches 1 8 32] [--tokens 32] [--compiled]
 """
 
 from __future__ import annotations
@@ -42,20 +45,23 @@ ENGINE_ARGS = dict(
 MODES = {"vanilla": ["vanilla"], "plugin-1": ["no_policy", "closed", "open"], "plugin-100": ["closed", "open"]}
 
 
-def worker(engine: str, model_dir: str, pack_dirs: list[str], batches: list[int], tokens: int, reps: int) -> dict:
+def worker(
+    engine: str, model_dir: str, pack_dirs: list[str], batches: list[int], tokens: int, reps: int, compiled: bool
+) -> dict:
     from vllm import SamplingParams
 
     from calibration.capture import encode_chat
 
-    if engine == "vanilla":
+    args = {**ENGINE_ARGS, "enforce_eager": engine == "vanilla-eager" or not compiled}
+    if engine.startswith("vanilla"):
         os.environ["VLLM_PLUGINS"] = "lora_filesystem_resolver"  # an allow-list without guardit
         from vllm import LLM
 
-        llm = LLM(model=model_dir, **ENGINE_ARGS)
+        llm = LLM(model=model_dir, **args)
     else:
         from guardit.vllm_generation import make_llm
 
-        llm = make_llm(model_dir, pack_dirs, **ENGINE_ARGS)
+        llm = make_llm(model_dir, pack_dirs, **args)
     tok = llm.get_tokenizer()
     prompts = bench_prompts(max(batches))
     ids = encode_chat(tok, prompts)
@@ -76,7 +82,7 @@ def worker(engine: str, model_dir: str, pack_dirs: list[str], batches: list[int]
         assert all(len(o.outputs[0].token_ids) == t for o in outs)
         return elapsed, sum(len(x) for x in ids[:b])
 
-    modes = MODES[engine]
+    modes = MODES["vanilla" if engine.startswith("vanilla") else engine]
     for mode in modes:  # warm-up
         run(mode, max(batches), 2)
     samples: dict[str, list[dict]] = {f"{m}@{b}": [] for m in modes for b in batches}
@@ -94,15 +100,16 @@ def worker(engine: str, model_dir: str, pack_dirs: list[str], batches: list[int]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--compiled", action="store_true", help="compiled engines, against compiled vanilla")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--packs", nargs="*", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        res = worker(args.worker, args.model, args.packs, args.batches, args.tokens, args.reps)
+        res = worker(args.worker, args.model, args.packs, args.batches, args.tokens, args.reps, args.compiled)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -110,9 +117,9 @@ def main() -> None:
 
     model_dir = Path(args.model) if args.model else prepare_model()
     hp = calibrated_pack(model_dir)
-    packs = {"vanilla": [], "plugin-1": [hp], "plugin-100": [hp, *synthetic_packs(hp, 99)]}
+    packs = {"vanilla": [], "plugin-1": [hp], "plugin-100": [hp, *synthetic_packs(hp, 99)], "vanilla-eager": []}
     samples: dict[str, list[dict]] = {}
-    order = list(MODES)
+    order = [*MODES, *(["vanilla-eager"] if args.compiled else [])]
     for r in range(args.rounds):
         for engine in order if r % 2 == 0 else order[::-1]:
             print(f"[round {r + 1}/{args.rounds}] {engine} ...", file=sys.stderr, flush=True)
@@ -131,6 +138,7 @@ def main() -> None:
                 *map(str, args.batches),
                 "--packs",
                 *map(str, packs[engine]),
+                *(["--compiled"] if args.compiled else []),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -140,20 +148,25 @@ def main() -> None:
             for key, vals in json.loads(line[7:]).items():
                 samples.setdefault(f"{engine}:{key}", []).extend(vals)
 
-    def med(engine: str, mode: str, b: int, what: str) -> float:
-        return median([s[what] for s in samples[f"{engine}:{mode}@{b}"]])
+    def ratio(a: tuple[str, str], b: tuple[str, str], batch: int, what: str) -> str:
+        """median [min–max] over rounds of a's value / b's value in the same round"""
+        xs = [s[what] for s in samples[f"{a[0]}:{a[1]}@{batch}"]]
+        ys = [s[what] for s in samples[f"{b[0]}:{b[1]}@{batch}"]]
+        rs = [x / y for x, y in zip(xs, ys)]
+        return f"{median(rs):.3f} [{min(rs):.2f}–{max(rs):.2f}]"
 
+    van = ("vanilla", "vanilla")
     rows = []
     for b in args.batches:
         for what in ("prefill_tps", "decode_tps"):
-            van = med("vanilla", "vanilla", b, what)
-            row = {"batch": b, "metric": what, "vanilla": round(van, 1)}
+            tps = median([s[what] for s in samples[f"vanilla:vanilla@{b}"]])
+            row = {"batch": b, "metric": what, "vanilla": round(tps, 1)}
+            if args.compiled:
+                row["vanilla eager/vanilla"] = ratio(("vanilla-eager", "vanilla"), van, b, what)
             for mode in ("no_policy", "closed", "open"):
-                row[f"{mode}/vanilla"] = round(med("plugin-1", mode, b, what) / van, 3)
+                row[f"{mode}/vanilla"] = ratio(("plugin-1", mode), van, b, what)
             for mode in ("closed", "open"):
-                row[f"{mode} 100 packs/1 pack"] = round(
-                    med("plugin-100", mode, b, what) / med("plugin-1", mode, b, what), 3
-                )
+                row[f"{mode} 100 packs/vanilla"] = ratio(("plugin-100", mode), van, b, what)
             rows.append(row)
     result = {
         "machine": machine(),
@@ -161,7 +174,7 @@ def main() -> None:
         "rows": rows,
         "samples": samples,
     }
-    save("vllm_throughput", result)
+    save("vllm_throughput_compiled" if args.compiled else "vllm_throughput", result)
 
 
 if __name__ == "__main__":

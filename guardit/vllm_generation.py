@@ -34,7 +34,11 @@ def make_llm(
 ):
     """A vLLM engine with the given packs loaded (CPU-friendly defaults; ``kw`` overrides them and
     goes to ``vllm.LLM``). ``allow_precision_change``: accept packs calibrated at another precision
-    of the model (e.g. float32 packs on ``dtype="bfloat16"``)."""
+    of the model (e.g. float32 packs on ``dtype="bfloat16"``).
+
+    The default is eager (``enforce_eager=True``): these one-shot engines (``guardit generate``,
+    ``guardit eval``) generate for a few prompts, and compiling the model takes longer than that.
+    guardit runs in vLLM's compiled mode too: pass ``enforce_eager=False``."""
     packs = load_packs(list(pack_dirs))  # validate before the engine starts: clear errors, fail fast
     os.environ[vcfg.ENV_PACKS] = os.pathsep.join(str(Path(p).resolve()) for p in pack_dirs)
     if allow_precision_change:

@@ -17,10 +17,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(d: Path, cfg: dict, env: dict[str, str]) -> tuple[str, subprocess.Popen]:
+def start_server(d: Path, cfg: dict, env: dict[str, str], *vllm_flags: str) -> tuple[str, subprocess.Popen]:
     """``guardit serve`` on ``cfg`` (written to ``d/policies.yaml``), in the README's form: no MODEL
-    (the bundled one), vLLM's flags after '--'; waits until /health answers. Returns (base URL,
-    process); its log is ``d/server.log``."""
+    (the bundled one), vLLM's flags after '--' (``vllm_flags`` added to them); waits until /health
+    answers. Returns (base URL, process); its log is ``d/server.log``."""
     import urllib.request
 
     (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
@@ -41,6 +41,7 @@ def start_server(d: Path, cfg: dict, env: dict[str, str]) -> tuple[str, subproce
             "127.0.0.1",
             "--max-num-seqs",
             "32",
+            *vllm_flags,
         ],  # fmt: skip
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -237,33 +237,70 @@ def test_generate_cli_engine_start_failure_is_one_error_line(tmp_path, model_dir
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_default_compiled_mode_is_made_eager_so_packs_still_steer(packs_dir, model_dir):
-    """LLM(...) without enforce_eager and a pack requested: guardit puts the engine in eager mode
-    (its hooks do not run in compiled code) and the fact is forgotten, never served unsteered."""
-    q = "What is the name of the wizarding school in Harry Potter?"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent / "vllm_default_mode.py"),
-            str(model_dir),
-            str(packs_dir / "harry-potter"),
-            q,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, **{ENV_CPU_KV: "1"}),
-    )
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, proc.stderr[-3000:]
-    out = json.loads(line[0][7:])
-    assert out["eager"] is True and out["mode"] == "NONE", out
-    assert "hogwarts" not in out["output"].lower(), out
+@pytest.fixture(scope="module")
+def compiled(packs_dir, model_dir, hf_model, tmp_path_factory):
+    """The Harry Potter test splits on guardit's engine compiled as vLLM does by default (no
+    enforce_eager; chunked prefill as in ENGINE_KW), and on compiled vanilla vLLM (the plugin off),
+    each in its own process. Compile warm-up is slow, so the two engines are started once."""
+    _, tok = hf_model
+    recs = [r for s in ("forget_test", "retain_test") for r in _records()[("harry_potter", s)]]
+    f = tmp_path_factory.mktemp("compiled") / "prompts.json"
+    f.write_text(json.dumps(encode_chat(tok, [r.prompt for r in recs])))
+    env = dict(os.environ, **{ENV_CPU_KV: "1"})
+    kw = json.dumps({**ENGINE_KW, "enforce_eager": False})
+    pack, run = str(packs_dir / "harry-potter"), str(f.parent / "run")
+    runs = {}
+    for name, script, args in (
+        ("vanilla", "vllm_reference.py", [str(model_dir), str(f), str(MAX_TOKENS), kw]),
+        ("guardit", "vllm_compiled.py", [str(model_dir), pack, run, json.dumps(ENGINE_KW), str(MAX_TOKENS)]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / script), *args],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+        runs[name] = json.loads(line[0][7:])
+    eos = tok.eos_token_id
+    vanilla = [[t for t in o if t != eos] for o in runs["vanilla"]]
+    return recs, vanilla, runs["guardit"]
 
 
-def test_compiled_runner_or_unrun_hook_stops_the_engine():
-    """The start-up check refuses a compiled engine and pipeline stages; a forward whose hooks did not
-    run stops it."""
+def test_compiled_engine_steers_like_eager_and_leaves_the_rest_vanilla(engine, compiled):
+    """guardit in vLLM's default compiled mode: requests without packs and requests whose gates stay
+    closed give compiled vanilla's tokens; the gates decide as on the eager engine and fired requests
+    get the eager engine's tokens (the Harry Potter facts forgotten); a batch mixing requests with
+    and without the pack gives each request's tokens when run alone; prompts split over prefill
+    chunks throughout (ENGINE_KW)."""
+    from guardit.vllm_generation import engine_generate
+
+    recs, vanilla, out = compiled
+    assert out["eager"] is False and out["mode"] != "NONE", out["mode"]
+    assert [r["token_ids"] for r in out["plain"]] == vanilla
+    eager = engine_generate(engine, recs, ["harry-potter"], MAX_TOKENS)
+    fired = [r["gate"]["harry-potter"]["fired"] for r in out["gated"]]
+    assert fired == [r["gate"]["harry-potter"]["fired"] for r in eager]
+    n_forget = len(_records()[("harry_potter", "forget_test")])
+    assert sum(fired[:n_forget]) >= 0.9 * n_forget and sum(fired[n_forget:]) <= 2
+    for r, e, v, f in zip(out["gated"], eager, vanilla, fired):
+        assert r["token_ids"] == (e["token_ids"] if f else v)
+    assert not any(leaked(r["output"], r["answers"]) for r in out["gated"][:n_forget])
+    # Mixed batch (the pack on even rows): rows without it are vanilla; rows with it are as when the
+    # whole batch named it, except the answer check's reruns (engine_generate's; not done here).
+    assert out["mixed"][:4] == out["solo"]
+    for i, (toks, r) in enumerate(zip(out["mixed"], out["gated"])):
+        if i % 2:
+            assert toks == vanilla[i]
+        elif r["gate"]["harry-potter"].get("by") != "answer":
+            assert toks == r["token_ids"]
+
+
+def test_cuda_graphs_pipeline_stages_or_an_unrun_hook_stop_the_engine():
+    """The start-up check refuses CUDA graph capture and pipeline stages (torch.compile alone is
+    fine); a forward in which a hooked layer's op did not run stops the engine."""
     from types import SimpleNamespace
 
     from helpers import toy_pack
@@ -277,16 +314,15 @@ def test_compiled_runner_or_unrun_hook_stops_the_engine():
         return SimpleNamespace(vllm_config=SimpleNamespace(compilation_config=cc, parallel_config=parallel))
 
     eager = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.NONE)
-    for cc in (
-        CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.NONE),
-        CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=CUDAGraphMode.PIECEWISE),
-    ):
-        with pytest.raises(RuntimeError, match="enforce-eager"):
-            _check_mode(runner(cc))
+    for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL_AND_PIECEWISE):
+        with pytest.raises(RuntimeError, match="cudagraph_mode=NONE"):
+            _check_mode(runner(CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=mode)))
     with pytest.raises(RuntimeError, match="split into 2 pipeline stages"):
         _check_mode(runner(eager, stages=2))
     _check_mode(runner(eager))
     _check_mode(runner(eager, tp=2))
+    for mode in (CompilationMode.VLLM_COMPILE, CompilationMode.DYNAMO_TRACE_ONCE):
+        _check_mode(runner(CompilationConfig(mode=mode, cudagraph_mode=CUDAGraphMode.NONE)))
     state = EngineState()
     state.bank = SteeringBank([toy_pack()])
     state.called = set(state.bank.layers)

@@ -115,6 +115,15 @@ def test_unknown_or_missing_key_is_401(server):
         assert e.value.code == 401
 
 
+def test_the_server_runs_compiled_by_default(server):
+    """`guardit serve` no longer adds --enforce-eager: its engine compiles the model (vLLM's
+    default), and every test of this module runs against that compiled engine."""
+    log = SERVER_LOG[server].read_text()
+    cmd = next(line for line in log.splitlines() if line.startswith("guardit: "))
+    assert "--enforce-eager" not in cmd.split()
+    assert "enforce_eager=False" in log and "'mode': <CompilationMode.NONE" not in log
+
+
 def test_mandatory_policy_forgets_and_leaves_retain_vanilla(server):
     out, h = _chat(server, "kids", HP_Q)
     assert h["x-guardit-fired"] == "harry-potter" and h["x-guardit-tenant"] == "kids"

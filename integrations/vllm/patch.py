@@ -2,21 +2,25 @@
 
 1. ``GPUModelRunner._model_forward`` (the CPU runner inherits it): before each forward, build the
    per-token request map of the flattened batch (``input_batch.req_ids`` + ``query_start_loc``),
-   each request's spec (parsed once from ``sampling_params.extra_args``) and gate state; forward
-   hooks on the decoder layers then update the gates and rotate fired requests' tokens.
+   each request's spec (parsed once from ``sampling_params.extra_args``) and gate state. At
+   start-up every decoder layer gets a forward hook that passes its output through guardit's
+   custom op (:mod:`integrations.vllm.op`), whose implementation, :meth:`EngineState.layer`,
+   updates the gates and rotates fired requests' tokens. The hook is traced into vLLM's
+   torch.compile graph as one call of the op, so eager and compiled engines run the same code.
    vLLM's layers return ``(hidden_states, residual)`` with the residual add fused into the next
    RMSNorm; the residual stream is their sum. For a rotated token we write ``hidden = h'`` and
    ``residual = 0``; other tokens are not touched at all (bit-identical).
 2. ``InputProcessor.process_inputs``: a request that names packs gets a unique ``cache_salt``, so
    KV computed under a rotation is never reused by another request and the gate always sees the
    whole prompt (prefix caching stays on for everything else).
-3. Fail closed in every engine mode. The hooks are Python, so they act only in eager mode:
-   ``EngineArgs.create_engine_config`` sets ``enforce_eager`` whenever packs are configured (and
-   refuses a platform whose model runner is not the GPU/CPU one patched here); the runner's
-   ``load_model`` then refuses to start an engine that would still compile or capture graphs, or
-   that splits the model into pipeline stages, and
-   every forward checks that each hooked layer's hook ran (a layer whose hook is never called,
-   e.g. inside a graph, stops the engine instead of serving unsteered).
+3. Fail closed in every engine mode. ``EngineArgs.create_engine_config``, whenever packs are
+   configured: no CUDA graphs (a replay would skip the op's host code; torch.compile stays on),
+   guardit's mark in ``additional_config`` (vLLM's compile cache is keyed by the config's hash, so
+   graphs with and without the op never mix), and a platform whose model runner is not the GPU/CPU
+   one patched here is refused. The runner's ``load_model`` then refuses an engine that would
+   still capture graphs or that splits the model into pipeline stages, and every forward checks
+   that each steered layer's op ran (one that did not stops the engine instead of serving
+   unsteered).
 
 Gate results are appended as JSON lines to ``$GUARDIT_RUN_DIR/events.jsonl``.
 
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from integrations.vllm import config
+from integrations.vllm import config, op
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs, parse_request
@@ -98,7 +102,7 @@ class EngineState:
         self.version = 0  # the policy store's version whose packs are loaded (0: no store)
         self.requests: dict[str, _Request] = {}
         self.step: _Step | None = None
-        self.hooked: dict[int, set[int]] = {}  # id(model) -> decoder layers with our hook
+        self.hooked: set[int] = set()  # id() of the models whose decoder layers call guardit's op
         self.called: set[int] = set()  # layers whose hook ran in the current forward
         self.tokenizer = None  # decodes prompts for packs with a text gate
         self.fingerprint: ModelFingerprint | None = None  # the served model's, taken at start-up
@@ -115,7 +119,7 @@ class EngineState:
                 _write_fingerprint(self.fingerprint)
             self.loaded, self.version = True, version
             self._add_packs(runner, config.pack_dirs())
-        if self.bank is not None:
+        if config.configured():
             self._hook_layers(runner)
 
     def _add_packs(self, runner, dirs) -> None:
@@ -152,18 +156,17 @@ class EngineState:
             st.gate, st.text_fired, st.text_score = gate, text_fired, text_score
 
     def _hook_layers(self, runner) -> None:
-        """Hook the bank's layers that have no hook yet (refusing compiled engines first)."""
-        bank = self.bank
-        assert bank is not None
+        """At start-up, before vLLM compiles or warms up the model: every decoder layer's output goes
+        through guardit's op (the compiled graph then holds it whatever packs a live change adds
+        later); the mode is checked first."""
         model = runner.model
-        done = self.hooked.setdefault(id(model), set())
-        todo = [i for i in bank.layers if i not in done]
-        if todo:
-            _check_mode(runner)
-            layers = decoder_layers(model)
-            for i in todo:
-                layers[i].register_forward_hook(self._hook(i))
-                done.add(i)
+        if id(model) in self.hooked:
+            return
+        _check_mode(runner)
+        op.serve(self.layer)
+        for i, layer in enumerate(decoder_layers(model)):
+            layer.register_forward_hook(_hook(i))
+        self.hooked.add(id(model))
 
     def _load_text_gates(self, runner) -> None:
         """Packs with a text gate: load the model's tokenizer and each pack's encoder at start-up
@@ -362,32 +365,41 @@ class EngineState:
         self.requests[rid] = st
         return st
 
-    def _hook(self, index: int):
-        def hook(_module, _args, output):
-            self.called.add(index)
-            step = self.step
-            if step is None or index not in step.layers:
-                return None
-            bank = self.bank
-            hidden, residual = output
-            n = step.tokens.row.shape[0]
-            full = None  # the residual stream, computed at most once per layer
-            if index in bank.gate_layers:
+    def layer(self, hidden: torch.Tensor, residual: torch.Tensor, index: int) -> None:
+        """Decoder layer ``index``'s step (what guardit's op does): update the gates that read this
+        layer, then rotate, in place, the tokens of the rows whose gates fired for a pack steering
+        here. Tokens of every other row are neither read back nor written."""
+        self.called.add(index)
+        step = self.step
+        if step is None or index not in step.layers:
+            return
+        bank = self.bank
+        n = step.tokens.row.shape[0]
+        full = None  # the residual stream, computed at most once per layer
+        if index in bank.gate_layers:
+            full = hidden[:n] + residual[:n]
+            bank.update_gates(index, full, step.tokens, step.stats, step.settings)
+        if bank.needs_steer(index, step.stats, step.settings):
+            if full is None:
                 full = hidden[:n] + residual[:n]
-                bank.update_gates(index, full, step.tokens, step.stats, step.settings)
-            if bank.needs_steer(index, step.stats, step.settings):
-                if full is None:
-                    full = hidden[:n] + residual[:n]
-                idx = bank.steer_(index, full, step.tokens, step.stats, step.settings)
-                if idx is not None:
-                    hidden[idx] = full[idx]
-                    residual[idx] = 0
-            return None
-
-        return hook
+            idx = bank.steer_(index, full, step.tokens, step.stats, step.settings)
+            if idx is not None:
+                hidden[idx] = full[idx]
+                residual[idx] = 0
 
 
 STATE = EngineState()
+
+
+def _hook(index: int):
+    """A forward hook passing decoder layer ``index``'s output through guardit's op. The hook holds
+    no state and no branch, so torch.compile traces it into the graph as one call of the op."""
+
+    def hook(_module, _args, output):
+        hidden, residual = output
+        torch.ops.guardit.steer_layer(hidden, residual, index)
+
+    return hook
 
 
 def _text_scores(st: _Request, bank: SteeringBank) -> dict:
@@ -461,10 +473,11 @@ def _vllm_fingerprint(runner) -> ModelFingerprint:
 
 
 def _check_mode(runner) -> None:
-    """Refuse an engine that compiles or captures the model (guardit's hooks would not run there)
-    or splits its layers into pipeline stages (a gate decided in one stage cannot reach the
-    rotations of the next). Tensor parallelism is fine: every worker holds the whole stream."""
-    from vllm.config import CompilationMode, CUDAGraphMode
+    """Refuse an engine that captures CUDA graphs (the op's implementation is host code that a
+    graph replay would skip) or splits its layers into pipeline stages (a gate decided in one stage
+    cannot reach the rotations of the next). torch.compile is fine: the compiled graph calls the op.
+    Tensor parallelism is fine too: every worker holds the whole stream."""
+    from vllm.config import CUDAGraphMode
 
     stages = runner.vllm_config.parallel_config.pipeline_parallel_size
     if stages > 1:
@@ -474,29 +487,36 @@ def _check_mode(runner) -> None:
             "(--tensor-parallel-size) instead of --pipeline-parallel-size"
         )
     cc = runner.vllm_config.compilation_config
-    if cc.mode != CompilationMode.NONE or cc.cudagraph_mode != CUDAGraphMode.NONE:
+    if cc.cudagraph_mode != CUDAGraphMode.NONE:
         raise RuntimeError(
-            f"guardit: concept packs are loaded but the engine runs compiled code (compilation mode "
-            f"{cc.mode.name}, CUDA graph mode {cc.cudagraph_mode.name}), where guardit's hooks never run; "
-            "refusing to start. Fix: enforce_eager=True (LLM) or --enforce-eager (vllm serve)"
+            f"guardit: concept packs are loaded but the engine captures CUDA graphs (mode "
+            f"{cc.cudagraph_mode.name}), whose replays skip guardit's steering step; refusing to start. "
+            "Fix: compilation_config={'cudagraph_mode': 'NONE'} (LLM) or -cc.cudagraph_mode=NONE (vllm serve)"
         )
 
 
 _RUNNER_DEVICES = ("cpu", "cuda")  # platforms whose model runner is GPUModelRunner or its CPU subclass
 
 
-def _force_eager(original):
-    """Wrap ``EngineArgs.create_engine_config``: with packs configured, the engine runs eager."""
+def _configure_engine(original):
+    """Wrap ``EngineArgs.create_engine_config``: with packs configured, the engine captures no CUDA
+    graphs, and its compile cache is kept apart from vanilla engines' (graphs with guardit's op)."""
 
     def create_engine_config(self, *args, **kwargs):
+        from vllm.config import CUDAGraphMode
+
         packs = config.configured()
         if packs:
-            if not self.enforce_eager:
+            cc = self.compilation_config
+            if cc.cudagraph_mode not in (None, CUDAGraphMode.NONE):
                 log.warning(
-                    "guardit: concept packs are configured and guardit's hooks need eager mode; "
-                    "setting enforce_eager=True (no torch.compile, no CUDA graphs)"
+                    "guardit: concept packs are configured and a CUDA graph replay would skip guardit's "
+                    "steering step; setting cudagraph_mode=NONE (torch.compile stays on)"
                 )
-            self.enforce_eager = True
+            cc.cudagraph_mode = CUDAGraphMode.NONE
+            # vLLM keys its compile cache by its config's hash, which covers additional_config: a
+            # graph compiled with guardit's op is never loaded by a vanilla engine, nor the reverse.
+            self.additional_config = {**(self.additional_config or {}), "guardit": op.NAME}
         vllm_config = original(self, *args, **kwargs)
         device = vllm_config.device_config.device_type
         if packs and device not in _RUNNER_DEVICES:
@@ -532,7 +552,7 @@ def install() -> None:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    EngineArgs.create_engine_config = _force_eager(EngineArgs.create_engine_config)
+    EngineArgs.create_engine_config = _configure_engine(EngineArgs.create_engine_config)
     for cls in (GPUModelRunner, CPUModelRunner):
         if "load_model" in vars(cls):
             cls.load_model = _load_then_ensure(cls.load_model)

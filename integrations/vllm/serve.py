@@ -16,7 +16,7 @@ from steering.errors import GuarditError, PackError, PolicyError
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import PolicyConfig
 
-CPU_DEFAULTS = ["--enforce-eager", "--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
+CPU_DEFAULTS = ["--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
 
 
 def folder_fingerprint(model_dir: str | Path) -> ModelFingerprint:
