@@ -25,7 +25,13 @@ def main() -> None:
     for name, title in (
         ("plugin_overhead_1", "vLLM: time in guardit code per engine step, 1 pack loaded"),
         ("plugin_overhead_100", "vLLM: time in guardit code per engine step, 100 packs loaded"),
-        ("vllm_throughput", "vLLM end-to-end tokens/s (ratios to vanilla vLLM, same run)"),
+        ("plugin_overhead_1_compiled", "vLLM compiled: time in guardit code per engine step, 1 pack loaded"),
+        ("plugin_overhead_100_compiled", "vLLM compiled: time in guardit code per engine step, 100 packs loaded"),
+        ("vllm_throughput", "vLLM end-to-end tokens/s, eager (ratios to eager vanilla vLLM, same run)"),
+        (
+            "vllm_throughput_compiled",
+            "vLLM end-to-end tokens/s, compiled (ratios to compiled vanilla vLLM, same round: median [min–max] of 3)",
+        ),
         ("hf_overhead", "HF generate (ratios to vanilla HF, same process)"),
         ("calibration_time", "Calibration wall time"),
     ):
