@@ -9,10 +9,9 @@ the engine's (:meth:`integrations.vllm.patch.EngineState.layer`, registered with
 it reads the step's token map and gate state prepared on the host before the forward and leaves
 every token of a row with no work untouched, bit for bit.
 
-The implementation runs Python and may look at tensor values (which tokens to rotate), so it must
-not be captured inside a CUDA graph: on a platform that captures graphs the op is one of vLLM's
-splitting ops (the graph is cut around it and it runs between the captured pieces).
-No vLLM import here.
+The implementation runs Python and looks at tensor values (which tokens to rotate), so it must
+not be captured inside a CUDA graph, whose replay would skip it: with packs configured the plugin
+turns vLLM's CUDA graphs off (:mod:`integrations.vllm.patch`). No vLLM import here.
 """
 
 from __future__ import annotations

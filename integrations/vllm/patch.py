@@ -209,16 +209,17 @@ class EngineState:
             st.text_fired, st.text_score = fired[k], score[k]
 
     def check_hooks_ran(self) -> None:
-        """After a forward: every hooked layer's hook must have run, or nothing was steered."""
+        """After a forward: every steered or gate layer's op must have run, or nothing was steered."""
         bank = self.bank
         assert bank is not None
         missing = sorted(set(bank.layers) - self.called)
         self.called = set()
         if missing:
             raise RuntimeError(
-                f"guardit: the hooks of decoder layers {missing} did not run in this forward pass (compiled "
-                "or captured code bypasses Python hooks), so requests with packs would go unsteered; the "
-                "engine stops instead. Fix: start it with enforce_eager=True / --enforce-eager"
+                f"guardit: the hooks of decoder layers {missing} did not run in this forward pass (guardit's "
+                "op is missing from the code that ran, e.g. a captured graph or a graph compiled without "
+                "it), so requests with packs would go unsteered; the engine stops instead. Fix: start it "
+                "with enforce_eager=True / --enforce-eager"
             )
 
     # -- per step --------------------------------------------------------------------------------
