@@ -42,7 +42,12 @@ ENGINE_ARGS = dict(
     seed=0,
     enable_prefix_caching=False,
 )
-MODES = {"vanilla": ["vanilla"], "plugin-1": ["no_policy", "closed", "open"], "plugin-100": ["closed", "open"]}
+MODES = {
+    "vanilla": ["vanilla"],
+    "plugin-1": ["no_policy", "closed", "open"],
+    "plugin-100": ["closed", "open"],
+    "vanilla-eager": ["vanilla"],  # --compiled only
+}
 
 
 def worker(
@@ -82,7 +87,7 @@ def worker(
         assert all(len(o.outputs[0].token_ids) == t for o in outs)
         return elapsed, sum(len(x) for x in ids[:b])
 
-    modes = MODES["vanilla" if engine.startswith("vanilla") else engine]
+    modes = MODES[engine]
     for mode in modes:  # warm-up
         run(mode, max(batches), 2)
     samples: dict[str, list[dict]] = {f"{m}@{b}": [] for m in modes for b in batches}
@@ -119,7 +124,7 @@ def main() -> None:
     hp = calibrated_pack(model_dir)
     packs = {"vanilla": [], "plugin-1": [hp], "plugin-100": [hp, *synthetic_packs(hp, 99)], "vanilla-eager": []}
     samples: dict[str, list[dict]] = {}
-    order = [*MODES, *(["vanilla-eager"] if args.compiled else [])]
+    order = [e for e in MODES if args.compiled or e != "vanilla-eager"]
     for r in range(args.rounds):
         for engine in order if r % 2 == 0 else order[::-1]:
             print(f"[round {r + 1}/{args.rounds}] {engine} ...", file=sys.stderr, flush=True)

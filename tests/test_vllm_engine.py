@@ -60,6 +60,20 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens, text_variants
     shutdown(llm)
 
 
+def _run_script(script: str, *args: str, env: dict[str, str] | None = None):
+    """Run one of the tests' engine scripts in its own process; returns what it printed after RESULT."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, **(env or {})),
+    )
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(line[0][7:])
+
+
 @pytest.fixture(scope="module")
 def vanilla_tokens(model_dir, hf_model, tmp_path_factory):
     """Token ids from vanilla vLLM (separate process, plugin off) for every example test prompt."""
@@ -68,22 +82,7 @@ def vanilla_tokens(model_dir, hf_model, tmp_path_factory):
     ids = encode_chat(tok, [r.prompt for r in recs])
     f = tmp_path_factory.mktemp("ref") / "prompts.json"
     f.write_text(json.dumps(ids))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).parent / "vllm_reference.py"),
-            str(model_dir),
-            str(f),
-            str(MAX_TOKENS),
-            json.dumps(ENGINE_KW),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, proc.stderr[-3000:]
-    out = json.loads(line[0][7:])
+    out = _run_script("vllm_reference.py", str(model_dir), str(f), str(MAX_TOKENS), json.dumps(ENGINE_KW))
     eos = tok.eos_token_id
     return {r.prompt: [t for t in o if t != eos] for r, o in zip(recs, out)}
 
@@ -246,24 +245,15 @@ def compiled(packs_dir, model_dir, hf_model, tmp_path_factory):
     recs = [r for s in ("forget_test", "retain_test") for r in _records()[("harry_potter", s)]]
     f = tmp_path_factory.mktemp("compiled") / "prompts.json"
     f.write_text(json.dumps(encode_chat(tok, [r.prompt for r in recs])))
-    env = dict(os.environ, **{ENV_CPU_KV: "1"})
+    env = {ENV_CPU_KV: "1"}
     kw = json.dumps({**ENGINE_KW, "enforce_eager": False})
     pack, run = str(packs_dir / "harry-potter"), str(f.parent / "run")
-    runs = {}
-    for name, script, args in (
-        ("vanilla", "vllm_reference.py", [str(model_dir), str(f), str(MAX_TOKENS), kw]),
-        ("guardit", "vllm_compiled.py", [str(model_dir), pack, run, json.dumps(ENGINE_KW), str(MAX_TOKENS)]),
-    ):
-        proc = subprocess.run(
-            [sys.executable, str(Path(__file__).parent / script), *args],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env=env,
-        )
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
-        runs[name] = json.loads(line[0][7:])
+    runs = {
+        "vanilla": _run_script("vllm_reference.py", str(model_dir), str(f), str(MAX_TOKENS), kw, env=env),
+        "guardit": _run_script(
+            "vllm_compiled.py", str(model_dir), pack, run, json.dumps(ENGINE_KW), str(MAX_TOKENS), env=env
+        ),
+    }
     eos = tok.eos_token_id
     vanilla = [[t for t in o if t != eos] for o in runs["vanilla"]]
     return recs, vanilla, runs["guardit"]

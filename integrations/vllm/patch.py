@@ -119,7 +119,9 @@ class EngineState:
                 _write_fingerprint(self.fingerprint)
             self.loaded, self.version = True, version
             self._add_packs(runner, config.pack_dirs())
-        if config.configured():
+        # Once per model (the hooks go on at start-up, before vLLM compiles it): configured() may
+        # read every pack's metadata, which no forward pass should pay for.
+        if id(runner.model) not in self.hooked and config.configured():
             self._hook_layers(runner)
 
     def _add_packs(self, runner, dirs) -> None:
@@ -160,8 +162,6 @@ class EngineState:
         through guardit's op (the compiled graph then holds it whatever packs a live change adds
         later); the mode is checked first."""
         model = runner.model
-        if id(model) in self.hooked:
-            return
         _check_mode(runner)
         op.serve(self.layer)
         for i, layer in enumerate(decoder_layers(model)):
