@@ -9,7 +9,10 @@ of the forward pass; tokens/s with the plugin ≈ 1 / (1 + overhead) of vanilla 
 gate's encoder pass (once per new request, before its prefill, inside the request map's step) is
 reported apart as ``text_gate``.
 
-Usage: python benchmarks/plugin_overhead.py [--batches 1 8 32] [--tokens 32] [--packs 1 100] [--compiled]
+The engine admits ``max(--batches)`` requests at once (``max_num_seqs``), so ``--batches 1 8 32 256``
+measures the per-step host work up to vLLM's default batch of 256 sequences.
+
+Usage: python benchmarks/plugin_overhead.py [--batches 1 8 32 256] [--tokens 32] [--packs 1 100] [--compiled]
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class Timer:
         self.parts = {"begin": 0.0, "text_gate": 0.0, "hooks": 0.0, "end": 0.0}
         self.forward = 0.0
         self.steps = 0
+        self.decode_host = 0.0  # begin and end of the decode steps (every request past its prompt)
+        self.decode_steps = 0
+        self.decoding = False
 
     @property
     def guardit(self) -> float:
@@ -44,12 +50,28 @@ class Timer:
             try:
                 return fn(*a, **kw)
             finally:
+                took = time.perf_counter() - start
                 if part is None:
-                    self.forward += time.perf_counter() - start
+                    self.forward += took
                 else:
-                    self.parts[part] += time.perf_counter() - start
+                    self.parts[part] += took
+                if part in ("begin", "end") and self.decoding:
+                    self.decode_host += took
 
         return timed
+
+    def wrap_begin(self, fn):
+        """``begin``, timed, noting whether the step decodes only (host work per decode step)."""
+        timed = self.wrap(fn, "begin")
+
+        def begin(runner, *a, **kw):
+            from integrations.vllm.patch import decoding
+
+            self.decoding = decoding(runner.input_batch)
+            self.decode_steps += self.decoding
+            return timed(runner, *a, **kw)
+
+        return begin
 
 
 def main() -> None:
@@ -72,7 +94,7 @@ def main() -> None:
 
     timer = Timer()
     state = patch.STATE
-    state.begin = timer.wrap(state.begin, "begin")
+    state.begin = timer.wrap_begin(state.begin)
     state.end = timer.wrap(state.end, "end")
     state.layer = timer.wrap(state.layer, "hooks")  # the op's implementation, per layer
     state._text_gates = timer.wrap(state._text_gates, "text_gate")  # the encoder, inside begin
@@ -82,7 +104,13 @@ def main() -> None:
     from calibration.capture import encode_chat
     from guardit.vllm_generation import make_llm
 
-    llm = make_llm(model_dir, dirs, enforce_eager=not args.compiled, enable_prefix_caching=False)
+    llm = make_llm(
+        model_dir,
+        dirs,
+        enforce_eager=not args.compiled,
+        enable_prefix_caching=False,
+        max_num_seqs=max(args.batches),
+    )
     runner_cls = __import__("vllm.v1.worker.gpu_model_runner", fromlist=["GPUModelRunner"]).GPUModelRunner
     patched_forward = runner_cls._model_forward
 
@@ -117,6 +145,7 @@ def main() -> None:
                     "forward_ms_per_step": round(1e3 * timer.forward / timer.steps, 2),
                     "guardit_ms_per_step": round(1e3 * timer.guardit / timer.steps, 3),
                     **{f"{k}_ms": round(1e3 * v / timer.steps, 3) for k, v in timer.parts.items()},
+                    "decode_host_ms": round(1e3 * timer.decode_host / max(timer.decode_steps, 1), 3),
                     "overhead": round(timer.guardit / base, 4),
                     "est_throughput_ratio": round(base / timer.forward, 4),
                 }

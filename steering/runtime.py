@@ -72,6 +72,13 @@ def row_spec(spec: RequestSpec | None) -> dict[str, PackUse]:
     return {} if spec is None else {pid: PackUse(spec.angle, spec.force, spec.alpha) for pid in spec.packs}
 
 
+def gated_packs(row: RowSpec | RequestSpec | None) -> set[str]:
+    """The packs of a row whose gates decide: not the forced ones, which rotate whatever a gate
+    says (so no encoder pass is spent on them)."""
+    uses = row_spec(row) if row is None or isinstance(row, RequestSpec) else row
+    return {pid for pid, use in uses.items() if not PackUse(*use).force}
+
+
 @dataclass
 class GateStats:
     """Running gate statistics of R rows for P packs (float32 on the bank's device). One row of it,

@@ -21,7 +21,7 @@ from steering.errors import PolicyError
 from steering.modules import decoder_layers
 from steering.pack import ConceptPack
 from steering.rotation import check_angle
-from steering.runtime import GateStats, PackUse, RowSettings, RowSpec, SteeringBank, TokenMap, row_levels
+from steering.runtime import GateStats, PackUse, RowSettings, RowSpec, SteeringBank, TokenMap, gated_packs, row_levels
 from steering.text_gate import request_text
 
 
@@ -126,7 +126,7 @@ class SteerSession:
 
     def _text_gates(self, specs, prompts: list[list[int]], heads: list[int]):
         """The text gates' decisions for a new batch, before its forward (None when no pack has one)."""
-        used = [set(s) for s in specs]
+        used = [gated_packs(s) for s in specs]
         if not any(self.bank.uses_text_gate(u) for u in used):
             return None, None
         if self.tokenizer is None:

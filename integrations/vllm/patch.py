@@ -47,7 +47,7 @@ from integrations.vllm import config, op
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs, parse_request
-from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap
+from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap, gated_packs, row_levels
 from steering.text_gate import request_text
 
 log = logging.getLogger("guardit.vllm")
@@ -102,6 +102,7 @@ class EngineState:
         self.version = 0  # the policy store's version whose packs are loaded (0: no store)
         self.requests: dict[str, _Request] = {}
         self.step: _Step | None = None
+        self.batch: tuple[list[str], list[_Request]] = ([], [])  # the last step's request ids and records
         self.hooked: set[int] = set()  # id() of the models whose decoder layers call guardit's op
         self.called: set[int] = set()  # layers whose hook ran in the current forward
         self.tokenizer = None  # decodes prompts for packs with a text gate
@@ -191,7 +192,7 @@ class EngineState:
         """Decide the text gates of the requests that arrived this step, in one encoder batch."""
         bank = self.bank
         assert bank is not None
-        use = [(st, ids) for st, ids in new if st.spec is not None and bank.uses_text_gate(st.spec.packs)]
+        use = [(st, ids) for st, ids in new if bank.uses_text_gate(gated_packs(st.spec))]
         if not use:
             return
         tp = _tp_group()
@@ -199,7 +200,7 @@ class EngineState:
         if _leads(tp):
             texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
             specs = [st.spec for st, _ in use]
-            decided = bank.text_gates(texts, [list(sp.packs) for sp in specs], [sp.alpha for sp in specs])  # type: ignore[union-attr]
+            decided = bank.text_gates(texts, [list(gated_packs(sp)) for sp in specs], row_levels(specs))
         if tp is not None:
             # Every tensor-parallel worker must rotate the same rows: rank 0 decides, the others follow
             # (over the group's CPU channel, whatever the device).
@@ -241,12 +242,17 @@ class EngineState:
 
     def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
         """This step's request ids and records, in batch order: finished requests dropped, new ones
-        added (their text gates decided in one batch), preempted ones made to rotate again."""
+        added (their text gates decided in one batch), preempted ones made to rotate again. A decode
+        step with the same requests as the last step, in the same order, takes the last step's
+        records as they are: none arrived or finished since, and none is recomputing its prompt
+        (a preempted request would be), so decode steps' host work does not grow with the batch."""
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids[: batch.num_reqs])
+        if req_ids == self.batch[0] and decoding(batch):
+            return self.batch
         live = runner.requests
         for rid in [r for r in self.requests if r not in live]:
             del self.requests[rid]
-        n = runner.input_batch.num_reqs
-        req_ids = list(runner.input_batch.req_ids[:n])
         new = [
             (self._new_request(rid, live[rid]), list(live[rid].prompt_token_ids or []))
             for rid in req_ids
@@ -258,7 +264,8 @@ class EngineState:
         for rid, st in zip(req_ids, requests):
             if st.settled and st.reported and live[rid].num_computed_tokens < live[rid].num_prompt_tokens:
                 st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
-        return req_ids, requests
+        self.batch = (req_ids, requests)
+        return self.batch
 
     def _token_map(
         self, runner, req_ids: list[str], requests: list[_Request], num_tokens: int
@@ -275,14 +282,13 @@ class EngineState:
         ready = np.zeros(n, dtype=bool)
         split: set[int] = set()
         layers: frozenset[int] = frozenset()
-        for i, (rid, st) in enumerate(zip(req_ids, requests)):
+        row[: qsl[n]] = np.repeat(np.arange(n), np.diff(qsl))
+        for i in [i for i, st in enumerate(requests) if st.active]:
+            rid, st = req_ids[i], requests[i]
+            assert st.spec is not None
             cached = runner.requests[rid]
             start = int(cached.num_computed_tokens)
             a, b = int(qsl[i]), int(qsl[i + 1])
-            row[a:b] = i
-            if not st.active:
-                continue
-            assert st.spec is not None
             if start > st.seen:
                 # Tokens we never scored (a cache hit we did not expect): fail closed.
                 log.warning("guardit: request %s skipped %d unscored tokens; steering it", rid, start - st.seen)
@@ -390,6 +396,12 @@ class EngineState:
 
 
 STATE = EngineState()
+
+
+def decoding(batch) -> bool:
+    """Is every request of a runner's input batch past its prompt (a decode step)?"""
+    n = batch.num_reqs
+    return bool((batch.num_computed_tokens_cpu[:n] >= batch.num_prompt_tokens[:n]).all())
 
 
 def _hook(index: int):
