@@ -11,7 +11,8 @@ from helpers import FP, toy_pack
 
 from steering.errors import PackError
 from steering.pack import ConceptPack, GateMeta, TextGateMeta
-from steering.runtime import SteeringBank
+from steering.policy import RequestSpec
+from steering.runtime import PackUse, SteeringBank, gated_packs
 from steering.text_gate import DEFAULT_ENCODER, STRIDE_WORDS, WINDOW_WORDS, load_encoder, windows
 
 
@@ -237,3 +238,20 @@ def test_a_checked_answer_is_streamed_as_the_events_vllm_streams():
     parts = [e["choices"][0] for e in events]  # the client builds these unvalidated (finish_reason None)
     assert all(e["object"] == "text_completion" and e["id"] == "chatcmpl-1" for e in events)
     assert "".join(p["text"] for p in parts) == "Paris." and [p["finish_reason"] for p in parts] == [None, "stop"]
+
+
+def test_forced_packs_take_no_text_decision(encoder):
+    """A forced pack rotates whatever its gate says, so no encoder pass is spent on it: only the
+    gated packs of a row are scored (one rule, :func:`gated_packs`, for HF rows and vLLM requests)."""
+    assert gated_packs(RequestSpec(packs=("enc", "hyb"), force=True)) == set()
+    assert gated_packs(RequestSpec(packs=("enc", "hyb"))) == {"enc", "hyb"}
+    assert gated_packs({"enc": (None, True), "hyb": PackUse(30.0, False)}) == {"hyb"}
+    assert gated_packs(None) == set()
+    bank = SteeringBank([_text_pack(encoder, "enc", kind="encoder"), _text_pack(encoder, "hyb")])
+    rows = [{"enc": (None, True), "hyb": (None, False)}, {"enc": (None, True)}]
+    used = [gated_packs(r) for r in rows]
+    assert [bank.uses_text_gate(u) for u in used] == [True, False]
+    fired, score = bank.text_gates(["Who painted the Mona Lisa?"] * 2, [list(u) for u in used])
+    assert torch.isfinite(score[0, bank.index["hyb"]]) and torch.isinf(score[:, bank.index["enc"]]).all()
+    s = bank.settings(rows, fired)
+    assert s.force[:, bank.index["enc"]].tolist() == [True, True]  # still rotated: forced
