@@ -103,6 +103,7 @@ class EngineState:
         self.requests: dict[str, _Request] = {}
         self.step: _Step | None = None
         self.batch: tuple[list[str], list[_Request]] = ([], [])  # the last step's request ids and records
+        self.batch_active = False  # does any of them still need guardit?
         self.hooked: set[int] = set()  # id() of the models whose decoder layers call guardit's op
         self.called: set[int] = set()  # layers whose hook ran in the current forward
         self.tokenizer = None  # decodes prompts for packs with a text gate
@@ -231,7 +232,7 @@ class EngineState:
         bank = self.bank
         assert bank is not None
         req_ids, requests = self._step_requests(runner)
-        if not any(st.active for st in requests):
+        if not self.batch_active:
             return
         # The token map first: it may mark a request's gates fired (fail closed) before they are stacked.
         tokens, split, layers = self._token_map(runner, req_ids, requests, num_tokens)
@@ -265,6 +266,7 @@ class EngineState:
             if st.settled and st.reported and live[rid].num_computed_tokens < live[rid].num_prompt_tokens:
                 st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
         self.batch = (req_ids, requests)
+        self.batch_active = any(st.active for st in requests)
         return self.batch
 
     def _token_map(
@@ -349,6 +351,7 @@ class EngineState:
                 )
             if st.evaluated and not bank.layers_after_prompt(st.spec.packs, bool(fired), st.compensate):
                 st.settled = True
+        self.batch_active = any(st.active for st in step.requests)
         if events:
             _write_events(events)
 
