@@ -32,6 +32,7 @@ def main() -> None:
             "vllm_throughput_compiled",
             "vLLM end-to-end tokens/s, compiled (ratios to compiled vanilla vLLM, same round: median [min–max] of 3)",
         ),
+        ("prefix_reuse", "vLLM prefix caching on a shared system prompt: vanilla against requests naming a pack"),
         ("hf_overhead", "HF generate (ratios to vanilla HF, same process)"),
         ("calibration_time", "Calibration wall time"),
     ):

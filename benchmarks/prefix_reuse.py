@@ -1,0 +1,97 @@
+"""What gated requests lose by not reusing cached prefixes (#21 item 3, not built): prefill on a
+long shared system prompt, with prefix caching on.
+
+One engine with the Harry Potter pack and prefix caching on. Every request carries the same
+system prompt of about ``--system-tokens`` tokens and its own short question (retain-side
+questions: the gate stays closed). Before the timed rounds one request with the system prompt
+fills the cache. Then, in alternating rounds, a batch of requests without packs and a batch of
+requests naming the pack generate one token each (prefill only). Reported per mode: prompt
+tokens per second, and the share of prompt tokens vLLM served from its cache
+(``RequestOutput.num_cached_tokens``). Requests naming packs get a unique ``cache_salt``, so
+they recompute the whole system prompt.
+
+Usage: python benchmarks/prefix_reuse.py [--system-tokens 600] [--batch 16] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bench_prompts, calibrated_pack, machine, median, save
+
+SYSTEM = (
+    "You are the support assistant of a public library. Answer politely and briefly, cite the "
+    "library's rules when they apply, never invent opening hours, and send questions about "
+    "accounts, fines or personal data to the front desk. "
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--system-tokens", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    from guardit.model_prep import prepare_model
+
+    model_dir = Path(args.model) if args.model else prepare_model()
+    hp = calibrated_pack(model_dir)
+
+    from vllm import SamplingParams
+
+    from guardit.vllm_generation import make_llm, shutdown
+
+    llm = make_llm(model_dir, [hp], enable_prefix_caching=True, max_model_len=2048)
+    tok = llm.get_tokenizer()
+    unit = len(tok(SYSTEM)["input_ids"])
+    system = SYSTEM * max(1, round(args.system_tokens / unit))
+
+    def ids(question: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    questions = bench_prompts(1 + args.rounds * 2 * args.batch)
+    extra = {"vanilla": None, "pack named (gate closed)": {"guardit_packs": "harry-potter"}}
+
+    def run(mode: str, qs: list[str]) -> tuple[float, int, int]:
+        sp = SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra[mode])
+        prompts = [{"prompt_token_ids": ids(q)} for q in qs]
+        start = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        took = time.perf_counter() - start
+        return took, sum(len(p["prompt_token_ids"]) for p in prompts), sum(o.num_cached_tokens or 0 for o in outs)
+
+    run("vanilla", questions[:1])  # the system prompt's blocks enter the cache
+    times: dict[str, list[tuple[float, int, int]]] = {m: [] for m in extra}
+    k = 1
+    for _ in range(args.rounds):
+        for mode in extra:
+            times[mode].append(run(mode, questions[k : k + args.batch]))
+            k += args.batch
+    shutdown(llm)
+    rows = []
+    for mode, rs in times.items():
+        rows.append(
+            {
+                "mode": mode,
+                "batch": args.batch,
+                "prompt_tokens_per_request": round(sum(r[1] for r in rs) / (len(rs) * args.batch)),
+                "prefill_tokens_per_s": round(median([r[1] / r[0] for r in rs]), 1),
+                "cached_share": round(sum(r[2] for r in rs) / sum(r[1] for r in rs), 3),
+                "seconds_per_batch": round(median([r[0] for r in rs]), 3),
+            }
+        )
+        print(rows[-1], flush=True)
+    save("prefix_reuse", {"machine": machine(), "settings": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
