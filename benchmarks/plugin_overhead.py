@@ -62,12 +62,12 @@ class Timer:
 
     def wrap_begin(self, fn):
         """``begin``, timed, noting whether the step decodes only (host work per decode step)."""
+        from integrations.vllm.patch import prompt_pending
+
         timed = self.wrap(fn, "begin")
 
         def begin(runner, *a, **kw):
-            from integrations.vllm.patch import decoding
-
-            self.decoding = decoding(runner.input_batch)
+            self.decoding = not prompt_pending(runner.input_batch).any()
             self.decode_steps += self.decoding
             return timed(runner, *a, **kw)
 

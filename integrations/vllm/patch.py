@@ -193,21 +193,22 @@ class EngineState:
         """Decide the text gates of the requests that arrived this step, in one encoder batch."""
         bank = self.bank
         assert bank is not None
-        use = [(st, ids) for st, ids in new if bank.uses_text_gate(gated_packs(st.spec))]
+        use = [(st, ids, packs) for st, ids in new if bank.uses_text_gate(packs := gated_packs(st.spec))]
         if not use:
             return
         tp = _tp_group()
         decided = None
         if _leads(tp):
-            texts = [request_text(self.tokenizer, ids, st.head) for st, ids in use]
-            specs = [st.spec for st, _ in use]
-            decided = bank.text_gates(texts, [list(gated_packs(sp)) for sp in specs], row_levels(specs))
+            texts = [request_text(self.tokenizer, ids, st.head) for st, ids, _ in use]
+            decided = bank.text_gates(
+                texts, [list(packs) for *_, packs in use], row_levels([st.spec for st, *_ in use])
+            )
         if tp is not None:
             # Every tensor-parallel worker must rotate the same rows: rank 0 decides, the others follow
             # (over the group's CPU channel, whatever the device).
             decided = tp.broadcast_object(decided, src=0)
         fired, score = decided
-        for k, (st, _) in enumerate(use):
+        for k, (st, *_) in enumerate(use):
             st.text_fired, st.text_score = fired[k], score[k]
 
     def check_hooks_ran(self) -> None:
@@ -249,7 +250,8 @@ class EngineState:
         (a preempted request would be), so decode steps' host work does not grow with the batch."""
         batch = runner.input_batch
         req_ids = list(batch.req_ids[: batch.num_reqs])
-        if req_ids == self.batch[0] and decoding(batch):
+        pending = prompt_pending(batch)
+        if req_ids == self.batch[0] and not pending.any():
             return self.batch
         live = runner.requests
         for rid in [r for r in self.requests if r not in live]:
@@ -262,8 +264,8 @@ class EngineState:
         if new and self.bank.text_packs:
             self._text_gates(new)
         requests = [self.requests[rid] for rid in req_ids]
-        for rid, st in zip(req_ids, requests):
-            if st.settled and st.reported and live[rid].num_computed_tokens < live[rid].num_prompt_tokens:
+        for st, in_prompt in zip(requests, pending):
+            if st.settled and st.reported and in_prompt:
                 st.settled = False  # preempted and recomputed from scratch: rotate its prompt again
         self.batch = (req_ids, requests)
         self.batch_active = any(st.active for st in requests)
@@ -285,8 +287,9 @@ class EngineState:
         split: set[int] = set()
         layers: frozenset[int] = frozenset()
         row[: qsl[n]] = np.repeat(np.arange(n), np.diff(qsl))
-        for i in [i for i, st in enumerate(requests) if st.active]:
-            rid, st = req_ids[i], requests[i]
+        for i, (rid, st) in enumerate(zip(req_ids, requests)):
+            if not st.active:
+                continue
             assert st.spec is not None
             cached = runner.requests[rid]
             start = int(cached.num_computed_tokens)
@@ -401,10 +404,11 @@ class EngineState:
 STATE = EngineState()
 
 
-def decoding(batch) -> bool:
-    """Is every request of a runner's input batch past its prompt (a decode step)?"""
+def prompt_pending(batch) -> np.ndarray:
+    """Per row of a runner's input batch: is its request still reading its prompt (new, chunked, or
+    preempted and recomputing it)? A step where no row is, is a decode step."""
     n = batch.num_reqs
-    return bool((batch.num_computed_tokens_cpu[:n] >= batch.num_prompt_tokens[:n]).all())
+    return batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]
 
 
 def _hook(index: int):
