@@ -6,8 +6,8 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), and every piece of guardit 
 step (the request map before the forward, the gate and rotation hooks, the bookkeeping after it)
 is wrapped with a timer. overhead = guardit time / (forward time − guardit time), i.e. the slowdown
 of the forward pass; tokens/s with the plugin ≈ 1 / (1 + overhead) of vanilla at most. The text
-gate's encoder pass (once per new request, before its prefill, inside the request map's step) is
-reported apart as ``text_gate``.
+gate's encoder pass (once per new request, in the scheduler before its prefill,
+:mod:`integrations.vllm.admission`) is reported apart as ``text_gate``.
 
 The engine admits ``max(--batches)`` requests at once (``max_num_seqs``), so ``--batches 1 8 32 256``
 measures the per-step host work up to vLLM's default batch of 256 sequences.
@@ -97,7 +97,9 @@ def main() -> None:
     state.begin = timer.wrap_begin(state.begin)
     state.end = timer.wrap(state.end, "end")
     state.layer = timer.wrap(state.layer, "hooks")  # the op's implementation, per layer
-    state._text_gates = timer.wrap(state._text_gates, "text_gate")  # the encoder, inside begin
+    from integrations.vllm.admission import Admission
+
+    Admission.admit = timer.wrap(Admission.admit, "text_gate")  # the encoder, in the scheduler
 
     from vllm import SamplingParams
 
@@ -134,8 +136,7 @@ def main() -> None:
             llm.generate([{"prompt_token_ids": x} for x in ids[:b]], sp, use_tqdm=False)  # warm-up
             timer.reset()
             llm.generate([{"prompt_token_ids": x} for x in ids[:b]], sp, use_tqdm=False)
-            timer.parts["begin"] -= timer.parts["text_gate"]  # begin's own host work, the encoder apart
-            base = timer.forward - timer.guardit
+            base = timer.forward - (timer.guardit - timer.parts["text_gate"])  # the scheduler's part is outside
             rows.append(
                 {
                     "packs_loaded": args.packs,

@@ -32,8 +32,10 @@ KEY_ALPHA = "guardit_alpha"  # gate strictness: the false-fire level its thresho
 # Keys only the server middleware sets (any client value is removed before it).
 KEY_TENANT = "guardit_tenant"
 KEY_RID = "guardit_rid"
+# Set inside the engine (vLLM's scheduler): the request's text-gate decision, made before its prefill.
+KEY_TEXT = "guardit_text"
 CLIENT_KEYS = (KEY_PACKS, KEY_ANGLE, KEY_FORCE, KEY_ALPHA)
-SERVER_KEYS = (KEY_TENANT, KEY_RID)
+SERVER_KEYS = (KEY_TENANT, KEY_RID, KEY_TEXT)
 DEFAULT_MAX_PACKS = 16
 
 

@@ -24,6 +24,7 @@ forward: :meth:`SteeringBank.text_gates` scores each new request once, and
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -183,6 +184,7 @@ class SteeringBank:
         self.layers = sorted(set(self.gate_layers) | set(self.steer_layers))
         self._needed: dict[tuple[frozenset[str], bool, bool], frozenset[int]] = {}
         self._gates: dict[tuple[int, float], GateMeta] = {}
+        self._identities: dict[int, bytes] = {}
         self.steer_cols = {
             layer: torch.tensor([p for p, _, _ in entries], dtype=torch.long, device=dev)
             for layer, entries in self.steer_layers.items()
@@ -257,6 +259,39 @@ class SteeringBank:
             active &= ~self.encoder_only | text_fired
         dev = self.device
         return RowSettings(active.to(dev), force.to(dev), angle.to(dev), threshold.to(dev))
+
+    def fixed_rotation(self, spec: RequestSpec | None, text_fired: torch.Tensor | None) -> tuple[bool, str | None]:
+        """Is a request's rotation fixed before its forward pass, and which is it? ``text_fired``:
+        its text gates' decision (P,) bool (None: the bank has no text gate). Fixed when every pack
+        of the request is forced, fired by its text gate, or an "encoder" pack whose text gate
+        stayed closed (it does not apply): no probe decides in the forward pass. Returns (fixed,
+        key): ``key`` names exactly what rotates the request's tokens (the rotating packs' planes,
+        layers, scopes and angles, and the template head left alone), None when nothing does (its
+        KV is vanilla's); (False, None) when a probe still decides. Equal keys mean equal rotations
+        of every prompt token, which is what lets two requests share cached prefix blocks."""
+        s = self.settings([spec], None if text_fired is None else text_fired.unsqueeze(0))
+        active, force, angle = s.active[0].cpu(), s.force[0].cpu(), s.angle[0].cpu()
+        if bool((active & ~force).any()):
+            return False, None
+        rotating = force.nonzero().flatten().tolist()
+        if not rotating:
+            return True, None
+        h = hashlib.sha256(repr(self.skip_head).encode())  # the head no rotation touches
+        for j in rotating:
+            h.update(self._identity(j))
+            h.update(repr(float(angle[j])).encode())
+        return True, h.hexdigest()[:32]
+
+    def _identity(self, j: int) -> bytes:
+        """Pack ``j``'s rotation, as bytes: its metadata (layers, scopes, angle mode, template head)
+        and its planes."""
+        found = self._identities.get(j)
+        if found is None:
+            p = self.packs[j]
+            found = self._identities[j] = hashlib.sha256(
+                p.meta.model_dump_json().encode() + p.planes.detach().cpu().contiguous().numpy().tobytes()
+            ).digest()
+        return found
 
     def readout(self, stats: GateStats, settings: RowSettings) -> tuple[torch.Tensor, torch.Tensor]:
         """What the gates say, on the CPU: (the pooled probe value (R, P), fired (R, P) bool, a

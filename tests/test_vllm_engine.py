@@ -342,3 +342,74 @@ def test_text_gate_decides_before_prefill_on_vllm(engine, vanilla_tokens):
     assert [r["token_ids"] for r in answered] == [r["token_ids"] for r in forced]
     assert all(r["gate"]["hp-answer-open"]["by"] == "answer" for r in answered)
     assert all("answer_score" in r["gate"]["hp-text-closed"] for r in closed)
+
+
+SYSTEM = (
+    "You are the support assistant of a public library. Answer politely and briefly, cite the "
+    "library's rules when they apply, never invent opening hours, and send questions about "
+    "accounts, fines or personal data to the front desk. "
+) * 6
+
+
+def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
+    """Prefix caching on, a ~300-token system prompt shared by every request. A request whose gates
+    closed before prefill (encoder-only) reads vanilla's cached blocks; requests fired before
+    prefill share blocks with requests rotated the same way; a request whose probe decides in the
+    forward pass reuses nothing. Each gives the tokens it gives with nothing to reuse (the same
+    request under a fresh cache_salt: prefix caching off for it). A rotated request's generated
+    tokens are never served from the cache to the next chat turn (its prompt would rotate them)."""
+    import uuid
+
+    from vllm import SamplingParams
+
+    tok = engine.get_tokenizer()
+    block = engine.llm_engine.vllm_config.cache_config.block_size
+    recs = _records()
+    questions = [r.prompt for r in recs[("harry_potter", "retain_test")][:5]]
+
+    def ids(question: str) -> list[int]:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def run(prompt: list[int], extra: dict | None, fresh: bool = False) -> tuple[list[int], int]:
+        sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
+        p = {"prompt_token_ids": prompt, **({"cache_salt": uuid.uuid4().hex} if fresh else {})}
+        out = engine.generate([p], sp, use_tqdm=False)[0]
+        return list(out.outputs[0].token_ids), int(out.num_cached_tokens or 0)
+
+    def same_as_uncached(prompt: list[int], extra: dict | None) -> int:
+        tokens, cached = run(prompt, extra)
+        assert tokens == run(prompt, extra, fresh=True)[0]
+        return cached
+
+    system_blocks = len(ids("")) // block * block
+    assert system_blocks >= block
+    run(ids(questions[0]), None)  # vanilla fills the cache with the system prompt
+    closed = {"guardit_packs": "hp-text-closed"}
+    assert same_as_uncached(ids(questions[1]), None) >= system_blocks
+    assert same_as_uncached(ids(questions[1]), closed) >= system_blocks  # vanilla's blocks
+    # A client's decision is overwritten by the engine's: still closed, still vanilla's blocks.
+    forged = {**closed, "guardit_text": {"fired": ["hp-text-closed"], "scores": {}}}
+    assert same_as_uncached(ids(questions[2]), forged) >= system_blocks
+    for extra in ({"guardit_packs": "hp-text-open"}, {"guardit_packs": "harry-potter", "guardit_force": True}):
+        assert same_as_uncached(ids(questions[1]), extra) == 0  # nobody computed this rotation yet
+        assert same_as_uncached(ids(questions[2]), extra) >= system_blocks
+    probe = {"guardit_packs": "harry-potter"}  # hybrid: its probe decides in the forward pass
+    assert same_as_uncached(ids(questions[3]), probe) == 0
+    assert same_as_uncached(ids(questions[3]), probe) == 0
+
+    # Next chat turn after a rotated answer that fills a block: only the first turn's prompt is reused.
+    fired = {"guardit_packs": "hp-text-open"}
+    q = questions[4]
+    first = ids(q)
+    while not 0 < -len(first) % block < MAX_TOKENS:
+        q += " Please."
+        first = ids(q)
+    answer, _ = run(first, fired)
+    follow = tok.encode("<|im_end|>\n<|im_start|>user\nAnd why?<|im_end|>\n<|im_start|>assistant\n")
+    second = first + answer + follow
+    assert (len(first) + len(answer)) // block > len(first) // block  # the answer completed a block
+    cached = same_as_uncached(second, fired)
+    assert cached <= len(first) // block * block
+    assert cached >= block

@@ -221,6 +221,7 @@ def test_mandatory_policy_cannot_be_disabled(server):
         ({"guardit_packs": "harry-potter", "guardit_force": "yes"}, "guardit_force"),
         ({"guardit_packz": "harry-potter"}, "guardit_packz"),
         ({"guardit_tenant": "kids"}, "guardit_tenant"),
+        ({"guardit_packs": "harry-potter", "guardit_text": "{}"}, "guardit_text"),  # the engine's decision
     ],
 )
 def test_bad_xargs_is_400_and_server_keeps_serving(server, xargs, field):

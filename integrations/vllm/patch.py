@@ -12,7 +12,12 @@
    ``residual = 0``; other tokens are not touched at all (bit-identical).
 2. ``InputProcessor.process_inputs``: a request that names packs gets a unique ``cache_salt``, so
    KV computed under a rotation is never reused by another request and the gate always sees the
-   whole prompt (prefix caching stays on for everything else).
+   whole prompt (prefix caching stays on for everything else). The scheduler
+   (``Scheduler.add_request`` / ``schedule``) then hands the requests that arrived since its last
+   step to :class:`integrations.vllm.admission.Admission` before scheduling them: their text gates
+   are decided there, in one batch, and a request whose rotation that fixes (none, or a known one)
+   gets the salt of that rotation instead, so it shares cached prefixes with requests computed the
+   same way. ``KVCacheCoordinator.cache_blocks`` caches only the prompt blocks of a rotated one.
 3. Fail closed in every engine mode. ``EngineArgs.create_engine_config``, whenever packs are
    configured: no CUDA graphs (a replay would skip the op's host code; torch.compile stays on),
    guardit's mark in ``additional_config`` (vLLM's compile cache is keyed by the config's hash, so
@@ -25,9 +30,9 @@
 Gate results are appended as JSON lines to ``$GUARDIT_RUN_DIR/events.jsonl``.
 
 Tensor parallelism: every worker runs this code on the whole residual stream (each layer's output
-is all-reduced), so every worker loads the packs and applies the same gates and rotations. Rank 0
-alone decides the text gates (broadcast to the others, so no worker can round differently), writes
-events and the fingerprint, and supplies the fingerprint's embedding rows (its vocabulary slice is
+is all-reduced), so every worker loads the packs and applies the same gates and rotations. The
+text gates are decided once, in the engine core, and reach every worker with the request. Rank 0
+alone writes events and the fingerprint, and supplies the fingerprint's embedding rows (its vocabulary slice is
 the one that starts at row 0).
 """
 
@@ -46,9 +51,8 @@ import torch
 from integrations.vllm import config, op
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
-from steering.policy import RequestSpec, names_packs, parse_request
-from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap, gated_packs, row_levels
-from steering.text_gate import request_text
+from steering.policy import KEY_TEXT, RequestSpec, names_packs, parse_request
+from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap, gated_packs
 
 log = logging.getLogger("guardit.vllm")
 _installed = False
@@ -63,6 +67,9 @@ class _Request:
     gate: GateStats  # R = 1: the probe's running statistics and decisions (P packs)
     text_fired: torch.Tensor  # (P,) bool: the text gates' decision, made before its prefill
     text_score: torch.Tensor  # (P,) float, -inf where no text gate applies
+    # Its rotation was fixed before its forward (forced packs, text gates): no probe decides, so
+    # tokens served from the prefix cache skip nothing (admission salted it by that rotation).
+    fixed: bool = False
     head: int = 1  # leading prompt tokens never rotated (template head, attention sink)
     seen: int = 0  # prompt+output positions already scored by the gate
     reported: set[str] = field(default_factory=set)
@@ -106,7 +113,6 @@ class EngineState:
         self.batch_active = False  # does any of them still need guardit?
         self.hooked: set[int] = set()  # id() of the models whose decoder layers call guardit's op
         self.called: set[int] = set()  # layers whose hook ran in the current forward
-        self.tokenizer = None  # decodes prompts for packs with a text gate
         self.fingerprint: ModelFingerprint | None = None  # the served model's, taken at start-up
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -142,8 +148,6 @@ class EngineState:
         if old is not None:
             self._widen(old)
         log.info("guardit: %d concept pack(s) loaded: %s", len(packs), [p.id for p in packs])
-        if any(p.meta.gate.text is not None for p in packs):
-            self._load_text_gates(runner)
 
     def _widen(self, old: SteeringBank) -> None:
         """Move every live request's gate state from ``old``'s pack columns to the new bank's."""
@@ -169,47 +173,6 @@ class EngineState:
         for i, layer in enumerate(decoder_layers(model)):
             layer.register_forward_hook(_hook(i))
         self.hooked.add(id(model))
-
-    def _load_text_gates(self, runner) -> None:
-        """Packs with a text gate: load the model's tokenizer and each pack's encoder at start-up
-        (a pack whose encoder is missing or different stops the engine here, not at a request)."""
-        from transformers import AutoTokenizer
-
-        from steering.text_gate import check_encoder
-
-        bank = self.bank
-        assert bank is not None
-        cfg = runner.model_config
-        if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                cfg.tokenizer, revision=cfg.tokenizer_revision, trust_remote_code=cfg.trust_remote_code
-            )
-        for j in bank.text_packs:
-            tg = bank.packs[j].meta.gate.text
-            assert tg is not None
-            check_encoder(bank.packs[j].id, tg.encoder, tg.encoder_sha256)
-
-    def _text_gates(self, new: list[tuple[_Request, list[int]]]) -> None:
-        """Decide the text gates of the requests that arrived this step, in one encoder batch."""
-        bank = self.bank
-        assert bank is not None
-        use = [(st, ids, packs) for st, ids in new if bank.uses_text_gate(packs := gated_packs(st.spec))]
-        if not use:
-            return
-        tp = _tp_group()
-        decided = None
-        if _leads(tp):
-            texts = [request_text(self.tokenizer, ids, st.head) for st, ids, _ in use]
-            decided = bank.text_gates(
-                texts, [list(packs) for *_, packs in use], row_levels([st.spec for st, *_ in use])
-            )
-        if tp is not None:
-            # Every tensor-parallel worker must rotate the same rows: rank 0 decides, the others follow
-            # (over the group's CPU channel, whatever the device).
-            decided = tp.broadcast_object(decided, src=0)
-        fired, score = decided
-        for k, (st, *_) in enumerate(use):
-            st.text_fired, st.text_score = fired[k], score[k]
 
     def check_hooks_ran(self) -> None:
         """After a forward: every steered or gate layer's op must have run, or nothing was steered."""
@@ -244,7 +207,7 @@ class EngineState:
 
     def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
         """This step's request ids and records, in batch order: finished requests dropped, new ones
-        added (their text gates decided in one batch), preempted ones made to rotate again. A decode
+        added, preempted ones made to rotate again. A decode
         step with the same requests as the last step, in the same order, takes the last step's
         records as they are: none arrived or finished since, and none is recomputing its prompt
         (a preempted request would be), so decode steps' host work does not grow with the batch."""
@@ -256,13 +219,9 @@ class EngineState:
         live = runner.requests
         for rid in [r for r in self.requests if r not in live]:
             del self.requests[rid]
-        new = [
-            (self._new_request(rid, live[rid]), list(live[rid].prompt_token_ids or []))
-            for rid in req_ids
-            if rid not in self.requests
-        ]
-        if new and self.bank.text_packs:
-            self._text_gates(new)
+        for rid in req_ids:
+            if rid not in self.requests:
+                self._new_request(rid, live[rid])
         requests = [self.requests[rid] for rid in req_ids]
         for st, in_prompt in zip(requests, pending):
             if st.settled and st.reported and in_prompt:
@@ -294,7 +253,7 @@ class EngineState:
             cached = runner.requests[rid]
             start = int(cached.num_computed_tokens)
             a, b = int(qsl[i]), int(qsl[i + 1])
-            if start > st.seen:
+            if start > st.seen and not st.fixed:
                 # Tokens we never scored (a cache hit we did not expect): fail closed.
                 log.warning("guardit: request %s skipped %d unscored tokens; steering it", rid, start - st.seen)
                 st.gate.fired[:] = True
@@ -375,6 +334,9 @@ class EngineState:
         st = _Request(spec, GateStats.empty(1, p), torch.zeros(p, dtype=torch.bool), torch.full((p,), -math.inf))
         if spec is not None:
             st.head = bank.head_length(list(cached.prompt_token_ids or []))
+            if bank.text_packs:
+                st.text_fired, st.text_score = _text_decision(rid, spec, getattr(sp, "extra_args", None), bank)
+            st.fixed = bank.fixed_rotation(spec, st.text_fired if bank.text_packs else None)[0]
         self.requests[rid] = st
         return st
 
@@ -420,6 +382,26 @@ def _hook(index: int):
         torch.ops.guardit.steer_layer(hidden, residual, index)
 
     return hook
+
+
+def _text_decision(rid: str, spec: RequestSpec, extra_args, bank: SteeringBank) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's text-gate decision, as the engine core made it before its prefill
+    (:mod:`integrations.vllm.admission`): (fired (P,) bool, score (P,) float, -inf where not scored).
+    A request that needs one and carries none is rotated by every such pack (fail closed)."""
+    fired, score = torch.zeros(bank.num_packs, dtype=torch.bool), torch.full((bank.num_packs,), -math.inf)
+    decision = (extra_args or {}).get(KEY_TEXT)
+    if not isinstance(decision, dict):
+        needed = bank.uses_text_gate(gated_packs(spec))
+        if needed:
+            log.error("guardit: request %s has no text-gate decision; rotating it with its text-gated packs", rid)
+            for j in bank.text_packs:
+                fired[j] = bank.packs[j].id in spec.packs
+        return fired, score
+    for pid in decision.get("fired", ()):
+        fired[bank.index[pid]] = True
+    for pid, value in decision.get("scores", {}).items():
+        score[bank.index[pid]] = float(value)
+    return fired, score
 
 
 def _text_scores(st: _Request, bank: SteeringBank) -> dict:
@@ -520,7 +502,8 @@ _RUNNER_DEVICES = ("cpu", "cuda")  # platforms whose model runner is GPUModelRun
 
 def _configure_engine(original):
     """Wrap ``EngineArgs.create_engine_config``: with packs configured, the engine captures no CUDA
-    graphs, and its compile cache is kept apart from vanilla engines' (graphs with guardit's op)."""
+    graphs, its compile cache is kept apart from vanilla engines' (graphs with guardit's op), and its
+    scheduler is vLLM's (whose admission of requests guardit patches)."""
 
     def create_engine_config(self, *args, **kwargs):
         from vllm.config import CUDAGraphMode
@@ -544,6 +527,15 @@ def _configure_engine(original):
                 f"guardit: concept packs are configured but the '{device}' platform's model "
                 f"runner is not one guardit can hook (supported: {list(_RUNNER_DEVICES)})"
             )
+        if packs:
+            from vllm.v1.core.sched.scheduler import Scheduler
+
+            cls = vllm_config.scheduler_config.get_scheduler_cls()
+            if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
+                raise RuntimeError(
+                    f"guardit: concept packs are configured but the scheduler {cls!r} is not vLLM's, "
+                    "where guardit decides text gates and cache salts before prefill; use the default scheduler"
+                )
         return vllm_config
 
     return create_engine_config
@@ -593,6 +585,7 @@ def install() -> None:
         return out
 
     GPUModelRunner._model_forward = _model_forward
+    _patch_scheduler()
 
     original_process = InputProcessor.process_inputs
 
@@ -603,3 +596,42 @@ def install() -> None:
         return request
 
     InputProcessor.process_inputs = process_inputs
+
+
+def _patch_scheduler() -> None:
+    """The engine core's admission of requests (:mod:`integrations.vllm.admission`): requests that
+    arrive are kept until the scheduler's next step, which decides them in one batch before it looks
+    any of them up in the prefix cache; a rotated request caches its prompt's blocks only."""
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from integrations.vllm.admission import Admission
+
+    original_init, original_add, original_schedule = Scheduler.__init__, Scheduler.add_request, Scheduler.schedule
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.guardit = Admission(self.vllm_config) if config.configured() else None
+        self.guardit_arrived = []
+
+    def add_request(self, request) -> None:
+        if self.guardit is not None and request.request_id not in self.requests:
+            self.guardit_arrived.append(request)
+        original_add(self, request)
+
+    def schedule(self, *args, **kwargs):
+        if self.guardit_arrived:
+            arrived, self.guardit_arrived = self.guardit_arrived, []
+            self.guardit.admit([r for r in arrived if not r.is_finished()])
+        return original_schedule(self, *args, **kwargs)
+
+    Scheduler.__init__, Scheduler.add_request, Scheduler.schedule = __init__, add_request, schedule
+
+    original_cache = KVCacheCoordinator.cache_blocks
+
+    def cache_blocks(self, request, num_computed_tokens: int) -> None:
+        if getattr(request, "guardit_prompt_only", False):
+            num_computed_tokens = min(num_computed_tokens, request.num_prompt_tokens)
+        return original_cache(self, request, num_computed_tokens)
+
+    KVCacheCoordinator.cache_blocks = cache_blocks

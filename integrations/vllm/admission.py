@@ -1,0 +1,150 @@
+"""The engine core's side of guardit: each request's text gates, decided once before its prefill,
+and the prefix-cache key that follows from them.
+
+vLLM's scheduler looks a request up in the prefix cache by block hashes seeded with its
+``cache_salt``, before the request's first forward. The front end gives every request that names
+packs a unique salt (:func:`integrations.vllm.patch.install`: fail closed, nothing shared). Here,
+when the scheduler takes the requests that arrived since its last step, :meth:`Admission.admit`
+
+1. decides their text gates in one encoder batch (:meth:`SteeringBank.text_gates`, the rule the
+   HF session uses too) and writes the decision into the request's ``extra_args``
+   (``guardit_text``), where the workers read it: one decision per request, made once, whatever
+   the number of tensor-parallel workers; the client's value of that key is overwritten;
+2. replaces the unique salt where the request's rotation is fixed before its forward
+   (:meth:`SteeringBank.fixed_rotation`): no rotation (its packs' gates closed before prefill) →
+   the client's own salt, so it shares vanilla's cache; a rotation → the client's salt plus the
+   rotation's key, so it shares blocks only with requests rotated exactly the same way. A request
+   whose probe still decides in the forward pass keeps the unique salt: its prompt's KV depends on
+   a decision that comes after vLLM has registered its blocks.
+
+A rotated request caches only its prompt's blocks (``prompt_only``): under prompt-scope steering
+its generated tokens are not rotated, while the same tokens inside a later prompt (the next chat
+turn) would be, so a block of them must not be shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from integrations.vllm import config
+from steering.pack import load_packs
+from steering.policy import KEY_TEXT, RequestSpec, parse_request
+from steering.runtime import SteeringBank, gated_packs, row_levels
+from steering.text_gate import check_encoder, request_text
+
+log = logging.getLogger("guardit.vllm")
+SALT_MARK = "|guardit:"  # what the front end appends to a request's cache_salt
+
+
+def client_salt(salt: str | None) -> str | None:
+    """A request's cache_salt without guardit's part (None when the client set none)."""
+    if salt is None:
+        return None
+    base = salt.split(SALT_MARK, 1)[0]
+    return base or None
+
+
+class Admission:
+    """The engine core's packs (every one ever configured in this engine, as the workers keep them)
+    and the model's tokenizer, loaded at start-up and on a policy change."""
+
+    def __init__(self, vllm_config) -> None:
+        self.model_config = vllm_config.model_config
+        self.dirs: dict = {}
+        self.version: int | None = None
+        self.bank: SteeringBank | None = None
+        self.tokenizer = None
+        self.ensure()
+
+    def ensure(self) -> None:
+        """Load the packs configured since the last call (with a policy store, after a live change)."""
+        store = config.store()
+        version = store.version() if store is not None else 0
+        if version == self.version:
+            return
+        self.version = version
+        new = {cid: d for cid, d in config.pack_dirs().items() if cid not in self.dirs}
+        if not new:
+            return
+        self.dirs.update(new)
+        self.bank = SteeringBank(load_packs(list(self.dirs.values()), None, config.allow_precision_change()))
+        for j in self.bank.text_packs:  # a pack whose encoder is missing or different stops the engine here
+            tg = self.bank.packs[j].meta.gate.text
+            assert tg is not None
+            check_encoder(self.bank.packs[j].id, tg.encoder, tg.encoder_sha256)
+        if self.bank.text_packs and self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            mc = self.model_config
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=mc.trust_remote_code
+            )
+
+    def admit(self, requests: list) -> None:
+        """Decide the text gates of vLLM ``Request`` objects that have not been scheduled yet (one
+        encoder batch), write each decision into its ``extra_args`` and set its cache salt."""
+        self.ensure()
+        bank = self.bank
+        if bank is None:
+            return
+        specs = [_spec(r, bank) for r in requests]
+        fired = torch.zeros(len(requests), bank.num_packs, dtype=torch.bool)
+        score = torch.full((len(requests), bank.num_packs), -math.inf)
+        use = [i for i, spec in enumerate(specs) if spec is not None and bank.uses_text_gate(gated_packs(spec))]
+        if use:
+            texts = []
+            for i in use:
+                ids = list(requests[i].prompt_token_ids or [])
+                texts.append(request_text(self.tokenizer, ids, bank.head_length(ids)))
+            f, s = bank.text_gates(
+                texts, [list(gated_packs(specs[i])) for i in use], row_levels([specs[i] for i in use])
+            )
+            fired[use], score[use] = f, s
+        for i, (request, spec) in enumerate(zip(requests, specs)):
+            if spec is None:
+                continue
+            if bank.text_packs:
+                _write_text(request, spec, bank, fired[i], score[i])
+            fixed, key = bank.fixed_rotation(spec, fired[i] if bank.text_packs else None)
+            if fixed:
+                base = client_salt(request.cache_salt)
+                _resalt(request, base if key is None else f"{base or ''}{SALT_MARK}{key}")
+                request.guardit_prompt_only = key is not None
+
+
+def _spec(request, bank: SteeringBank) -> RequestSpec | None:
+    """The request's spec, or None (no packs; or a spec the workers will refuse and steer with every
+    pack, which keeps the unique salt)."""
+    sp = request.sampling_params
+    try:
+        spec = parse_request(getattr(sp, "extra_args", None), frozenset(bank.index), max_packs=bank.num_packs)
+        if spec is not None:
+            spec.check_levels({p.id: p.meta for p in bank.packs})
+    except ValueError:
+        return None
+    return spec
+
+
+def _write_text(request, spec: RequestSpec, bank: SteeringBank, fired: torch.Tensor, score: torch.Tensor) -> None:
+    """The text decision, for the workers: the packs fired and every scored pack's score. A new dict
+    on the request's own SamplingParams (the client's dict may be shared by several requests)."""
+    sp = request.sampling_params
+    decision = {
+        "fired": sorted(pid for pid in spec.packs if fired[bank.index[pid]]),
+        "scores": {
+            pid: float(score[bank.index[pid]]) for pid in spec.packs if math.isfinite(float(score[bank.index[pid]]))
+        },
+    }
+    sp.extra_args = {**(sp.extra_args or {}), KEY_TEXT: decision}
+
+
+def _resalt(request, salt: str | None) -> None:
+    """Give a request that has not been scheduled yet another cache salt: its block hashes again."""
+    if salt == request.cache_salt:
+        return
+    request.cache_salt = salt
+    request.block_hashes = []
+    request.update_block_hashes()
