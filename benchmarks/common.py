@@ -69,6 +69,21 @@ def calibrated_pack(model_dir: Path, concept: str = "harry_potter") -> Path:
     return out
 
 
+def gate_kind_pack(base_dir: Path, kind: str) -> Path:
+    """The pack of ``base_dir`` serving another of its calibrated gate kinds
+    (:meth:`ConceptPack.with_gate_kind`), saved (cached) under the id ``<id>-<kind>``."""
+    from dataclasses import replace
+
+    from steering.pack import ConceptPack
+
+    base = ConceptPack.from_pretrained(base_dir)
+    out = CACHE / "packs" / f"{base.id}-{kind}"
+    if not (out / "pack.json").is_file():
+        pack = base.with_gate_kind(kind)
+        replace(pack, meta=pack.meta.model_copy(update={"concept_id": f"{base.id}-{kind}"})).save_pretrained(out)
+    return out
+
+
 def synthetic_packs(base_dir: Path, n: int, seed: int = 0) -> list[Path]:
     """``n`` packs for the same model with random planes, random steered layers (4–8 of the upper
     layers) and random gate layers, whose gates never fire: they stand for loaded packs that a

@@ -1,14 +1,22 @@
-"""What gated requests lose by not reusing cached prefixes (#21 item 3, not built): prefill on a
-long shared system prompt, with prefix caching on.
+"""Prefix reuse for requests that name packs (#21 item 3): prefill on a long shared system prompt,
+with prefix caching on.
 
-One engine with the Harry Potter pack and prefix caching on. Every request carries the same
-system prompt of about ``--system-tokens`` tokens and its own short question (retain-side
-questions: the gate stays closed). Before the timed rounds one request with the system prompt
-fills the cache. Then, in alternating rounds, a batch of requests without packs and a batch of
-requests naming the pack generate one token each (prefill only). Reported per mode: prompt
-tokens per second, and the share of prompt tokens vLLM served from its cache
-(``RequestOutput.num_cached_tokens``). Requests naming packs get a unique ``cache_salt``, so
-they recompute the whole system prompt.
+One engine with the Harry Potter pack (its default "hybrid" gate) and the same pack serving its
+"encoder" gate, prefix caching on. Every request carries the same system prompt of about
+``--system-tokens`` tokens and its own short question (retain-side questions: the gates stay
+closed). Before the timed rounds one request with the system prompt fills the cache. Then, in
+alternating rounds, one batch per mode generates one token per request (prefill only):
+
+- no packs (vanilla);
+- the hybrid pack: its probe decides in the forward pass, so the request keeps a unique
+  ``cache_salt`` and recomputes the whole system prompt;
+- the encoder pack: its gate closes before prefill (in the scheduler), so the request reads
+  vanilla's cached blocks;
+- the pack forced: its rotation is fixed before prefill, so requests rotated the same way share
+  blocks (the first of them fills the cache: it runs before the timed rounds too).
+
+Reported per mode: prompt tokens per second, and the share of prompt tokens vLLM served from its
+cache (``RequestOutput.num_cached_tokens``).
 
 Usage: python benchmarks/prefix_reuse.py [--system-tokens 600] [--batch 16] [--rounds 3]
 """
@@ -22,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_prompts, calibrated_pack, machine, median, save
+from common import bench_prompts, calibrated_pack, gate_kind_pack, machine, median, save
 
 SYSTEM = (
     "You are the support assistant of a public library. Answer politely and briefly, cite the "
@@ -43,12 +51,13 @@ def main() -> None:
 
     model_dir = Path(args.model) if args.model else prepare_model()
     hp = calibrated_pack(model_dir)
+    encoder = gate_kind_pack(hp, "encoder")
 
     from vllm import SamplingParams
 
     from guardit.vllm_generation import make_llm, shutdown
 
-    llm = make_llm(model_dir, [hp], enable_prefix_caching=True, max_model_len=2048)
+    llm = make_llm(model_dir, [hp, encoder], enable_prefix_caching=True, max_model_len=2048)
     tok = llm.get_tokenizer()
     unit = len(tok(SYSTEM)["input_ids"])
     system = SYSTEM * max(1, round(args.system_tokens / unit))
@@ -58,8 +67,14 @@ def main() -> None:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    questions = bench_prompts(1 + args.rounds * 2 * args.batch)
-    extra = {"vanilla": None, "pack named (gate closed)": {"guardit_packs": "harry-potter"}}
+    extra = {
+        "vanilla": None,
+        "hybrid pack (probe decides in the forward pass)": {"guardit_packs": "harry-potter"},
+        "encoder pack (gate closed before prefill)": {"guardit_packs": "harry-potter-encoder"},
+        "pack forced (rotation fixed before prefill)": {"guardit_packs": "harry-potter", "guardit_force": True},
+    }
+    # Numbered, so that no two requests share more than the system prompt (bench_prompts repeats).
+    questions = [f"Ticket {i}: {q}" for i, q in enumerate(bench_prompts(2 + args.rounds * len(extra) * args.batch))]
 
     def run(mode: str, qs: list[str]) -> tuple[float, int, int]:
         sp = SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra[mode])
@@ -70,8 +85,9 @@ def main() -> None:
         return took, sum(len(p["prompt_token_ids"]) for p in prompts), sum(o.num_cached_tokens or 0 for o in outs)
 
     run("vanilla", questions[:1])  # the system prompt's blocks enter the cache
+    run("pack forced (rotation fixed before prefill)", questions[1:2])  # and under the forced rotation
     times: dict[str, list[tuple[float, int, int]]] = {m: [] for m in extra}
-    k = 1
+    k = 2
     for _ in range(args.rounds):
         for mode in extra:
             times[mode].append(run(mode, questions[k : k + args.batch]))

@@ -255,3 +255,29 @@ def test_forced_packs_take_no_text_decision(encoder):
     assert torch.isfinite(score[0, bank.index["hyb"]]) and torch.isinf(score[:, bank.index["enc"]]).all()
     s = bank.settings(rows, fired)
     assert s.force[:, bank.index["enc"]].tolist() == [True, True]  # still rotated: forced
+
+
+def test_a_rotation_fixed_before_the_forward_is_keyed_by_what_it_rotates(encoder):
+    """What decides a request's prefix-cache salt (:meth:`SteeringBank.fixed_rotation`): closed
+    before prefill → fixed, nothing rotates (vanilla's cache); forced or text-fired → fixed, keyed by
+    the rotation (the same pack at the same angle: the same key, whether forced or fired); a probe
+    still deciding in the forward pass → not fixed."""
+    bank = SteeringBank([_text_pack(encoder, "enc", kind="encoder"), _text_pack(encoder, "hyb")])
+    none = torch.zeros(2, dtype=torch.bool)
+    hyb_fired = none.clone()
+    hyb_fired[bank.index["hyb"]] = True
+
+    def key(packs, fired=none, **kw):
+        return bank.fixed_rotation(RequestSpec(packs=packs, **kw), fired)
+
+    assert key(("enc",)) == (True, None)
+    assert key(("hyb",)) == (False, None)
+    assert key(("enc", "hyb")) == (False, None)
+    fixed, forced = key(("hyb",), force=True)
+    assert fixed and forced is not None
+    assert key(("hyb",), hyb_fired) == (True, forced)
+    assert key(("enc", "hyb"), hyb_fired) == (True, forced)  # the closed encoder pack rotates nothing
+    assert key(("hyb",), force=True, angle=45.0)[1] not in (None, forced)
+    assert key(("enc",), force=True)[1] not in (None, forced)
+    assert key(("enc", "hyb"), force=True)[1] not in (None, forced)
+    assert bank.fixed_rotation(None, none) == (True, None)

@@ -372,44 +372,46 @@ def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    def run(prompt: list[int], extra: dict | None, fresh: bool = False) -> tuple[list[int], int]:
-        sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
-        p = {"prompt_token_ids": prompt, **({"cache_salt": uuid.uuid4().hex} if fresh else {})}
-        out = engine.generate([p], sp, use_tqdm=False)[0]
-        return list(out.outputs[0].token_ids), int(out.num_cached_tokens or 0)
-
-    def same_as_uncached(prompt: list[int], extra: dict | None) -> int:
-        tokens, cached = run(prompt, extra)
-        assert tokens == run(prompt, extra, fresh=True)[0]
-        return cached
+    def run(rows: list[tuple[list[int], dict | None]], max_tokens: int = 8, fresh: bool = False):
+        """One generate call; with ``fresh``, every request under a new cache_salt (nothing to reuse)."""
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=e) for _, e in rows
+        ]
+        prompts = [{"prompt_token_ids": p, **({"cache_salt": uuid.uuid4().hex} if fresh else {})} for p, _ in rows]
+        outs = engine.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], [int(o.num_cached_tokens or 0) for o in outs]
 
     system_blocks = len(ids("")) // block * block
     assert system_blocks >= block
-    run(ids(questions[0]), None)  # vanilla fills the cache with the system prompt
+    q = [ids(x) for x in questions]
     closed = {"guardit_packs": "hp-text-closed"}
-    assert same_as_uncached(ids(questions[1]), None) >= system_blocks
-    assert same_as_uncached(ids(questions[1]), closed) >= system_blocks  # vanilla's blocks
-    # A client's decision is overwritten by the engine's: still closed, still vanilla's blocks.
-    forged = {**closed, "guardit_text": {"fired": ["hp-text-closed"], "scores": {}}}
-    assert same_as_uncached(ids(questions[2]), forged) >= system_blocks
-    for extra in ({"guardit_packs": "hp-text-open"}, {"guardit_packs": "harry-potter", "guardit_force": True}):
-        assert same_as_uncached(ids(questions[1]), extra) == 0  # nobody computed this rotation yet
-        assert same_as_uncached(ids(questions[2]), extra) >= system_blocks
+    forged = {**closed, "guardit_text": {"fired": ["hp-text-closed"], "scores": {}}}  # the engine decides
+    fired = {"guardit_packs": "hp-text-open"}
+    forced = {"guardit_packs": "harry-potter", "guardit_force": True}
     probe = {"guardit_packs": "harry-potter"}  # hybrid: its probe decides in the forward pass
-    assert same_as_uncached(ids(questions[3]), probe) == 0
-    assert same_as_uncached(ids(questions[3]), probe) == 0
+    run([(q[0], None)])  # vanilla puts the system prompt in the cache
+    first_rows = [(q[1], None), (q[1], closed), (q[2], forged), (q[1], fired), (q[1], forced), (q[3], probe)]
+    then_rows = [(q[2], fired), (q[2], forced), (q[3], probe)]  # the same rotations again
+    first, first_cached = run(first_rows)
+    then, then_cached = run(then_rows)
+    # Vanilla's blocks for vanilla and closed (a client's decision is overwritten: still closed);
+    # nobody had computed the two rotations yet; the probe reuses nothing.
+    assert [c >= system_blocks for c in first_cached[:3]] == [True] * 3 and first_cached[3:] == [0] * 3
+    assert [c >= system_blocks for c in then_cached[:2]] == [True] * 2 and then_cached[2] == 0
 
     # Next chat turn after a rotated answer that fills a block: only the first turn's prompt is reused.
-    fired = {"guardit_packs": "hp-text-open"}
-    q = questions[4]
-    first = ids(q)
-    while not 0 < -len(first) % block < MAX_TOKENS:
-        q += " Please."
-        first = ids(q)
-    answer, _ = run(first, fired)
+    x = questions[4]
+    turn = ids(x)
+    while not 0 < -len(turn) % block < MAX_TOKENS:
+        x += " Please."
+        turn = ids(x)
+    (answer,), _ = run([(turn, fired)], max_tokens=MAX_TOKENS)
     follow = tok.encode("<|im_end|>\n<|im_start|>user\nAnd why?<|im_end|>\n<|im_start|>assistant\n")
-    second = first + answer + follow
-    assert (len(first) + len(answer)) // block > len(first) // block  # the answer completed a block
-    cached = same_as_uncached(second, fired)
-    assert cached <= len(first) // block * block
-    assert cached >= block
+    second = turn + answer + follow
+    assert (len(turn) + len(answer)) // block > len(turn) // block  # the answer completed a block
+    (reply,), (cached,) = run([(second, fired)])
+    assert block <= cached <= len(turn) // block * block
+
+    # Every request gives the tokens it gives with nothing to reuse.
+    reference, _ = run([*first_rows, *then_rows, (second, fired)], fresh=True)
+    assert [*first, *then, reply] == reference

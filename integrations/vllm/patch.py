@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from integrations.vllm import config, op
+from integrations.vllm.admission import SALT_MARK, Admission
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import KEY_TEXT, RequestSpec, names_packs, parse_request
@@ -592,7 +593,7 @@ def install() -> None:
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         if names_packs(getattr(getattr(request, "sampling_params", None), "extra_args", None)):
-            request.cache_salt = f"{request.cache_salt or ''}|guardit:{uuid.uuid4().hex}"
+            request.cache_salt = f"{request.cache_salt or ''}{SALT_MARK}{uuid.uuid4().hex}"
         return request
 
     InputProcessor.process_inputs = process_inputs
@@ -604,8 +605,6 @@ def _patch_scheduler() -> None:
     any of them up in the prefix cache; a rotated request caches its prompt's blocks only."""
     from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
     from vllm.v1.core.sched.scheduler import Scheduler
-
-    from integrations.vllm.admission import Admission
 
     original_init, original_add, original_schedule = Scheduler.__init__, Scheduler.add_request, Scheduler.schedule
 
