@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,11 +95,14 @@ def windows(text: str, size: int = WINDOW_WORDS, stride: int = STRIDE_WORDS) -> 
 
 @dataclass(frozen=True)
 class Encoder:
-    """A loaded sentence encoder and the hash that identifies its weights."""
+    """A loaded sentence encoder and the hash that identifies its weights. It keeps the embeddings
+    of the last :data:`CACHED_WINDOWS` windows it scored: requests that share a long system prompt
+    or earlier turns share those windows, which are then embedded once."""
 
     name: str
     sha256: str
     model: object  # sentence_transformers.SentenceTransformer
+    cache: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, compare=False, repr=False)
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -121,13 +125,19 @@ class Encoder:
         return int(get())
 
     def window_embeddings(self, texts: Sequence[str]) -> list[torch.Tensor]:
-        """Per text, (W, e) embeddings of its windows (one batch for all windows of all texts)."""
+        """Per text, (W, e) embeddings of its windows: the windows not kept from earlier calls
+        are embedded in one batch, each once."""
         wins = [windows(t) for t in texts]
-        flat = self.embed([w for ws in wins for w in ws])
-        out, i = [], 0
+        new = list(dict.fromkeys(w for ws in wins for w in ws if w not in self.cache))
+        for w, e in zip(new, self.embed(new)):
+            self.cache[w] = e.clone()
+        out = []
         for ws in wins:
-            out.append(flat[i : i + len(ws)])
-            i += len(ws)
+            for w in ws:
+                self.cache.move_to_end(w)
+            out.append(torch.stack([self.cache[w] for w in ws]) if ws else torch.zeros(0, self.dim))
+        while len(self.cache) > CACHED_WINDOWS:
+            self.cache.popitem(last=False)
         return out
 
     def scores(self, texts: Sequence[str], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -136,6 +146,9 @@ class Encoder:
         if not embs:
             return torch.zeros(0, weight.shape[0])
         return torch.stack([(e @ weight.t() + bias).max(0).values for e in embs])
+
+
+CACHED_WINDOWS = 4096  # window embeddings an encoder keeps (384 floats each for MiniLM: about 6 MB)
 
 
 @functools.lru_cache(maxsize=4)

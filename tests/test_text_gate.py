@@ -281,3 +281,22 @@ def test_a_rotation_fixed_before_the_forward_is_keyed_by_what_it_rotates(encoder
     assert key(("enc",), force=True)[1] not in (None, forced)
     assert key(("enc", "hyb"), force=True)[1] not in (None, forced)
     assert bank.fixed_rotation(None, none) == (True, None)
+
+
+def test_windows_shared_by_requests_are_embedded_once(encoder, monkeypatch):
+    """Requests behind one long system prompt share its windows: the encoder embeds them once and
+    scores every request exactly as without the kept embeddings."""
+    from steering.text_gate import Encoder
+
+    system = " ".join(f"Rule {i} of the library: item {i} may be borrowed for {i + 2} days." for i in range(16)) + " "
+    texts = [system + "Who wrote Hamlet?", system + "Where is the nearest train station?"]
+    fresh = [encoder.embed(windows(t)) for t in texts]
+    embedded: list[int] = []
+    plain = Encoder.embed
+    monkeypatch.setattr(Encoder, "embed", lambda self, ts, **kw: embedded.append(len(ts)) or plain(self, ts, **kw))
+    encoder.cache.clear()
+    first = encoder.window_embeddings(texts[:1])
+    second = encoder.window_embeddings(texts[1:])
+    assert embedded[0] == len(windows(texts[0])) and 0 < embedded[1] < len(windows(texts[1])) / 2
+    for got, want in zip(first + second, fresh):
+        assert torch.allclose(got, want, atol=1e-5)
