@@ -419,7 +419,7 @@ def _text_scores(st: _Request, bank: SteeringBank) -> dict:
 def _tp_group():
     """vLLM's tensor-parallel group when the model is split over several workers, else None. Each
     worker holds the whole residual stream (the layers all-reduce their output), so every worker
-    runs the same gates and rotations; only rank 0 writes events and decides text gates."""
+    runs the same gates and rotations; only rank 0 writes events."""
     from vllm.distributed import get_tp_group
 
     group = get_tp_group()
@@ -427,7 +427,7 @@ def _tp_group():
 
 
 def _leads(tp) -> bool:
-    """Is this worker the one that decides text gates and writes files (rank 0, or the only one)?"""
+    """Is this worker the one that writes files (rank 0, or the only one)?"""
     return tp is None or tp.rank_in_group == 0
 
 
