@@ -32,8 +32,8 @@ Gate results are appended as JSON lines to ``$GUARDIT_RUN_DIR/events.jsonl``.
 Tensor parallelism: every worker runs this code on the whole residual stream (each layer's output
 is all-reduced), so every worker loads the packs and applies the same gates and rotations. The
 text gates are decided once, in the engine core, and reach every worker with the request. Rank 0
-alone writes events and the fingerprint, and supplies the fingerprint's embedding rows (its vocabulary slice is
-the one that starts at row 0).
+alone writes events and the fingerprint, and supplies the fingerprint's embedding rows (its
+vocabulary slice is the one that starts at row 0).
 """
 
 from __future__ import annotations
@@ -208,10 +208,10 @@ class EngineState:
 
     def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
         """This step's request ids and records, in batch order: finished requests dropped, new ones
-        added, preempted ones made to rotate again. A decode
-        step with the same requests as the last step, in the same order, takes the last step's
-        records as they are: none arrived or finished since, and none is recomputing its prompt
-        (a preempted request would be), so decode steps' host work does not grow with the batch."""
+        added, preempted ones made to rotate again. A decode step with the same requests as the last
+        step, in the same order, takes the last step's records as they are: none arrived or
+        finished since, and none is recomputing its prompt (a preempted request would be), so
+        decode steps' host work does not grow with the batch."""
         batch = runner.input_batch
         req_ids = list(batch.req_ids[: batch.num_reqs])
         pending = prompt_pending(batch)
