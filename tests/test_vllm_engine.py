@@ -412,6 +412,10 @@ def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
     (reply,), (cached,) = run([(second, fired)])
     assert block <= cached <= len(turn) // block * block
 
+    # A client cannot put its vanilla KV under a rotation's salt.
+    with pytest.raises(ValueError, match="cache_salt"):
+        engine.generate([{"prompt_token_ids": q[1], "cache_salt": "x|guardit:key"}], use_tqdm=False)
+
     # Every request gives the tokens it gives with nothing to reuse.
     reference, _ = run([*first_rows, *then_rows, (second, fired)], fresh=True)
     assert [*first, *then, reply] == reference

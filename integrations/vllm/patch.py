@@ -592,6 +592,10 @@ def install() -> None:
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
+        if request.cache_salt and SALT_MARK in request.cache_salt:
+            # Salts with the mark name guardit's cache namespaces (a rotation's key): a client that
+            # could send one would put vanilla KV where rotated requests read.
+            raise ValueError(f"cache_salt: '{SALT_MARK}' is reserved for guardit's own salts")
         if names_packs(getattr(getattr(request, "sampling_params", None), "extra_args", None)):
             request.cache_salt = f"{request.cache_salt or ''}{SALT_MARK}{uuid.uuid4().hex}"
         return request
