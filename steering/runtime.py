@@ -28,12 +28,12 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from steering.pack import ConceptPack, GateMeta
-from steering.policy import RequestSpec
+from steering.policy import RequestSpec, parse_request
 from steering.rotation import rotate_rows_
 
 MAX_LEVELS = 256  # (pack, level) gates kept placed per bank
@@ -259,6 +259,15 @@ class SteeringBank:
             active &= ~self.encoder_only | text_fired
         dev = self.device
         return RowSettings(active.to(dev), force.to(dev), angle.to(dev), threshold.to(dev))
+
+    def request_spec(self, extra_args: Mapping[str, Any] | None) -> RequestSpec | None:
+        """A request's spec read from its ``extra_args`` against the packs of this bank (a request
+        cannot name more packs than are loaded), its gate level checked against each pack. Raises
+        :class:`steering.errors.PolicyError` (a ValueError) naming the field."""
+        spec = parse_request(dict(extra_args) if extra_args else None, frozenset(self.index), self.num_packs)
+        if spec is not None:
+            spec.check_levels({p.id: p.meta for p in self.packs})
+        return spec
 
     def fixed_rotation(self, spec: RequestSpec | None, text_fired: torch.Tensor | None) -> tuple[bool, str | None]:
         """Is a request's rotation fixed before its forward pass, and which is it? ``text_fired``:

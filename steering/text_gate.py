@@ -135,7 +135,7 @@ class Encoder:
         for ws in wins:
             for w in ws:
                 self.cache.move_to_end(w)
-            out.append(torch.stack([self.cache[w] for w in ws]) if ws else torch.zeros(0, self.dim))
+            out.append(torch.stack([self.cache[w] for w in ws]))
         while len(self.cache) > CACHED_WINDOWS:
             self.cache.popitem(last=False)
         return out

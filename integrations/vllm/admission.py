@@ -31,7 +31,7 @@ import torch
 
 from integrations.vllm import config
 from steering.pack import load_packs
-from steering.policy import KEY_TEXT, RequestSpec, parse_request
+from steering.policy import KEY_TEXT, RequestSpec
 from steering.runtime import SteeringBank, gated_packs, row_levels
 from steering.text_gate import check_encoder, request_text
 
@@ -91,17 +91,16 @@ class Admission:
         if bank is None:
             return
         specs = [_spec(r, bank) for r in requests]
+        gated = [gated_packs(spec) for spec in specs]
         fired = torch.zeros(len(requests), bank.num_packs, dtype=torch.bool)
         score = torch.full((len(requests), bank.num_packs), -math.inf)
-        use = [i for i, spec in enumerate(specs) if spec is not None and bank.uses_text_gate(gated_packs(spec))]
+        use = [i for i, spec in enumerate(specs) if spec is not None and bank.uses_text_gate(gated[i])]
         if use:
             texts = []
             for i in use:
                 ids = list(requests[i].prompt_token_ids or [])
                 texts.append(request_text(self.tokenizer, ids, bank.head_length(ids)))
-            f, s = bank.text_gates(
-                texts, [list(gated_packs(specs[i])) for i in use], row_levels([specs[i] for i in use])
-            )
+            f, s = bank.text_gates(texts, [list(gated[i]) for i in use], row_levels([specs[i] for i in use]))
             fired[use], score[use] = f, s
         for i, (request, spec) in enumerate(zip(requests, specs)):
             if spec is None:
@@ -118,14 +117,10 @@ class Admission:
 def _spec(request, bank: SteeringBank) -> RequestSpec | None:
     """The request's spec, or None (no packs; or a spec the workers will refuse and steer with every
     pack, which keeps the unique salt)."""
-    sp = request.sampling_params
     try:
-        spec = parse_request(getattr(sp, "extra_args", None), frozenset(bank.index), max_packs=bank.num_packs)
-        if spec is not None:
-            spec.check_levels({p.id: p.meta for p in bank.packs})
+        return bank.request_spec(getattr(request.sampling_params, "extra_args", None))
     except ValueError:
         return None
-    return spec
 
 
 def _write_text(request, spec: RequestSpec, bank: SteeringBank, fired: torch.Tensor, score: torch.Tensor) -> None:
@@ -139,6 +134,28 @@ def _write_text(request, spec: RequestSpec, bank: SteeringBank, fired: torch.Ten
         },
     }
     sp.extra_args = {**(sp.extra_args or {}), KEY_TEXT: decision}
+
+
+def read_text_decision(
+    rid: str, spec: RequestSpec, extra_args, bank: SteeringBank
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a worker: a request's text-gate decision, as :class:`Admission` wrote it into its
+    ``extra_args`` before its prefill: (fired (P,) bool, score (P,) float, -inf where not scored).
+    A request that needs one and carries none is rotated by every such pack (fail closed)."""
+    fired, score = torch.zeros(bank.num_packs, dtype=torch.bool), torch.full((bank.num_packs,), -math.inf)
+    decision = (extra_args or {}).get(KEY_TEXT)
+    if not isinstance(decision, dict):
+        needed = bank.uses_text_gate(gated_packs(spec))
+        if needed:
+            log.error("guardit: request %s has no text-gate decision; rotating it with its text-gated packs", rid)
+            for j in bank.text_packs:
+                fired[j] = bank.packs[j].id in spec.packs
+        return fired, score
+    for pid in decision.get("fired", ()):
+        fired[bank.index[pid]] = True
+    for pid, value in decision.get("scores", {}).items():
+        score[bank.index[pid]] = float(value)
+    return fired, score
 
 
 def _resalt(request, salt: str | None) -> None:

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 
 from integrations.vllm import config, op
-from integrations.vllm.admission import SALT_MARK, Admission
+from integrations.vllm.admission import SALT_MARK, Admission, read_text_decision
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
-from steering.policy import KEY_TEXT, RequestSpec, names_packs, parse_request
-from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap, gated_packs
+from steering.policy import RequestSpec, names_packs
+from steering.runtime import GateStats, RowSettings, SteeringBank, TokenMap
 
 log = logging.getLogger("guardit.vllm")
 _installed = False
@@ -321,13 +321,9 @@ class EngineState:
     def _new_request(self, rid: str, cached) -> _Request:
         bank = self.bank
         assert bank is not None
-        sp = getattr(cached, "sampling_params", None)
-        known = frozenset(bank.index)
+        extra_args = getattr(getattr(cached, "sampling_params", None), "extra_args", None)
         try:
-            # Validated at admission already; a request cannot name more packs than are loaded.
-            spec = parse_request(getattr(sp, "extra_args", None), known, max_packs=len(known))
-            if spec is not None:
-                spec.check_levels({p.id: p.meta for p in bank.packs})
+            spec = bank.request_spec(extra_args)  # validated at admission already
         except ValueError as e:  # never let one request break a batch
             log.error("guardit: request %s has an invalid spec (%s); steering all its packs", rid, e)
             spec = RequestSpec(packs=tuple(bank.index), force=True)
@@ -336,7 +332,7 @@ class EngineState:
         if spec is not None:
             st.head = bank.head_length(list(cached.prompt_token_ids or []))
             if bank.text_packs:
-                st.text_fired, st.text_score = _text_decision(rid, spec, getattr(sp, "extra_args", None), bank)
+                st.text_fired, st.text_score = read_text_decision(rid, spec, extra_args, bank)
             st.fixed = bank.fixed_rotation(spec, st.text_fired if bank.text_packs else None)[0]
         self.requests[rid] = st
         return st
@@ -383,26 +379,6 @@ def _hook(index: int):
         torch.ops.guardit.steer_layer(hidden, residual, index)
 
     return hook
-
-
-def _text_decision(rid: str, spec: RequestSpec, extra_args, bank: SteeringBank) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request's text-gate decision, as the engine core made it before its prefill
-    (:mod:`integrations.vllm.admission`): (fired (P,) bool, score (P,) float, -inf where not scored).
-    A request that needs one and carries none is rotated by every such pack (fail closed)."""
-    fired, score = torch.zeros(bank.num_packs, dtype=torch.bool), torch.full((bank.num_packs,), -math.inf)
-    decision = (extra_args or {}).get(KEY_TEXT)
-    if not isinstance(decision, dict):
-        needed = bank.uses_text_gate(gated_packs(spec))
-        if needed:
-            log.error("guardit: request %s has no text-gate decision; rotating it with its text-gated packs", rid)
-            for j in bank.text_packs:
-                fired[j] = bank.packs[j].id in spec.packs
-        return fired, score
-    for pid in decision.get("fired", ()):
-        fired[bank.index[pid]] = True
-    for pid, value in decision.get("scores", {}).items():
-        score[bank.index[pid]] = float(value)
-    return fired, score
 
 
 def _text_scores(st: _Request, bank: SteeringBank) -> dict:
