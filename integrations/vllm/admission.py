@@ -17,9 +17,13 @@ when the scheduler takes the requests that arrived since its last step, :meth:`A
    whose probe still decides in the forward pass keeps the unique salt: its prompt's KV depends on
    a decision that comes after vLLM has registered its blocks.
 
-A rotated request caches only its prompt's blocks (``prompt_only``): under prompt-scope steering
-its generated tokens are not rotated, while the same tokens inside a later prompt (the next chat
-turn) would be, so a block of them must not be shared.
+What a request may enter in the prefix cache (:func:`cacheable_tokens`, set here as
+``request.guardit_cache``): a rotated request its prompt's blocks only (under prompt-scope steering
+its generated tokens are not rotated, while the same tokens inside a later prompt, the next chat
+turn, would be, so a block of them must not be shared); a request that keeps the unique salt
+nothing: no other request can ever read those blocks, and vLLM keeps blocks that have a hash in
+its cache, evicting the least recently used first, so they would push the blocks that requests do
+share (a long system prompt) out of the cache. Without a hash, vLLM reuses a freed block first.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from steering.text_gate import check_encoder, request_text
 
 log = logging.getLogger("guardit.vllm")
 SALT_MARK = "|guardit:"  # what the front end appends to a request's cache_salt
+PROMPT, NOTHING = "prompt", "nothing"  # request.guardit_cache: what it may put in the prefix cache
 
 
 def client_salt(salt: str | None) -> str | None:
@@ -103,15 +108,27 @@ class Admission:
             f, s = bank.text_gates(texts, [list(gated[i]) for i in use], row_levels([specs[i] for i in use]))
             fired[use], score[use] = f, s
         for i, (request, spec) in enumerate(zip(requests, specs)):
-            if spec is None:
-                continue
-            if bank.text_packs:
-                _write_text(request, spec, bank, fired[i], score[i])
-            fixed, key = bank.fixed_rotation(spec, fired[i] if bank.text_packs else None)
+            fixed, key = False, None
+            if spec is not None:
+                if bank.text_packs:
+                    _write_text(request, spec, bank, fired[i], score[i])
+                fixed, key = bank.fixed_rotation(spec, fired[i] if bank.text_packs else None)
             if fixed:
                 base = client_salt(request.cache_salt)
                 _resalt(request, base if key is None else f"{base or ''}{SALT_MARK}{key}")
-                request.guardit_prompt_only = key is not None
+                request.guardit_cache = PROMPT if key is not None else None
+            elif SALT_MARK in (request.cache_salt or ""):
+                request.guardit_cache = NOTHING  # the front end's unique salt stays
+
+
+def cacheable_tokens(request, num_tokens: int) -> int:
+    """How many of a request's first ``num_tokens`` tokens vLLM may enter in its prefix cache."""
+    kept = getattr(request, "guardit_cache", None)
+    if kept == NOTHING:
+        return 0
+    if kept == PROMPT:
+        return min(num_tokens, request.num_prompt_tokens)
+    return num_tokens
 
 
 def _spec(request, bank: SteeringBank) -> RequestSpec | None:

@@ -17,7 +17,8 @@
    step to :class:`integrations.vllm.admission.Admission` before scheduling them: their text gates
    are decided there, in one batch, and a request whose rotation that fixes (none, or a known one)
    gets the salt of that rotation instead, so it shares cached prefixes with requests computed the
-   same way. ``KVCacheCoordinator.cache_blocks`` caches only the prompt blocks of a rotated one.
+   same way. ``KVCacheCoordinator.cache_blocks`` caches only the prompt blocks of a rotated one,
+   and nothing of one that keeps the unique salt.
 3. Fail closed in every engine mode. ``EngineArgs.create_engine_config``, whenever packs are
    configured: no CUDA graphs (a replay would skip the op's host code; torch.compile stays on),
    guardit's mark in ``additional_config`` (vLLM's compile cache is keyed by the config's hash, so
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 
 from integrations.vllm import config, op
-from integrations.vllm.admission import SALT_MARK, Admission, read_text_decision
+from integrations.vllm.admission import SALT_MARK, Admission, cacheable_tokens, read_text_decision
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs
@@ -609,8 +610,6 @@ def _patch_scheduler() -> None:
     original_cache = KVCacheCoordinator.cache_blocks
 
     def cache_blocks(self, request, num_computed_tokens: int) -> None:
-        if getattr(request, "guardit_prompt_only", False):
-            num_computed_tokens = min(num_computed_tokens, request.num_prompt_tokens)
-        return original_cache(self, request, num_computed_tokens)
+        return original_cache(self, request, cacheable_tokens(request, num_computed_tokens))
 
     KVCacheCoordinator.cache_blocks = cache_blocks
