@@ -82,7 +82,7 @@ def _calibrate(model: str, concept: str, out: Path, *flags: str) -> None:
 # a test that uses the bundled model (directly or through packs) is marked 'model'; one that
 # starts a vLLM engine or server (or runs the vLLM reference) is marked 'vllm' too.
 MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir", "text_variants", "gemma_dir", "gemma_pack"}
-VLLM_FIXTURES = {"engine", "server", "vanilla_tokens", "gemma_tp_runs"}
+VLLM_FIXTURES = {"engine", "server", "vanilla_tokens", "gemma_tp_runs", "small_kv_engine"}
 GEMMA_FIXTURES = {"gemma_dir", "gemma_pack"}
 
 
