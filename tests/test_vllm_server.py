@@ -230,6 +230,27 @@ def test_bad_xargs_is_400_and_server_keeps_serving(server, xargs, field):
     assert _status(server, "research", {"guardit_packs": "einstein"})[0] == 200
 
 
+def test_a_cache_salt_with_guardits_mark_is_400(server):
+    """A client's own cache_salt may not name guardit's cache namespaces ('|guardit:' and a
+    rotation's key): vanilla KV sent under one would be read by rotated requests."""
+    import openai
+
+    for tenant in ("open", "research"):
+        with pytest.raises(openai.BadRequestError) as e:
+            _client(server, tenant).chat.completions.create(
+                model=_model_name(server),
+                messages=[{"role": "user", "content": HP_Q}],
+                max_tokens=4,
+                extra_body={"cache_salt": "mine|guardit:0123"},
+            )
+        assert "cache_salt" in e.value.response.json()["error"]["message"]
+    # Routes guardit does not steer (a tenant without packs may use them) refuse it too.
+    body = {"model": _model_name(server), "query": HP_Q, "items": [" Hogwarts"], "cache_salt": "mine|guardit:0123"}
+    status, text = _http(server, "POST", "/generative_scoring", body, key=KEYS["research"])
+    assert status == 400 and "cache_salt" in text
+    assert _status(server, "open", None)[0] == 200
+
+
 def test_bad_xargs_rejected_by_engine_validation_too(server):
     """The engine validates at admission even without the middleware's own check (defence in depth)."""
     from vllm import SamplingParams

@@ -44,6 +44,13 @@ SALT_MARK = "|guardit:"  # what the front end appends to a request's cache_salt
 PROMPT, NOTHING = "prompt", "nothing"  # request.guardit_cache: what it may put in the prefix cache
 
 
+def check_client_salt(salt: object) -> None:
+    """A client's own cache_salt may not contain guardit's mark: salts with it name guardit's cache
+    namespaces (a rotation's key), and vanilla KV sent under one would be read by rotated requests."""
+    if isinstance(salt, str) and SALT_MARK in salt:
+        raise ValueError(f"cache_salt: '{SALT_MARK}' is reserved for guardit's own salts")
+
+
 def client_salt(salt: str | None) -> str | None:
     """A request's cache_salt without guardit's part (None when the client set none)."""
     if salt is None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from integrations.vllm import config as vcfg
+from integrations.vllm.admission import check_client_salt
 from integrations.vllm.answer_check import ServerAnswerCheck, event_stream
 from integrations.vllm.routes import ROUTES_ENDPOINT, RouteTable
 from steering.errors import GuarditError, PolicyError, PolicyForbidden
@@ -151,6 +152,15 @@ class _Collector:
         for p, t, kind, value in served.bounds():
             bound.add_metric([p, t, kind], value)
         yield bound
+
+
+def _json_field(raw: bytes, name: str) -> object:
+    """A top-level field of a JSON object body (None when the body is not one)."""
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        return None
+    return body.get(name) if isinstance(body, dict) else None
 
 
 def _json_response(status: int, message: str, field: str | None = None):
@@ -341,6 +351,10 @@ class GuarditMiddleware:
                     f"{PREFIX}* fields are set by the server; this route takes "
                     f"none (a body that contains '{PREFIX}' is refused)",
                 )(send)
+            try:
+                check_client_salt(_json_field(raw, "cache_salt"))
+            except ValueError as e:
+                return await _json_response(400, str(e), "cache_salt")(send)
             scope, receive = _with_length(scope, raw), _replay(raw, receive)
         return await self.app(scope, receive, self._headers(send, served, tenant))
 
@@ -508,6 +522,10 @@ class GuarditMiddleware:
             return await _json_response(403, str(e), "vllm_xargs")(send)
         except (PolicyError, ValueError) as e:
             return await _json_response(400, str(e), "vllm_xargs")(send)
+        try:
+            check_client_salt(body.get("cache_salt"))
+        except ValueError as e:
+            return await _json_response(400, str(e), "cache_salt")(send)
         other = guardit_fields(xargs, keep=False)
         if spec.active:
             spec = spec.model_copy(update={"rid": uuid.uuid4().hex})

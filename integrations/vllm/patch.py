@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from integrations.vllm import config, op
-from integrations.vllm.admission import SALT_MARK, Admission, cacheable_tokens, read_text_decision
+from integrations.vllm.admission import SALT_MARK, Admission, cacheable_tokens, check_client_salt, read_text_decision
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs
@@ -569,10 +569,7 @@ def install() -> None:
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
-        if request.cache_salt and SALT_MARK in request.cache_salt:
-            # Salts with the mark name guardit's cache namespaces (a rotation's key): a client that
-            # could send one would put vanilla KV where rotated requests read.
-            raise ValueError(f"cache_salt: '{SALT_MARK}' is reserved for guardit's own salts")
+        check_client_salt(request.cache_salt)
         if names_packs(getattr(getattr(request, "sampling_params", None), "extra_args", None)):
             request.cache_salt = f"{request.cache_salt or ''}{SALT_MARK}{uuid.uuid4().hex}"
         return request
