@@ -28,13 +28,14 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_eight_concepts():
+def test_the_examples_include_the_nine_concepts():
     assert CONCEPTS == [
         "ancient_egypt",
         "einstein",
         "harry_potter",
         "leonardo_da_vinci",
         "lord_of_the_rings",
+        "mount_everest",
         "shakespeare",
         "star_wars",
         "world_war_ii",
