@@ -120,15 +120,17 @@ def synthetic_packs(base_dir: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def bench_prompts(n: int) -> list[str]:
-    """``n`` retain-side prompts of ~40–60 tokens (two example retain questions each); the same
-    prompts serve every mode, so prefill work is identical across modes."""
+    """``n`` distinct retain-side prompts of ~40–60 tokens (a request number and two example retain
+    questions each: no two requests share a text, so the text gate's window cache saves nothing
+    that real traffic would not); the same prompts serve every mode, so prefill work is identical
+    across modes."""
     qs = [
         json.loads(l)["prompt"]
         for f in ("retain.jsonl", "retain_test.jsonl")
         for l in (EXAMPLES / "harry_potter" / f).read_text().splitlines()
         if l.strip()
     ]
-    return [" ".join(qs[(2 * i + j) % len(qs)] for j in range(2)) for i in range(n)]
+    return [f"Request {i}: " + " ".join(qs[(2 * i + j) % len(qs)] for j in range(2)) for i in range(n)]
 
 
 def save(name: str, data: dict) -> Path:

@@ -73,8 +73,8 @@ def main() -> None:
         "encoder pack (gate closed before prefill)": {"guardit_packs": "harry-potter-encoder"},
         "pack forced (rotation fixed before prefill)": {"guardit_packs": "harry-potter", "guardit_force": True},
     }
-    # Numbered, so that no two requests share more than the system prompt (bench_prompts repeats).
-    questions = [f"Ticket {i}: {q}" for i, q in enumerate(bench_prompts(2 + args.rounds * len(extra) * args.batch))]
+    # Distinct, so that no two requests share more than the system prompt.
+    questions = bench_prompts(2 + args.rounds * len(extra) * args.batch)
 
     def run(mode: str, qs: list[str]) -> tuple[float, int, int]:
         sp = SamplingParams(temperature=0.0, max_tokens=1, extra_args=extra[mode])
