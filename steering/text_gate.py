@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class Encoder:
     sha256: str
     model: object  # sentence_transformers.SentenceTransformer
     cache: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, compare=False, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -126,19 +128,25 @@ class Encoder:
 
     def window_embeddings(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Per text, (W, e) embeddings of its windows: the windows not kept from earlier calls
-        are embedded in one batch, each once."""
+        are embedded in one batch, each once. Safe from several threads (the server checks answers
+        in worker threads): the kept embeddings are read and updated under a lock, the encoder runs
+        outside it, and each call builds its result from its own copies, so an eviction by another
+        call cannot take a window from under it."""
         wins = [windows(t) for t in texts]
-        new = list(dict.fromkeys(w for ws in wins for w in ws if w not in self.cache))
-        for w, e in zip(new, self.embed(new)):
-            self.cache[w] = e.clone()
-        out = []
-        for ws in wins:
-            for w in ws:
+        wanted = list(dict.fromkeys(w for ws in wins for w in ws))
+        with self.lock:
+            have = {w: self.cache[w] for w in wanted if w in self.cache}
+            for w in have:
                 self.cache.move_to_end(w)
-            out.append(torch.stack([self.cache[w] for w in ws]))
-        while len(self.cache) > CACHED_WINDOWS:
-            self.cache.popitem(last=False)
-        return out
+        new = [w for w in wanted if w not in have]
+        for w, e in zip(new, self.embed(new)):
+            have[w] = e.clone()
+        with self.lock:
+            for w in new:
+                self.cache[w] = have[w]
+            while len(self.cache) > CACHED_WINDOWS:
+                self.cache.popitem(last=False)
+        return [torch.stack([have[w] for w in ws]) for ws in wins]
 
     def scores(self, texts: Sequence[str], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """(N, P) text-gate scores: per text and head, the max over its windows of w·e + b."""

@@ -300,3 +300,47 @@ def test_windows_shared_by_requests_are_embedded_once(encoder, monkeypatch):
     assert embedded[0] == len(windows(texts[0])) and 0 < embedded[1] < len(windows(texts[1])) / 2
     for got, want in zip(first + second, fresh):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_window_embeddings_from_several_threads_while_windows_are_evicted(encoder, monkeypatch):
+    """The server checks answers in worker threads that share one encoder. A call that found some
+    windows kept and is embedding the others must still get them when another thread evicts them
+    meanwhile (a cache of three windows here), each embedding equal to the one computed alone."""
+    import threading
+
+    from steering import text_gate
+    from steering.text_gate import Encoder
+
+    monkeypatch.setattr(text_gate, "CACHED_WINDOWS", 3)
+    kept, new, other = (f"Question {i}: who wrote book {i}?\nAnswer {i}: a novelist from town {i}." for i in range(3))
+    want = {t: encoder.embed(windows(t)) for t in (kept, new, other)}
+    encoder.cache.clear()
+    encoder.window_embeddings([kept])  # its three windows are the ones kept
+    plain, go, inside = Encoder.embed, threading.Event(), threading.Event()
+    slow_thread: list[threading.Thread] = []
+
+    def embed(self, ts, **kw):
+        if threading.current_thread() in slow_thread:
+            inside.set()
+            go.wait(30)  # another call evicts the kept windows while this one embeds
+        return plain(self, ts, **kw)
+
+    monkeypatch.setattr(Encoder, "embed", embed)
+    got, errors = [], []
+
+    def slow() -> None:
+        try:
+            got.extend(encoder.window_embeddings([kept, new]))
+        except Exception as e:  # the test reports the thread's failure
+            errors.append(e)
+
+    slow_thread.append(threading.Thread(target=slow))
+    slow_thread[0].start()
+    assert inside.wait(30)
+    encoder.window_embeddings([other])  # evicts every window of `kept`
+    assert not any(w in encoder.cache for w in windows(kept))
+    go.set()
+    slow_thread[0].join()
+    assert not errors and len(got) == 2
+    assert torch.allclose(got[0], want[kept], atol=1e-5) and torch.allclose(got[1], want[new], atol=1e-5)
+    assert len(encoder.cache) <= 3
