@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -14,12 +15,12 @@ import torch
 from calibration.capture import (
     Activations,
     answer_nll,
+    cached_greedy_answers,
     capture,
     common_prefix_length,
     decoder_layers,
     encode_chat,
     greedy_answer_ids,
-    greedy_answers,
 )
 from calibration.directions import (
     choose_steer_layers,
@@ -220,6 +221,9 @@ class ConceptCalibrator:
     # With a text gate, also fit the answer check (steering.text_gate.answer_text) on the model's
     # own greedy answers to the calibration prompts, in the union of the text kinds.
     answer_check: bool = True
+    # A folder where the model's answers to the built-in prompts (the same for every concept) are
+    # kept between processes; None: generated once per process. The CLI keeps them in its cache.
+    answer_cache: Path | None = None
     max_steer_layers: int | None = None
     min_steer_layers: int = 4
     batch_size: int = 16
@@ -323,12 +327,20 @@ class ConceptCalibrator:
 
     def _neutral_answers(self, model, tokenizer, data: _Captured) -> list[str]:
         """The model's greedy answers to the built-in neutral prompts: the same for every concept,
-        so generated once per process and model (keyed by the weights' fingerprint and precision)."""
+        so generated once per process and model (keyed by the weights' fingerprint and precision),
+        and kept in ``answer_cache`` between processes when it is set (:func:`cached_greedy_answers`)."""
         fp = hf_fingerprint(model)
         key = (fp.weights_sha256, fp.precision, tuple(map(tuple, data.ids[2])), ANSWER_TOKENS)
         if key not in _NEUTRAL_ANSWERS:
-            _NEUTRAL_ANSWERS[key] = greedy_answers(
-                model, tokenizer, data.ids[2], ANSWER_TOKENS, 32, "answers (built-in prompts)", self.progress
+            _NEUTRAL_ANSWERS[key] = cached_greedy_answers(
+                model,
+                tokenizer,
+                data.ids[2],
+                ANSWER_TOKENS,
+                32,
+                "answers (built-in prompts)",
+                self.progress,
+                self.answer_cache,
             )
         return _NEUTRAL_ANSWERS[key]
 

@@ -7,9 +7,17 @@ last token) are derived from that.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import os
+import uuid
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from tqdm.auto import tqdm
 
 from steering.modules import decoder_layers
@@ -80,6 +88,69 @@ def greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: int, batc
     """:func:`greedy_answer_ids`, decoded."""
     new = greedy_answer_ids(model, tokenizer, ids, max_tokens, batch_size, desc, progress)
     return [tokenizer.decode(x, skip_special_tokens=True) for x in new]
+
+
+_ANSWERS = TypeAdapter(list[str])
+# The code the answers come from, for cached_greedy_answers' key: editing it makes every kept answer a miss.
+_GENERATION_CODE = hashlib.sha256(
+    "".join(inspect.getsource(f) for f in (pad_batch, generate_batch, greedy_answer_ids, greedy_answers)).encode()
+).hexdigest()
+
+
+def weights_digest(model) -> str | None:
+    """SHA-256 of every tensor of the model's state (names, dtypes, shapes and bytes): what tells
+    two models apart for a cache kept on disk (any change to any weight changes it). None for a
+    model holding quantized tensors, which have no plain bytes to hash."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or t.is_quantized:
+            return None
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: int, batch_size: int, desc: str,
+                          progress: bool, cache: Path | None) -> list[str]:  # fmt: skip
+    """:func:`greedy_answers`, kept in the folder ``cache`` between processes (None: not kept).
+
+    The file is named by a hash of everything the answers follow from: every weight of the model
+    (:func:`weights_digest`), the tokenizer's vocabulary and special ids, the prompts' ids, the
+    length and batch size, the generation code itself and the torch and transformers versions; so a
+    changed input is a miss, never a stale answer. A file that does not read back as one answer per
+    prompt is generated again and replaced; a folder that cannot be written warns and keeps nothing.
+    Without a digest (a quantized model) nothing is kept."""
+    digest = weights_digest(model) if cache is not None else None
+    if cache is None or digest is None:
+        return greedy_answers(model, tokenizer, ids, max_tokens, batch_size, desc, progress)
+    import transformers
+
+    key = {
+        "weights": digest,
+        "vocab": hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest(),
+        "special": [tokenizer.pad_token_id, tokenizer.eos_token_id],
+        "ids": ids,
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "code": _GENERATION_CODE,
+        "versions": [torch.__version__, transformers.__version__],
+    }
+    path = Path(cache) / f"{hashlib.sha256(json.dumps(key).encode()).hexdigest()}.json"
+    try:
+        found = _ANSWERS.validate_json(path.read_bytes())
+        if len(found) == len(ids):
+            return found
+    except (OSError, ValidationError):
+        pass
+    answers = greedy_answers(model, tokenizer, ids, max_tokens, batch_size, desc, progress)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        tmp.write_bytes(_ANSWERS.dump_json(answers))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not keep the answers in {cache}: {e}", stacklevel=2)
+    return answers
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration import ConceptCalibrator, load_model, read_prompts
+    from guardit.model_prep import cache_dir
 
     forget = [r for path in args.forget for r in read_prompts(path)]
     retain = [r for path in args.retain for r in read_prompts(path)]
@@ -59,6 +60,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         gate_kind=args.gate,
         answer_check=not args.no_answer_check,
+        answer_cache=cache_dir() / "answers",
         **angle,
     )
     pack = cal.fit(model, tok, forget, retain, target_set=target_set)
