@@ -172,3 +172,23 @@ def test_names_packs_fails_closed(extra, expected):
     from steering.policy import names_packs
 
     assert names_packs(extra) is expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "names"),
+    [
+        (b'{"vllm_xargs": {"guardit_tenant": "kids"}}', True),
+        (b'{"vllm_xargs": {"\\u0067uardit_tenant": "kids"}}', True),  # a JSON escape: the same key to the app
+        (b'{"prompt": "caf\\u00e9 \\u0047uardit_"}', False),  # another case is another name
+        ('{"type": "session.update", "\\u0067uardit_rid": "x"}', True),  # a websocket text message
+        (b"model=m&vllm_xargs=%7B%22%67uardit_packs%22%3A%22x%22%7D", True),  # a percent-encoded form
+        (b'{"prompt": "100% sure", "n": 1}', False),
+        (b"not json \\u0067", False),
+    ],
+)
+def test_a_guardit_field_is_found_however_the_client_spells_it(raw, names):
+    """What the middleware refuses on routes that take no guardit field (and on websocket messages):
+    the prefix in the body as sent or as the app will decode it."""
+    from integrations.vllm.middleware import _names_guardit
+
+    assert _names_guardit(raw) is names

@@ -435,6 +435,12 @@ def test_client_guardit_fields_are_refused_on_every_path(server):
         key=KEYS["research"],
     )
     assert status == 400 and "guardit_" in text
+    # The same field spelt with a JSON escape is the same field to the app: refused too.
+    escaped = json.dumps({"model": model, "query": HP_Q, "items": [" Hogwarts"]})[:-1]
+    escaped += ', "vllm_xargs": {"\\u0067uardit_tenant": "kids"}}'
+    assert "guardit_" not in escaped and json.loads(escaped)["vllm_xargs"] == {"guardit_tenant": "kids"}
+    status, text = _http(server, "POST", "/generative_scoring", raw_body=escaped.encode(), key=KEYS["research"])
+    assert status == 400 and "guardit_" in text
     status, text = _http(server, "POST", "/tokenize", {"model": model, "prompt": HP_Q}, key=KEYS["research"])
     assert status == 200 and "tokens" in text
 

@@ -44,6 +44,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 from integrations.vllm import config as vcfg
 from integrations.vllm.admission import check_client_salt
@@ -154,13 +155,27 @@ class _Collector:
         yield bound
 
 
-def _json_field(raw: bytes, name: str) -> object:
-    """A top-level field of a JSON object body (None when the body is not one)."""
+def _json_value(raw: bytes | str) -> object:
+    """A body read as JSON (None when it is not JSON)."""
     try:
-        body = json.loads(raw or b"{}")
+        return json.loads(raw or b"{}")
     except ValueError:
         return None
-    return body.get(name) if isinstance(body, dict) else None
+
+
+def _names_guardit(raw: bytes | str, body: object = None) -> bool:
+    """Does a client's body or message carry guardit's field prefix anywhere, however it is spelt
+    on the wire? The bytes as sent, and also the text as the server will read it: a JSON body
+    decoded (``"\\u0067uardit_tenant"`` is ``guardit_tenant`` to the app) and a form body
+    percent-decoded. ``body``: the JSON already decoded from ``raw``, if it was."""
+    text = raw if isinstance(raw, str) else raw.decode("latin-1")
+    if PREFIX in text:
+        return True
+    if "\\u" in text:
+        value = body if body is not None else _json_value(raw)
+        if value is not None and PREFIX in json.dumps(value, ensure_ascii=False):
+            return True
+    return "%" in text and PREFIX in unquote_plus(text)
 
 
 def _json_response(status: int, message: str, field: str | None = None):
@@ -345,14 +360,15 @@ class GuarditMiddleware:
             return await self._guarded(scope, receive, send, tenant, served)
         if cls == "unguarded" and scope.get("method") in ("POST", "PUT", "PATCH"):
             raw = await _read_body(receive)
-            if PREFIX.encode() in raw:
+            body = _json_value(raw)
+            if _names_guardit(raw, body):
                 return await _json_response(
                     400,
                     f"{PREFIX}* fields are set by the server; this route takes "
-                    f"none (a body that contains '{PREFIX}' is refused)",
+                    f"none (a body that contains '{PREFIX}', in any spelling, is refused)",
                 )(send)
             try:
-                check_client_salt(_json_field(raw, "cache_salt"))
+                check_client_salt(body.get("cache_salt") if isinstance(body, dict) else None)
             except ValueError as e:
                 return await _json_response(400, str(e), "cache_salt")(send)
             scope, receive = _with_length(scope, raw), _replay(raw, receive)
@@ -421,8 +437,7 @@ class GuarditMiddleware:
 
         async def new_receive():
             msg = await receive()
-            data = msg.get("text") or msg.get("bytes") or b""
-            if PREFIX in (data if isinstance(data, str) else data.decode("latin-1")):
+            if _names_guardit(msg.get("text") or msg.get("bytes") or b""):
                 await send({"type": "websocket.close", "code": 1008})
                 return {"type": "websocket.disconnect", "code": 1008}
             return msg
