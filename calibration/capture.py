@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from tqdm.auto import tqdm
 
+from steering.files import write_atomic
 from steering.modules import decoder_layers
 from steering.rotation import AngleMode, rotate
 
@@ -120,8 +119,7 @@ def cached_greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: in
     changed input is a miss, never a stale answer. A file that does not read back as one answer per
     prompt is generated again and replaced; a folder that cannot be written warns and keeps nothing.
     Without a digest (a quantized model) nothing is kept."""
-    digest = weights_digest(model) if cache is not None else None
-    if cache is None or digest is None:
+    if cache is None or (digest := weights_digest(model)) is None:
         return greedy_answers(model, tokenizer, ids, max_tokens, batch_size, desc, progress)
     import transformers
 
@@ -145,9 +143,7 @@ def cached_greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: in
     answers = greedy_answers(model, tokenizer, ids, max_tokens, batch_size, desc, progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        tmp.write_bytes(_ANSWERS.dump_json(answers))
-        os.replace(tmp, path)
+        write_atomic(path, _ANSWERS.dump_json(answers))
     except OSError as e:
         warnings.warn(f"could not keep the answers in {cache}: {e}", stacklevel=2)
     return answers

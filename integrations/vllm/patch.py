@@ -51,6 +51,7 @@ import torch
 
 from integrations.vllm import config, op
 from integrations.vllm.admission import SALT_MARK, Admission, cacheable_tokens, check_client_salt, read_text_decision
+from steering.files import write_atomic
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
 from steering.policy import RequestSpec, names_packs
@@ -423,9 +424,7 @@ def _write_fingerprint(fp: ModelFingerprint) -> None:
     path = config.fingerprint_path()
     if path is not None and _leads(_tp_group()):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-        tmp.write_text(fp.model_dump_json())
-        tmp.replace(path)
+        write_atomic(path, fp.model_dump_json().encode())
 
 
 def _vllm_fingerprint(runner) -> ModelFingerprint:

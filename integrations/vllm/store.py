@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from steering.errors import PolicyError
+from steering.files import write_atomic
 from steering.pack import META_FILE, TENSORS_FILE
 from steering.policy import PolicyConfig
 
@@ -101,9 +102,7 @@ class PolicyStore:
                 break
             except FileExistsError:
                 v += 1
-        tmp_current = self.root / f".{CURRENT}.{os.getpid()}"
-        tmp_current.write_text(f"{v}\n")
-        os.replace(tmp_current, self.root / CURRENT)
+        write_atomic(self.root / CURRENT, f"{v}\n".encode())
         return v
 
 
