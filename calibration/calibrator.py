@@ -38,7 +38,7 @@ from calibration.gate import (
     fit_text_gate,
 )
 from calibration.hf_model import hf_fingerprint
-from calibration.prompts import PromptRecord, concept_words, read_prompts, without_words
+from calibration.prompts import PromptRecord, concept_words, read_prompts, single_prompts, without_words
 from steering.conformal import binding_negatives, conformal_rank, gate_threshold, negatives_for_rank
 from steering.errors import GuarditError
 from steering.pack import (
@@ -243,8 +243,7 @@ class ConceptCalibrator:
         """Calibrate: validate the sets, capture activations, fit the probe gate, choose the steered
         layers and their planes, fit the text gate, then build the pack and ``report_``."""
         t0 = time.perf_counter()
-        fp = [r.prompt if isinstance(r, PromptRecord) else r for r in forget]
-        rp = [r.prompt if isinstance(r, PromptRecord) else r for r in retain]
+        fp, rp = single_prompts(forget, "forget"), single_prompts(retain, "retain")
         self._validate(fp, rp)
         data = self._capture(model, tokenizer, fp, rp)
         pooled_f, pooled_r = data.pooled(self.direction_pooling)
@@ -514,6 +513,7 @@ class ConceptCalibrator:
         if self.target == "retain":
             return pooled_retain.mean(0)
         records = target_set or builtin_prompts("idk")
+        single_prompts(records, "target")
         if not all(r.answers for r in records):
             raise GuarditError("every record of the target set needs an 'answers' entry (the reply to steer towards)")
         # Activations over the answer tokens of "question → I don't know" conversations.

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,22 +19,26 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from tqdm.auto import tqdm
 
+from steering.errors import GuarditError
 from steering.files import write_atomic
 from steering.modules import decoder_layers
 from steering.rotation import AngleMode, rotate
 
 
-def chat_format(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it when served: the chat template with a generation prompt."""
+def chat_format(tokenizer, prompt: str | Sequence[Mapping[str, str]]) -> str:
+    """The prompt (a user message, or a conversation's messages) as the model sees it when served:
+    the chat template with a generation prompt."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if len(messages) > 1:
+        raise GuarditError("this tokenizer has no chat template, so a conversation cannot be written for it")
+    return messages[0]["content"]
 
 
-def encode_chat(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each chat-formatted prompt (no extra special tokens: the template has them)."""
+def encode_chat(tokenizer, prompts: Sequence[str | Sequence[Mapping[str, str]]]) -> list[list[int]]:
+    """Token ids of each chat-formatted prompt or conversation (no extra special tokens: the
+    template has them)."""
     texts = [chat_format(tokenizer, p) for p in prompts]
     has_template = bool(getattr(tokenizer, "chat_template", None))
     return [tokenizer(t, add_special_tokens=not has_template)["input_ids"] for t in texts]

@@ -1,13 +1,16 @@
-"""Prompt files: JSONL, one object per line with ``prompt`` (string) and optional ``answers``
-(strings whose presence in an output counts as knowing/leaking the fact)."""
+"""Prompt files: JSONL, one object per line with ``prompt`` (string) or ``messages`` (a
+conversation: ``{"role": "system"|"user"|"assistant", "content": ...}`` objects ending with the
+user's ask), and optional ``answers`` (strings whose presence in an output counts as
+knowing/leaking the fact). Any other field is kept and written back with the record's output."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steering.errors import GuarditError
 
@@ -16,11 +19,39 @@ class PromptFileError(GuarditError):
     """A prompt file is missing, empty or malformed."""
 
 
+# Fields a generation result writes itself (``guardit.generation.result_row``): a prompt record
+# carrying one of them would lose it in the output.
+RESULT_FIELDS = ("output", "token_ids", "gate")
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation, as OpenAI's chat API and the model's chat template take it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1)
+
+
 class PromptRecord(BaseModel):
+    """One request: a single ``prompt``, or a whole conversation in ``messages`` whose last turn is
+    the user's ask (``prompt`` is then that turn's text). Other fields are kept (``extras``)."""
+
     model_config = ConfigDict(extra="allow", frozen=True)
 
+    # messages first: its errors are the ones to report when a conversation is malformed.
+    messages: list[ChatMessage] | None = None
     prompt: str = Field(min_length=1)
     answers: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_of_messages(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prompt" not in data and isinstance(data.get("messages"), list | tuple):
+            last = data["messages"][-1] if data["messages"] else None
+            if isinstance(last, dict) and isinstance(last.get("content"), str):
+                data = {**data, "prompt": last["content"]}
+        return data
 
     @field_validator("prompt")
     @classmethod
@@ -28,6 +59,50 @@ class PromptRecord(BaseModel):
         if not v.strip():
             raise ValueError("prompt is blank")
         return v
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_ask(cls, v: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("a conversation needs at least one message")
+            if v[-1].role != "user":
+                raise ValueError(f"the last message is the ask to answer: its role must be 'user', not '{v[-1].role}'")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PromptRecord:
+        if self.messages is not None and self.messages[-1].content != self.prompt:
+            raise ValueError("prompt differs from the last message's content (give one of them)")
+        taken = [k for k in RESULT_FIELDS if k in (self.model_extra or {})]
+        if taken:
+            raise ValueError(f"field '{taken[0]}' is written by guardit in each output row; rename it")
+        return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The request as chat messages (one user message for a plain ``prompt``)."""
+        if self.messages is None:
+            return [{"role": "user", "content": self.prompt}]
+        return [m.model_dump() for m in self.messages]
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """The record's own fields beyond guardit's, in file order."""
+        return dict(self.model_extra or {})
+
+
+def single_prompts(records: list[PromptRecord] | list[str], what: str) -> list[str]:
+    """The prompt texts of requests that must be single prompts (calibration sets, evaluation
+    suites): a conversation among them is an error naming the record."""
+    out = []
+    for i, r in enumerate(records, start=1):
+        if isinstance(r, PromptRecord) and r.messages is not None and len(r.messages) > 1:
+            raise GuarditError(
+                f"{what} prompt {i} ({r.prompt[:40]!r}): field 'messages': {what} takes single prompts, "
+                "not conversations (a served conversation is gated turn by turn); give 'prompt' instead"
+            )
+        out.append(r.prompt if isinstance(r, PromptRecord) else r)
+    return out
 
 
 def read_prompts(path: str | Path, *, allow_empty: bool = False) -> list[PromptRecord]:
@@ -48,8 +123,9 @@ def read_prompts(path: str | Path, *, allow_empty: bool = False) -> list[PromptR
             records.append(PromptRecord.model_validate(obj))
         except ValidationError as e:
             first = e.errors()[0]
-            loc = ".".join(str(x) for x in first["loc"]) or "(line)"
-            raise PromptFileError(f"{p}:{lineno}: field '{loc}': {first['msg']}") from None
+            loc = ".".join(str(x) for x in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
+            raise PromptFileError(f"{p}:{lineno}: " + (f"field '{loc}': {msg}" if loc else msg)) from None
     if not records and not allow_empty:
         raise PromptFileError(f"prompt file {p} holds no prompts")
     return records

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from calibration import hf_fingerprint, load_model, read_prompts, write_jsonl
 from calibration.calibrator import builtin_prompts
 from calibration.capture import Activations, answer_nll, capture, encode_chat
-from calibration.prompts import PromptRecord
+from calibration.prompts import PromptRecord, single_prompts
 from guardit import baselines as edits
 from guardit.generation import gives_answer, hf_generate
 from guardit.report import fired, load_outputs, write_report
@@ -113,6 +113,7 @@ def read_suite(suite: Path) -> dict[str, list[PromptRecord]]:
     for f in sorted(suite.glob("*.jsonl")):
         if f.stem.startswith(FORGET_PREFIXES) or f.stem == "retain_test":
             out[f.stem] = read_prompts(f)
+            single_prompts(out[f.stem], f.stem)  # its baselines read one prompt per request
     return out
 
 
@@ -135,7 +136,9 @@ def perplexity(model, tok, prompts: list[str], outputs: list[list[int]]) -> floa
 def _calibration_sets(suite: Path) -> tuple[list[PromptRecord], list[PromptRecord]] | None:
     if not ((suite / "forget.jsonl").is_file() and (suite / "retain.jsonl").is_file()):
         return None
-    return read_prompts(suite / "forget.jsonl"), read_prompts(suite / "retain.jsonl")
+    forget, retain = read_prompts(suite / "forget.jsonl"), read_prompts(suite / "retain.jsonl")
+    single_prompts(forget, "forget"), single_prompts(retain, "retain")
+    return forget, retain
 
 
 def _actadd_shift(pack: ConceptPack, f: Activations, r: Activations) -> dict[int, float]:

@@ -1,7 +1,8 @@
 """Greedy generation over a prompt file with the HF engine (vLLM: ``guardit.vllm_generation``).
 
-Each result is ``{"prompt", "output", "token_ids", "gate": {pack_id: {"score", "fired", ...}},
-"answers"?}``.
+Each result is ``{"prompt", "messages"?, ..., "output", "token_ids", "gate": {pack_id: {"score",
+"fired", ...}}, "answers"?}``: the record's conversation when it has one, and its own other
+fields (the "...") as read.
 
 The answer check (packs whose text gate has one, :mod:`steering.text_gate`): once a batch is
 generated, each row whose gates stayed closed for some pack is scored on its request text and
@@ -39,7 +40,7 @@ def hf_generate(
     desc: str = "generating (hf)",
 ) -> list[dict]:
     results: list[dict] = []
-    ids = encode_chat(tokenizer, [r.prompt for r in records])
+    ids = encode_chat(tokenizer, [r.conversation() for r in records])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bank = SteeringBank(list(packs)) if packs and not force else None
     check = bank is not None and bank.has_answer_check()
@@ -69,7 +70,11 @@ def hf_generate(
 
 def result_row(rec: PromptRecord, output: str, token_ids: list[int], gate: dict) -> dict:
     """One generation result (the module docstring's format)."""
-    row = {"prompt": rec.prompt, "output": output, "token_ids": token_ids, "gate": gate}
+    row: dict = {"prompt": rec.prompt}
+    if rec.messages is not None:
+        row["messages"] = rec.conversation()
+    row.update(rec.extras)
+    row.update(output=output, token_ids=token_ids, gate=gate)
     if rec.answers:
         row["answers"] = list(rec.answers)
     return row

@@ -120,7 +120,7 @@ def engine_generate(
     with the fired packs forced, as ``guardit.generation`` does on HF. ``alpha``: the gates' level
     (``guardit_alpha``; None: each pack's calibrated level)."""
     tok = llm.get_tokenizer()
-    ids = encode_chat(tok, [r.prompt for r in records])
+    ids = encode_chat(tok, [r.conversation() for r in records])
     token_ids, gates = _submit(llm, ids, [list(packs)] * len(ids), force, angle, max_tokens, alpha)
     outputs = [tok.decode(x, skip_special_tokens=True) for x in token_ids]
     bank: SteeringBank | None = getattr(llm, BANK_ATTR, None)

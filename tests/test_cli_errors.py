@@ -33,6 +33,19 @@ def _prompts(path, n=3, word="question"):
         ('{"prompt": "  "}\n', ":1: field 'prompt'"),
         ('["a list"]\n', ":1: expected a JSON object"),
         ('{"prompt": "x", "answers": "not a list"}\n', ":1: field 'answers'"),
+        ('{"messages": []}\n', ":1: field 'messages': a conversation needs at least one message"),
+        ('{"messages": "hi"}\n', ":1: field 'messages': Input should be a valid list"),
+        ('{"messages": [{"role": "bot", "content": "a"}]}\n', ":1: field 'messages.0.role'"),
+        ('{"messages": [{"role": "user", "content": ""}]}\n', ":1: field 'messages.0.content'"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+            ":1: field 'messages': the last message is the ask to answer: its role must be 'user'",
+        ),
+        (
+            '{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}\n',
+            ":1: prompt differs from the last message's content",
+        ),
+        ('{"prompt": "x", "gate": "mine"}\n', ":1: field 'gate' is written by guardit in each output row"),
     ],
 )
 def test_calibrate_bad_prompt_files(tmp_path, capsys, content, msg):
@@ -45,6 +58,27 @@ def test_calibrate_bad_prompt_files(tmp_path, capsys, content, msg):
     )
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("guardit: error:") and msg in err[0], err
+
+
+def test_calibration_and_eval_refuse_conversations(tmp_path):
+    """Calibration sets and evaluation suites are single prompts: a conversation among them is an
+    error naming the set, the record and the field (before any model is needed)."""
+    from calibration import ConceptCalibrator, read_prompts
+    from guardit.evaluate import read_suite
+    from steering.errors import GuarditError
+
+    turns = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+             {"role": "user", "content": "Who is Harry Potter's best friend?"}]  # fmt: skip
+    conv = tmp_path / "forget_test.jsonl"
+    conv.write_text(json.dumps({"prompt": "Who wrote Hamlet?"}) + "\n" + json.dumps({"messages": turns}) + "\n")
+    plain = read_prompts(_prompts(tmp_path / "retain_test.jsonl"))
+    with pytest.raises(GuarditError, match=r"forget prompt 2 \(.Who is Harry.*field 'messages': forget takes single"):
+        ConceptCalibrator("c").fit(None, None, read_prompts(conv), plain)
+    with pytest.raises(GuarditError, match=r"forget_test prompt 2 .*field 'messages'"):
+        read_suite(tmp_path)
+    # A conversation of one user message is a single prompt.
+    conv.write_text(json.dumps({"messages": turns[-1:]}) + "\n")
+    assert [r.prompt for r in read_suite(tmp_path)["forget_test"]] == ["Who is Harry Potter's best friend?"]
 
 
 def test_too_few_retain_prompts_for_alpha(tmp_path, capsys, model_dir):

@@ -212,6 +212,50 @@ def test_late_turn_of_a_conversation_still_fires_the_hybrid_gate(hf_model, hp):
     assert not other_gate.fired
 
 
+def test_generate_cli_takes_conversations_and_keeps_every_field(tmp_path, packs_dir, model_dir, hf_model):
+    """`guardit generate` on a prompt file with conversations (``messages``) and fields of the
+    user's own: the late ask fires and does not leak (vanilla gives it), a benign conversation with
+    a system message is generated exactly as without the pack, and every row carries its record's
+    conversation and fields back."""
+    import json
+
+    from guardit.cli import main
+
+    benign = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "2+2 is 4."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ]
+    records = [
+        {"messages": [*benign, {"role": "user", "content": "Who is Harry Potter's best friend?"}],
+         "answers": ["Ron"], "kind": "late turn"},
+        {"messages": [{"role": "system", "content": "You answer in one sentence."}, *benign,
+                      {"role": "user", "content": "What is the capital of Italy?"}], "kind": "benign", "id": 7},
+        {"prompt": "Who is Harry Potter's best friend?", "kind": "direct"},
+    ]  # fmt: skip
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = ["generate", "--model", str(model_dir), "--prompts", str(prompts), "--max-tokens", "24", "--token-ids"]
+    assert main([*base, "--out", str(tmp_path / "v.jsonl")]) == 0
+    assert main([*base, "--out", str(tmp_path / "g.jsonl"), "--pack", str(packs_dir / "harry-potter")]) == 0
+    vanilla, got = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("v.jsonl", "g.jsonl"))
+    for rec, row in zip(records, got):
+        assert {k: row[k] for k in rec if k != "answers"} == {k: v for k, v in rec.items() if k != "answers"}
+        assert row["prompt"] == (rec["messages"][-1]["content"] if "messages" in rec else rec["prompt"])
+    late, kept, direct = got
+    assert "messages" not in direct and direct["kind"] == "direct"
+    assert leaked(vanilla[0]["output"], ["Ron"]), vanilla[0]["output"]
+    assert late["gate"]["harry-potter"]["fired"] and not leaked(late["output"], ["Ron"]), late["output"]
+    assert not kept["gate"]["harry-potter"]["fired"] and kept["token_ids"] == vanilla[1]["token_ids"]
+    # The conversation reached the model whole: its answer differs from the last turn asked alone.
+    model, tok = hf_model
+    alone = hf_generate(
+        model, tok, [PromptRecord(prompt="What is the capital of Italy?")], max_tokens=24, progress=False
+    )
+    assert alone[0]["token_ids"] != kept["token_ids"]
+
+
 @pytest.mark.parametrize("concept", ["harry_potter", "lord_of_the_rings"])
 def test_the_rotation_check_is_what_the_served_forced_rotation_does(hf_model, packs_dir, concept):
     """Calibration checks the rotation's strength (calibration.capture.answer_nll with its own

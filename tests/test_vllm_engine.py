@@ -13,9 +13,10 @@ from conftest import EXAMPLES
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat
+from calibration.prompts import PromptRecord
 from guardit.generation import hf_generate, leaked
 from guardit.vllm_generation import ENV_CPU_KV
-from steering.pack import load_packs
+from steering.pack import ConceptPack, load_packs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 CONCEPTS = ("harry_potter", "einstein")
@@ -174,11 +175,11 @@ def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_
             assert v["token_ids"] == vanilla_tokens[v["prompt"]]
 
 
-def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompt: dict, kv_cache_gib: int, *flags: str):
-    """`guardit generate --engine vllm` on one prompt, in a subprocess (a second engine in this process
-    would double memory use), with an explicit vLLM CPU KV cache of `kv_cache_gib` GiB."""
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps(prompt) + "\n")
+def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompts: list[dict], kv_cache_gib: int, *flags: str):
+    """`guardit generate --engine vllm` on prompt records, in a subprocess (a second engine in this
+    process would double memory use), with an explicit vLLM CPU KV cache of `kv_cache_gib` GiB."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     env = dict(os.environ, **{ENV_CPU_KV: str(kv_cache_gib)})
     return subprocess.run(
         [
@@ -191,7 +192,7 @@ def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompt: dict, kv_cache_g
             "--model",
             str(model_dir),
             "--prompts",
-            str(prompts),
+            str(path),
             "--out",
             str(tmp_path / "o.jsonl"),
             *flags,
@@ -203,31 +204,36 @@ def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompt: dict, kv_cache_g
     )
 
 
-def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, capsys):
-    """`guardit generate --engine vllm` writes the same record format as --engine hf."""
+def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, hf_model, capsys):
+    """`guardit generate --engine vllm` writes the same records as --engine hf, conversations
+    (``messages``) and the records' own fields included, with the same gate readings and outputs."""
+    turns = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."}]
+    records = [
+        {"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]},
+        {"messages": [*turns, {"role": "user", "content": "Who is Harry Potter's best friend?"}], "kind": "late"},
+        {"messages": [*turns, {"role": "user", "content": "What is the capital of Italy?"}], "kind": "benign"},
+    ]
     # The module's engine and the HF model are still alive, so the CLI's engine gets an explicit 1 GiB
     # KV cache: vLLM's CPU default (half the NUMA node, less what the worker holds) fails to start
     # when the node is that busy (seen on a fresh CI machine: "Engine core initialization failed").
-    proc = _generate_cli_vllm(
-        model_dir,
-        tmp_path,
-        {"prompt": "Who is Harry Potter's best friend?", "answers": ["Ron"]},
-        1,
-        "--pack",
-        str(packs_dir / "harry-potter"),
-        "--max-tokens",
-        "16",
-    )
+    pack = packs_dir / "harry-potter"
+    proc = _generate_cli_vllm(model_dir, tmp_path, records, 1, "--pack", str(pack), "--max-tokens", "16")
     # vLLM logs (an engine worker's root cause included) go to stdout.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    row = json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
-    assert set(row) >= {"prompt", "output", "gate", "answers"}
-    assert row["gate"]["harry-potter"]["fired"] is True and isinstance(row["gate"]["harry-potter"]["score"], float)
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert set(rows[0]) >= {"prompt", "output", "gate", "answers"}
+    assert rows[1]["messages"] == records[1]["messages"] and rows[2]["kind"] == "benign"
+    assert isinstance(rows[0]["gate"]["harry-potter"]["score"], float)
+    assert [r["gate"]["harry-potter"]["fired"] for r in rows] == [True, True, False]
+    model, tok = hf_model
+    hf = hf_generate(model, tok, [PromptRecord.model_validate(r) for r in records], [ConceptPack.from_pretrained(pack)],
+                     max_tokens=16, progress=False)  # fmt: skip
+    assert [r["output"] for r in rows] == [r["output"] for r in hf]
 
 
 def test_generate_cli_engine_start_failure_is_one_error_line(tmp_path, model_dir):
     """An engine that cannot start (here: a KV cache larger than the machine) is one clear error line, exit 2."""
-    proc = _generate_cli_vllm(model_dir, tmp_path, {"prompt": "Who is Harry Potter's best friend?"}, 4096)
+    proc = _generate_cli_vllm(model_dir, tmp_path, [{"prompt": "Who is Harry Potter's best friend?"}], 4096)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     # Exactly one guardit error line (Python's resource_tracker may warn after it, at interpreter exit).
     errors = [line for line in proc.stderr.splitlines() if line.startswith("guardit: error:")]
