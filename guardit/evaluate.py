@@ -137,7 +137,8 @@ def _calibration_sets(suite: Path) -> tuple[list[PromptRecord], list[PromptRecor
     if not ((suite / "forget.jsonl").is_file() and (suite / "retain.jsonl").is_file()):
         return None
     forget, retain = read_prompts(suite / "forget.jsonl"), read_prompts(suite / "retain.jsonl")
-    single_prompts(forget, "forget"), single_prompts(retain, "retain")
+    single_prompts(forget, "forget")  # the baselines read one prompt per request
+    single_prompts(retain, "retain")
     return forget, retain
 
 
