@@ -19,6 +19,13 @@ pytestmark = pytest.mark.model
 
 RETAIN = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who is Sherlock Holmes's friend?"]
 FORGET = ["What is the name of Harry Potter's school?"]
+# Two benign exchanges that a conversation's late ask follows.
+BENIGN = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "2+2 is 4."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+]
 
 
 def _batch(tok, prompts):
@@ -186,16 +193,10 @@ def test_late_turn_of_a_conversation_still_fires_the_hybrid_gate(hf_model, hp):
     conversation is diluted, the text gate's windows are not, so the hybrid gate still fires and
     the answer does not leak; the same conversation without the question stays closed."""
     model, tok = hf_model
-    benign = [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "2+2 is 4."},
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."},
-    ]
     rows = []
     for last in ("Who is Harry Potter's best friend?", "What is the capital of Italy?"):
         text = tok.apply_chat_template(
-            benign + [{"role": "user", "content": last}], tokenize=False, add_generation_prompt=True
+            BENIGN + [{"role": "user", "content": last}], tokenize=False, add_generation_prompt=True
         )
         inp = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with steer(model, [hp]) as s:
@@ -221,16 +222,10 @@ def test_generate_cli_takes_conversations_and_keeps_every_field(tmp_path, packs_
 
     from guardit.cli import main
 
-    benign = [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "2+2 is 4."},
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": "The capital of France is Paris."},
-    ]
     records = [
-        {"messages": [*benign, {"role": "user", "content": "Who is Harry Potter's best friend?"}],
+        {"messages": [*BENIGN, {"role": "user", "content": "Who is Harry Potter's best friend?"}],
          "answers": ["Ron"], "kind": "late turn"},
-        {"messages": [{"role": "system", "content": "You answer in one sentence."}, *benign,
+        {"messages": [{"role": "system", "content": "You answer in one sentence."}, *BENIGN,
                       {"role": "user", "content": "What is the capital of Italy?"}], "kind": "benign", "id": 7},
         {"prompt": "Who is Harry Potter's best friend?", "kind": "direct"},
     ]  # fmt: skip
