@@ -21,6 +21,7 @@ from calibration.capture import (
     decoder_layers,
     encode_chat,
     greedy_answer_ids,
+    turn_header,
 )
 from calibration.directions import (
     choose_steer_layers,
@@ -51,6 +52,7 @@ from steering.pack import (
     TextGateMeta,
 )
 from steering.rotation import DEFAULT_ANGLE_DEG, make_plane
+from steering.runtime import earlier_turns
 from steering.text_gate import DEFAULT_ENCODER, answer_text, load_encoder, request_text
 
 
@@ -59,6 +61,17 @@ def builtin_prompts(name: str) -> list[PromptRecord]:
     besides the retain set; see calibration/data/README.md) or ``idk`` ("I don't know" answers)."""
     path = resources.files("calibration").joinpath("data", f"{name}.jsonl")
     return read_prompts(str(path))
+
+
+def _turn_header(tokenizer, ids: list[list[int]]) -> list[int] | None:
+    """What the pack records as opening a user turn (:class:`GateMeta` ``turn_header``): the chat
+    template's header, when no calibration prompt has an earlier turn by that rule (so the served
+    pool is every token of each, what the probe is fitted on); None otherwise (no chat template,
+    or one this rule does not fit): every token is pooled."""
+    header = turn_header(tokenizer)
+    if not header or any(earlier_turns(x, header) != (0, 0) for x in ids):
+        return None
+    return header
 
 
 def min_negatives(alpha: float) -> int:
@@ -182,6 +195,7 @@ class _Captured:
     name_words: list[str]  # the words that name the concept (calibration.prompts.concept_words)
     masked_of: list[int]  # forget prompts that have a copy without those words, in copy order
     masked: Activations | None  # the copies' activations
+    turn_header: list[int] | None  # what opens a user turn (GateMeta.turn_header), None without one
 
     @property
     def all_ids(self) -> list[list[int]]:
@@ -307,6 +321,7 @@ class ConceptCalibrator:
                 text=kinds.text,
                 kinds=kinds.thresholds,  # type: ignore[arg-type]
                 negatives=kinds.negatives(gate),
+                turn_header=data.turn_header,
             ),
             angle_deg=self.angle_deg,
             angle_mode=self.angle_mode,
@@ -427,6 +442,7 @@ class ConceptCalibrator:
             name_words=words,
             masked_of=[i for i, _ in copies],
             masked=masked,
+            turn_header=_turn_header(tokenizer, ids[0] + ids[1] + ids[2]),
         )
 
     def _fit_probe(self, data: _Captured) -> tuple[GateFit, int]:

@@ -36,6 +36,28 @@ def chat_format(tokenizer, prompt: str | Sequence[Mapping[str, str]]) -> str:
     return messages[0]["content"]
 
 
+def turn_header(tokenizer) -> list[int]:
+    """The token ids that open a user turn in the chat template: the longest common tail of what
+    precedes the user's text in a first turn (the template head) and in a later turn. Empty
+    without a chat template (the prompt is the user's text after the head). What a pack records
+    so that its served probe leaves a conversation's earlier user turns out
+    (:func:`steering.runtime.earlier_turns`)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    earlier = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi! How can I help?"}]
+
+    def before_ask(messages: list[dict[str, str]]) -> list[int]:
+        # The ids two asks share: everything before the user's text.
+        a, b = encode_chat(tokenizer, [[*messages, {"role": "user", "content": t}] for t in ("Apples?", "Rivers?")])
+        return a[: common_prefix_length([a, b])]
+
+    first, later = before_ask([]), before_ask(earlier)
+    n = 0
+    while n < min(len(first), len(later)) and first[-1 - n] == later[-1 - n]:
+        n += 1
+    return first[len(first) - n :]
+
+
 def encode_chat(tokenizer, prompts: Sequence[str | Sequence[Mapping[str, str]]]) -> list[list[int]]:
     """Token ids of each chat-formatted prompt or conversation (no extra special tokens: the
     template has them)."""

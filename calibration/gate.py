@@ -2,14 +2,16 @@
 
 At serving time every token t of a request gets a score s_t = w·h_t + b at the gate layer, and
 the request's gate value is the mean (``pooling="mean"``) or the max (``"max"``) of its token
-scores so far. For "mean" the probe is trained on mean-pooled prompt activations (a linear probe
-on the mean equals the mean of the per-token scores, so training and serving agree exactly). For
-"max" the probe is fitted on mean-pooled forget prompts against every token of the retain and
-neutral prompts (after the shared template head) as separate negatives: a forget prompt is a bag
-of tokens of which a few carry the concept (a name, a title), a negative prompt a bag of which
-none does, so no single negative token may score like a forget prompt's average. Max pooling is
-not the default (FINDINGS.md, "Max pooling": it did not beat mean pooling on held-out prompts);
-``--gate-pooling best`` picks whichever has the higher out-of-fold recall.
+scores so far, a conversation's earlier user turns left out
+(:func:`steering.runtime.earlier_turns`; a calibration prompt has none, so it is pooled whole
+here as served). For "mean" the probe is trained on mean-pooled prompt activations (a linear
+probe on the mean equals the mean of the per-token scores, so training and serving agree
+exactly). For "max" the probe is fitted on mean-pooled forget prompts against every token of the
+retain and neutral prompts (after the shared template head) as separate negatives: a forget
+prompt is a bag of tokens of which a few carry the concept (a name, a title), a negative prompt
+a bag of which none does, so no single negative token may score like a forget prompt's average.
+Max pooling is not the default (FINDINGS.md, "Max pooling": it did not beat mean pooling on
+held-out prompts); ``--gate-pooling best`` picks whichever has the higher out-of-fold recall.
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe

@@ -193,6 +193,13 @@ class GateMeta(BaseModel):
     negatives: OofNegatives | None = Field(
         default=None, description="out-of-fold negative scores, to place the thresholds at another alpha"
     )
+    turn_header: list[int] | None = Field(
+        default=None,
+        description="token ids that open a user turn in the chat template: served, the probe leaves "
+        "out the earlier user turns (from after their first occurrence to after their last), so a "
+        "single prompt is pooled whole, as calibrated, and an ask late in a conversation as if asked "
+        "alone. None (packs calibrated before it existed): every prompt token",
+    )
 
     @model_validator(mode="after")
     def _text(self) -> GateMeta:

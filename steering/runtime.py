@@ -4,9 +4,11 @@ A :class:`SteeringBank` holds the loaded packs, grouped by layer. For one forwar
 flattened batch of tokens (T, d) belonging to R rows (sequences/requests), the integration calls
 
 1. :meth:`SteeringBank.update_gates` at each gate layer: per-token probe scores s = w·h + b update
-   each row's running statistics (sum, count, max over every token it has processed); a row's
-   gate fires once its pooled value (mean or max, per pack) exceeds the pack's threshold (placed
-   at the row's level α when the request sets one, :meth:`SteeringBank.gate`), and stays fired.
+   each row's running statistics (sum, count, max over every token it has processed; for a pack
+   with a turn header, every token but the earlier user turns of a conversation,
+   :func:`earlier_turns`, so that they do not dilute the ask); a row's gate fires once its
+   pooled value (mean or max, per pack) exceeds the pack's threshold (placed at the row's level α
+   when the request sets one, :meth:`SteeringBank.gate`), and stays fired.
 2. :meth:`SteeringBank.steer_` at each steered layer: rotates, in place, only the tokens of rows
    whose gate fired for a pack with a plane at this layer. Other tokens are neither read back
    nor written, so rows whose gates stay closed are bit-identical to the unhooked model.
@@ -126,6 +128,24 @@ class TokenMap:
     steerable: torch.Tensor | None = None  # (T,) tokens a rotation may touch (not padding, not the template head)
     is_prompt: torch.Tensor | None = None  # (T,) prompt tokens: the only ones prompt-scope gates and rotations use
     ready: torch.Tensor | None = None  # (R,) rows whose whole prompt has been seen after this pass
+    # (T,) tokens the probes of packs with a turn header count: all but the row's earlier user turns
+    # (:func:`earlier_turns`), generated tokens included (None: every token)
+    pooled: torch.Tensor | None = None
+
+
+def earlier_turns(prompt_ids: Sequence[int], header: Sequence[int]) -> tuple[int, int]:
+    """The span [start, end) of the prompt's earlier user turns: from just after the first
+    occurrence of ``header`` (the token ids that open a user turn in the chat template) to just
+    after its last one, where the last user turn begins; (0, 0) when the header occurs at most once.
+    A pack with a turn header leaves that span out of its probe's pool: a single prompt (template
+    head or system prompt, then one turn) is pooled whole, what calibration fitted the probe on,
+    and an ask late in a conversation is pooled as if asked alone, undiluted by what came before.
+    Never the prompt's last token."""
+    ids, head, n = list(prompt_ids), list(header), len(header)
+    hits = [i + n for i, t in enumerate(ids) if t == head[0] and ids[i : i + n] == head] if n else []
+    if len(hits) < 2:
+        return 0, 0
+    return hits[0], min(hits[-1], len(ids) - 1)
 
 
 @dataclass
@@ -192,6 +212,16 @@ class SteeringBank:
         self.steer_all = [p.meta.steer_scope == "all" for p in self.packs]
         self.text_packs = [i for i, p in enumerate(self.packs) if p.meta.gate.text is not None]
         self.encoder_only = torch.tensor([p.meta.gate.kind == "encoder" for p in self.packs], dtype=torch.bool)
+        self.turn_pool = torch.tensor(
+            [p.meta.gate.turn_header is not None for p in self.packs], dtype=torch.bool, device=dev
+        )
+        turn_headers = {tuple(p.meta.gate.turn_header) for p in self.packs if p.meta.gate.turn_header is not None}
+        if len(turn_headers) > 1:
+            raise ValueError(
+                f"packs open a user turn with different token ids {sorted(turn_headers)}: calibrated "
+                "with different chat templates, they cannot serve one model together"
+            )
+        self.turn_header: list[int] | None = list(turn_headers.pop()) if turn_headers else None
         heads = [p.meta.skip_head for p in self.packs]
         self.skip_head: list[int] = []
         if heads:
@@ -209,6 +239,13 @@ class SteeringBank:
                 break
             n += 1
         return max(1, min(n, len(prompt_ids) - 1))
+
+    def earlier_turns(self, prompt_ids: list[int]) -> tuple[int, int]:
+        """The span of earlier user turns that turn-pooling probes leave out (:func:`earlier_turns`);
+        (0, 0) when no pack has a turn header."""
+        if self.turn_header is None:
+            return 0, 0
+        return earlier_turns(prompt_ids, self.turn_header)
 
     @property
     def num_packs(self) -> int:
@@ -423,6 +460,8 @@ class SteeringBank:
             keep &= tokens.counted.unsqueeze(-1)
         if tokens.is_prompt is not None:
             keep &= tokens.is_prompt.unsqueeze(-1) | self.scope_all[group.packs].unsqueeze(0)
+        if tokens.pooled is not None:
+            keep &= tokens.pooled.unsqueeze(-1) | ~self.turn_pool[group.packs].unsqueeze(0)
         s_sum = torch.where(keep, scores, torch.zeros_like(scores))
         s_max = torch.where(keep, scores, torch.full_like(scores, -math.inf))
         ones = keep.to(torch.float32)

@@ -21,6 +21,7 @@ def toy_pack(
     pooling: str = "mean",
     angle: float = 90.0,
     fp: ModelFingerprint = FP,
+    turn_header: list[int] | None = None,
     **meta,
 ) -> ConceptPack:
     g = torch.Generator().manual_seed(seed)
@@ -30,7 +31,7 @@ def toy_pack(
         concept_id=concept_id,
         model=fp,
         layers=list(layers),
-        gate=GateMeta(layer=gate_layer, threshold=threshold, alpha=0.1, pooling=pooling),  # type: ignore[arg-type]
+        gate=GateMeta(layer=gate_layer, threshold=threshold, alpha=0.1, pooling=pooling, turn_header=turn_header),  # type: ignore[arg-type]
         angle_deg=angle,
         **meta,
     )

@@ -213,6 +213,43 @@ def test_late_turn_of_a_conversation_still_fires_the_hybrid_gate(hf_model, hp):
     assert not other_gate.fired
 
 
+@torch.no_grad()
+def test_the_served_probe_leaves_a_conversations_earlier_turns_out(hf_model, hp):
+    """The pack records the ids that open a user turn. Served, its probe's value is the mean of the
+    token scores over every token but the earlier user turns: a single prompt, with the template
+    head or a system prompt before it, is pooled whole, what calibration fitted the probe on; the
+    same ask after two benign exchanges is pooled as if asked alone, so they do not dilute it.
+    One left-padded batch."""
+    from calibration.capture import capture, turn_header
+    from steering.runtime import earlier_turns
+
+    model, tok = hf_model
+    header = turn_header(tok)
+    assert hp.meta.gate.turn_header == header and tok.decode(header) == "<|im_end|>\n<|im_start|>user\n"
+    ask = {"role": "user", "content": "Who is Harry Potter's best friend?"}
+    system = {"role": "system", "content": "You answer in French."}
+    convs = [[ask], [*BENIGN, ask], [system, ask], [system, *BENIGN[:2], ask]]
+    ids = encode_chat(tok, convs)
+    spans = [earlier_turns(x, header) for x in ids]
+    assert spans[0] == spans[2] == (0, 0) and all(0 < a < b for a, b in (spans[1], spans[3]))
+    last_turn = ask["content"] + "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ids[1][spans[1][1] :]) == tok.decode(ids[3][spans[3][1] :]) == last_turn
+    assert ids[1][: spans[1][0]] == ids[0][: spans[1][0]]  # what is kept before the last turn: the head
+    layer, w, b = hp.meta.gate.layer, hp.gate_weight.double(), hp.gate_bias
+    acts = capture(model, ids, pad_id=tok.pad_token_id, progress=False)
+    expected = [
+        float(torch.cat([x[:s, layer], x[e:, layer]]).double().mean(0) @ w + b) for x, (s, e) in zip(acts.tokens, spans)
+    ]
+    every_token = [float(x[:, layer].double().mean(0) @ w + b) for x in acts.tokens]
+    inp, mask = pad_batch(ids, tok.pad_token_id)
+    with steer(model, [hp.with_gate_kind("probe")]) as s:
+        model(input_ids=inp, attention_mask=mask)
+        served = [g["harry-potter"].score for g in s.gates()]
+    assert served == pytest.approx(expected, abs=1e-4)
+    assert [served[0], served[2]] == pytest.approx([every_token[0], every_token[2]], abs=1e-4)
+    assert served[1] > every_token[1] + 0.5 and served[3] > every_token[3] + 0.5  # what one mean lost
+
+
 def test_generate_cli_takes_conversations_and_keeps_every_field(tmp_path, packs_dir, model_dir, hf_model):
     """`guardit generate` on a prompt file with conversations (``messages``) and fields of the
     user's own: the late ask fires and does not leak (vanilla gives it), a benign conversation with

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 from helpers import toy_pack
 
-from steering.runtime import GateStats, PackUse, SteeringBank, TokenMap
+from steering.runtime import GateStats, PackUse, SteeringBank, TokenMap, earlier_turns
 
 
 def _bank(**kw):
@@ -90,6 +91,41 @@ def test_prompt_scope_and_force_and_per_row_angles():
     assert torch.equal(h[1:], before[1:])  # decode token (prompt scope) and the closed row
     b = bank.packs[0].planes[0]
     assert math.isclose(math.degrees(math.atan2(float(h[0] @ b[1]), float(h[0] @ b[0]))), 30.0, abs_tol=1e-3)
+
+
+def test_earlier_turns_span_from_the_first_user_turn_to_the_last():
+    header = [7, 8]  # what opens a user turn; a template head ends with it, as chat templates do
+    assert earlier_turns([5, 6, 7, 8, 20, 21, 9], header) == (0, 0)  # one turn: nothing left out
+    assert earlier_turns([5, 6, 7, 8, 20, 9, 30, 7, 8, 22, 9], header) == (4, 9)  # one earlier turn
+    assert earlier_turns([5, 6, 7, 8, 20, 7, 8, 22, 7, 8, 23, 9], header) == (4, 10)  # several
+    assert earlier_turns([5, 40, 41, 7, 8, 20, 7, 8, 23, 9], header) == (5, 8)  # after a system prompt
+    assert earlier_turns([1, 2, 20, 21, 9], header) == (0, 0)  # no header (a raw prompt)
+    assert earlier_turns([5, 6, 7, 8, 20, 7, 8], []) == (0, 0)  # no chat template
+    assert earlier_turns([5, 6, 7, 8, 20, 7, 8], header) == (4, 6)  # never the last token
+
+
+def test_turn_pooled_probe_leaves_the_earlier_turns_out_and_older_packs_count_every_token():
+    """One request: a template head of 4 tokens, an earlier turn (4-6), the last user turn from
+    token 7 on. A pack with a turn header pools tokens 0-3 and 7-8; a pack without a header
+    (calibrated before headers existed) pools all."""
+    bank = SteeringBank([toy_pack("new", seed=1, turn_header=[7, 8]), toy_pack("old", seed=1)])
+    assert bank.turn_header == [7, 8] and bank.turn_pool.tolist() == [True, False]
+    assert bank.earlier_turns([5, 6, 7, 8, 20, 7, 8, 22, 9]) == (4, 7)
+    assert SteeringBank([toy_pack("old")]).earlier_turns([5, 6, 7, 8, 20, 7, 8, 22, 9]) == (0, 0)
+    h = torch.randn(9, 16, generator=torch.Generator().manual_seed(3))
+    pooled = (torch.arange(9) < 4) | (torch.arange(9) >= 7)
+    stats = GateStats.empty(1, 2)
+    bank.update_gates(1, h, TokenMap(torch.zeros(9, dtype=torch.long), pooled=pooled), stats,
+                      bank.settings([{"new": (None, False), "old": (None, False)}]))  # fmt: skip
+    w, b = bank.packs[0].gate_weight, bank.packs[0].gate_bias
+    value = stats.value(bank.max_pool)[0]
+    assert math.isclose(float(value[bank.index["new"]]), float((h[pooled] @ w + b).mean()), rel_tol=1e-5)
+    assert math.isclose(float(value[bank.index["old"]]), float((h @ w + b).mean()), rel_tol=1e-5)
+
+
+def test_packs_for_different_chat_templates_cannot_share_a_bank():
+    with pytest.raises(ValueError, match="different chat templates"):
+        SteeringBank([toy_pack("a", turn_header=[7, 8]), toy_pack("b", turn_header=[9])])
 
 
 def test_head_length():

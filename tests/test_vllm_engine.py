@@ -175,6 +175,37 @@ def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_
             assert v["token_ids"] == vanilla_tokens[v["prompt"]]
 
 
+def test_the_probe_leaves_earlier_turns_out_across_prefill_chunks_as_on_hf(engine, hf_model, packs_dir):
+    """Conversations of about 70 tokens, prefilled in 32-token chunks: each request's probe leaves
+    its earlier turns out (they end in a later chunk than the one they start in), so its pooled
+    probe score and decision equal HF's, which reads the whole prompt at once; the late ask fires
+    and the late benign one does not."""
+    from guardit.vllm_generation import engine_generate
+
+    model, tok = hf_model
+    turns = [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "2+2 is 4."},
+        {"role": "user", "content": "Can you name a large river?"},
+        {"role": "assistant", "content": "The Nile."},
+    ]
+    records = [
+        PromptRecord(messages=[*turns, {"role": "user", "content": q}])
+        for q in ("Who is Harry Potter's best friend?", "What is the capital of Italy?", "Who wrote Hamlet?")
+    ]
+    assert all(
+        len(x) > 2 * ENGINE_KW["max_num_batched_tokens"] for x in encode_chat(tok, [r.conversation() for r in records])
+    )
+    packs = load_packs([packs_dir / "harry-potter"], hf_fingerprint(model))
+    assert packs[0].meta.gate.turn_header
+    hf_rows = hf_generate(model, tok, records, packs, max_tokens=8, progress=False)
+    v_rows = engine_generate(engine, records, ["harry-potter"], 8)
+    v_scores = [r["gate"]["harry-potter"]["score"] for r in v_rows]
+    assert v_scores == pytest.approx([r["gate"]["harry-potter"]["score"] for r in hf_rows], abs=2e-3)
+    assert [r["gate"]["harry-potter"]["fired"] for r in v_rows] == [r["gate"]["harry-potter"]["fired"] for r in hf_rows]
+    assert v_rows[0]["gate"]["harry-potter"]["fired"] and not v_rows[1]["gate"]["harry-potter"]["fired"]
+
+
 def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompts: list[dict], kv_cache_gib: int, *flags: str):
     """`guardit generate --engine vllm` on prompt records, in a subprocess (a second engine in this
     process would double memory use), with an explicit vLLM CPU KV cache of `kv_cache_gib` GiB."""

@@ -91,16 +91,22 @@ class SteerSession:
         else:
             valid = torch.ones(bsz, step, dtype=torch.bool, device=device)
         steerable = valid.clone()
+        # What turn-pooling probes count (steering.runtime.earlier_turns); without input_ids (called
+        # with inputs_embeds) no turn can be found, and every token is, as before turn headers.
+        pooled = valid.clone()
         prompts: list[list[int]] = []
         heads: list[int] = []
         if (starting or self._is_prompt) and ids is not None:
-            # Leave each row's template head (and at least its first token, the sink) unrotated.
+            # Leave each row's template head (and at least its first token, the sink) unrotated, and
+            # its earlier user turns out of turn-pooling probes.
             for r in range(bsz):
                 pos = valid[r].nonzero().squeeze(-1)
                 prompts.append(ids[r, pos].tolist())
                 heads.append(self.bank.head_length(prompts[-1]) if pos.numel() else 0)
                 if pos.numel():
                     steerable[r, pos[: heads[-1]]] = False
+                    first, last = self.bank.earlier_turns(prompts[-1])
+                    pooled[r, pos[first:last]] = False
         if starting:
             self._start(bsz, device, prompts, heads)
         counted = valid.reshape(-1)
@@ -109,6 +115,7 @@ class SteerSession:
             counted=counted,
             steerable=steerable.reshape(-1),
             is_prompt=torch.full_like(counted, self._is_prompt),
+            pooled=pooled.reshape(-1),
         )
         return None
 

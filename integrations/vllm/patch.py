@@ -74,6 +74,7 @@ class _Request:
     # tokens served from the prefix cache skip nothing (admission salted it by that rotation).
     fixed: bool = False
     head: int = 1  # leading prompt tokens never rotated (template head, attention sink)
+    earlier: tuple[int, int] = (0, 0)  # its earlier user turns, left out of turn-pooling probes
     seen: int = 0  # prompt+output positions already scored by the gate
     reported: set[str] = field(default_factory=set)
     evaluated: bool = False
@@ -244,7 +245,7 @@ class EngineState:
         n = len(req_ids)
         qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
         row = np.zeros(num_tokens, dtype=np.int64)
-        counted, steerable, is_prompt = (np.zeros(num_tokens, dtype=bool) for _ in range(3))
+        counted, steerable, is_prompt, pooled = (np.zeros(num_tokens, dtype=bool) for _ in range(4))
         ready = np.zeros(n, dtype=bool)
         split: set[int] = set()
         layers: frozenset[int] = frozenset()
@@ -264,6 +265,7 @@ class EngineState:
             num_prompt = int(cached.num_prompt_tokens)
             counted[a:b] = pos >= st.seen
             steerable[a:b] = pos >= st.head
+            pooled[a:b] = (pos < st.earlier[0]) | (pos >= st.earlier[1])
             is_prompt[a:b] = (pos < num_prompt) | st.compensate
             ready[i] = start + (b - a) >= num_prompt
             if ready[i] and not st.evaluated and start > st.head:
@@ -274,7 +276,7 @@ class EngineState:
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x).to(runner.device)
 
-        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready)), split, layers
+        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready), t(pooled)), split, layers
 
     def end(self) -> None:
         """After a forward: keep each request's gate state, write one event per decision, settle
@@ -332,7 +334,8 @@ class EngineState:
         p = bank.num_packs
         st = _Request(spec, GateStats.empty(1, p), torch.zeros(p, dtype=torch.bool), torch.full((p,), -math.inf))
         if spec is not None:
-            st.head = bank.head_length(list(cached.prompt_token_ids or []))
+            prompt_ids = list(cached.prompt_token_ids or [])
+            st.head, st.earlier = bank.head_length(prompt_ids), bank.earlier_turns(prompt_ids)
             if bank.text_packs:
                 st.text_fired, st.text_score = read_text_decision(rid, spec, extra_args, bank)
             st.fixed = bank.fixed_rotation(spec, st.text_fired if bank.text_packs else None)[0]
