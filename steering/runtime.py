@@ -129,7 +129,8 @@ class TokenMap:
     is_prompt: torch.Tensor | None = None  # (T,) prompt tokens: the only ones prompt-scope gates and rotations use
     ready: torch.Tensor | None = None  # (R,) rows whose whole prompt has been seen after this pass
     # (T,) tokens the probes of packs with a turn header count: all but the row's earlier user turns
-    # (:func:`earlier_turns`), generated tokens included (None: every token)
+    # (:func:`earlier_turns`), generated tokens included (None: every token; what the integrations
+    # pass when no pack has a turn header)
     pooled: torch.Tensor | None = None
 
 
@@ -141,8 +142,8 @@ def earlier_turns(prompt_ids: Sequence[int], header: Sequence[int]) -> tuple[int
     head or system prompt, then one turn) is pooled whole, what calibration fitted the probe on,
     and an ask late in a conversation is pooled as if asked alone, undiluted by what came before.
     Never the prompt's last token."""
-    ids, head, n = list(prompt_ids), list(header), len(header)
-    hits = [i + n for i, t in enumerate(ids) if t == head[0] and ids[i : i + n] == head] if n else []
+    ids, mark, n = list(prompt_ids), list(header), len(header)
+    hits = [i + n for i, t in enumerate(ids) if t == mark[0] and ids[i : i + n] == mark] if n else []
     if len(hits) < 2:
         return 0, 0
     return hits[0], min(hits[-1], len(ids) - 1)

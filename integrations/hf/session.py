@@ -91,9 +91,10 @@ class SteerSession:
         else:
             valid = torch.ones(bsz, step, dtype=torch.bool, device=device)
         steerable = valid.clone()
-        # What turn-pooling probes count (steering.runtime.earlier_turns); without input_ids (called
-        # with inputs_embeds) no turn can be found, and every token is, as before turn headers.
-        pooled = valid.clone()
+        # What turn-pooling probes count (steering.runtime.earlier_turns), built only when a pack
+        # has a turn header; without input_ids (inputs_embeds) no turn can be found and every token
+        # is counted, as before turn headers.
+        pooled = valid.clone() if self.bank.turn_header is not None else None
         prompts: list[list[int]] = []
         heads: list[int] = []
         if (starting or self._is_prompt) and ids is not None:
@@ -105,8 +106,9 @@ class SteerSession:
                 heads.append(self.bank.head_length(prompts[-1]) if pos.numel() else 0)
                 if pos.numel():
                     steerable[r, pos[: heads[-1]]] = False
-                    first, last = self.bank.earlier_turns(prompts[-1])
-                    pooled[r, pos[first:last]] = False
+                    if pooled is not None:
+                        first, last = self.bank.earlier_turns(prompts[-1])
+                        pooled[r, pos[first:last]] = False
         if starting:
             self._start(bsz, device, prompts, heads)
         counted = valid.reshape(-1)
@@ -115,7 +117,7 @@ class SteerSession:
             counted=counted,
             steerable=steerable.reshape(-1),
             is_prompt=torch.full_like(counted, self._is_prompt),
-            pooled=pooled.reshape(-1),
+            pooled=pooled.reshape(-1) if pooled is not None else None,
         )
         return None
 

@@ -245,7 +245,9 @@ class EngineState:
         n = len(req_ids)
         qsl = runner.query_start_loc.np[: n + 1].astype(np.int64)
         row = np.zeros(num_tokens, dtype=np.int64)
-        counted, steerable, is_prompt, pooled = (np.zeros(num_tokens, dtype=bool) for _ in range(4))
+        counted, steerable, is_prompt = (np.zeros(num_tokens, dtype=bool) for _ in range(3))
+        # Built only when a pack leaves earlier user turns out (SteeringBank.earlier_turns).
+        pooled = np.zeros(num_tokens, dtype=bool) if bank.turn_header is not None else None
         ready = np.zeros(n, dtype=bool)
         split: set[int] = set()
         layers: frozenset[int] = frozenset()
@@ -265,7 +267,8 @@ class EngineState:
             num_prompt = int(cached.num_prompt_tokens)
             counted[a:b] = pos >= st.seen
             steerable[a:b] = pos >= st.head
-            pooled[a:b] = (pos < st.earlier[0]) | (pos >= st.earlier[1])
+            if pooled is not None:
+                pooled[a:b] = (pos < st.earlier[0]) | (pos >= st.earlier[1])
             is_prompt[a:b] = (pos < num_prompt) | st.compensate
             ready[i] = start + (b - a) >= num_prompt
             if ready[i] and not st.evaluated and start > st.head:
@@ -276,7 +279,8 @@ class EngineState:
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x).to(runner.device)
 
-        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready), t(pooled)), split, layers
+        kept = None if pooled is None else t(pooled)
+        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready), kept), split, layers
 
     def end(self) -> None:
         """After a forward: keep each request's gate state, write one event per decision, settle
