@@ -323,11 +323,34 @@ class SteeringBank:
         rotating = force.nonzero().flatten().tolist()
         if not rotating:
             return True, None
-        h = hashlib.sha256(repr(self.skip_head).encode())  # the head no rotation touches
+        return True, self._key(rotating, angle, [])
+
+    def deferred_key(self, spec: RequestSpec | None, text_fired: torch.Tensor | None) -> str | None:
+        """For a request whose probes still decide in the forward pass (:meth:`fixed_rotation` not
+        fixed): can their decision wait for the whole prompt, with nothing rotated on their account
+        meanwhile, and under which key? Only when every such gate has scope "prompt" (it decides on
+        the prompt alone); None otherwise. The key names what the request's prompt KV and its probe
+        scores depend on: the rotation fixed before its forward (forced or text-fired packs, as in
+        :meth:`fixed_rotation`) and the deciding packs (their gates, turn header, template head).
+        Requests with equal keys compute the same KV and the same per-token probe scores for the
+        same tokens, so one may read the other's cached blocks and their kept scores."""
+        s = self.settings([spec], None if text_fired is None else text_fired.unsqueeze(0))
+        active, force, angle = s.active[0].cpu(), s.force[0].cpu(), s.angle[0].cpu()
+        deciding = (active & ~force).nonzero().flatten().tolist()
+        if not deciding or any(self.packs[j].meta.gate.scope != "prompt" for j in deciding):
+            return None
+        return self._key(force.nonzero().flatten().tolist(), angle, deciding)
+
+    def _key(self, rotating: list[int], angle: torch.Tensor, deciding: list[int]) -> str:
+        h = hashlib.sha256(repr((self.skip_head, self.turn_header)).encode())  # the head no rotation touches
         for j in rotating:
             h.update(self._identity(j))
             h.update(repr(float(angle[j])).encode())
-        return True, h.hexdigest()[:32]
+        if deciding:
+            h.update(b"|deciding")
+            for j in deciding:
+                h.update(self._identity(j))
+        return h.hexdigest()[:32]
 
     def _identity(self, j: int) -> bytes:
         """Pack ``j``'s rotation, as bytes: its metadata (layers, scopes, angle mode, template head)
@@ -445,8 +468,10 @@ class SteeringBank:
 
     def update_gates(
         self, layer: int, h: torch.Tensor, tokens: TokenMap, stats: GateStats, settings: RowSettings
-    ) -> None:
+    ) -> torch.Tensor | None:
         """Score the counted tokens of ``h`` (T, d) at a gate layer and update ``stats`` in place.
+        Returns every token's scores (T, Pl) for the layer's packs (``gate_layers[layer].packs``),
+        None at a layer without gates.
 
         A pack with gate scope "prompt" (the default) looks at prompt tokens only, and decides only
         on a row whose whole prompt has been seen (``tokens.ready``), so that its decision does not
@@ -454,30 +479,61 @@ class SteeringBank:
         """
         group = self.gate_layers.get(layer)
         if group is None:
-            return
+            return None
         scores = torch.addmm(group.bias, h.to(torch.float32), group.weight.t())  # (T, Pl)
+        self._pool(group.packs, scores, tokens, stats)
+        self._open(group.packs, tokens, stats, settings)
+        return scores
+
+    def decide_prompt(self, scores: torch.Tensor, pooled: torch.Tensor | None, settings: RowSettings) -> GateStats:
+        """One row's gates decided on its whole prompt at once, from every prompt token's probe
+        scores ``scores`` (N, P), NaN for a pack not scored, and the tokens that packs with a turn
+        header pool (``pooled`` (N,), None: all), with its settings (one row): the statistics and
+        decisions that :meth:`update_gates` reaches over the prompt's forward passes. Used where
+        a request's scores come partly from the prefix cache (vLLM: scores kept per cached block)."""
+        n, p = scores.shape
+        dev = self.device
+        tokens = TokenMap(
+            row=torch.zeros(n, dtype=torch.long, device=dev),
+            ready=torch.ones(1, dtype=torch.bool, device=dev),
+            pooled=None if pooled is None else pooled.to(dev),
+        )
+        stats = GateStats.empty(1, p, dev)
+        cols = torch.arange(p, device=dev)
+        self._pool(cols, scores.to(dev, torch.float32), tokens, stats)
+        self._open(cols, tokens, stats, settings)
+        return stats
+
+    def _pool(self, cols: torch.Tensor, scores: torch.Tensor, tokens: TokenMap, stats: GateStats) -> None:
+        """Add the tokens' scores (T, len(cols)) for packs ``cols`` to their rows' running statistics:
+        only the tokens each pack counts (counted, prompt tokens for prompt-scope gates, not a
+        conversation's earlier turns for packs with a turn header)."""
         keep = torch.ones_like(scores, dtype=torch.bool)
         if tokens.counted is not None:
             keep &= tokens.counted.unsqueeze(-1)
         if tokens.is_prompt is not None:
-            keep &= tokens.is_prompt.unsqueeze(-1) | self.scope_all[group.packs].unsqueeze(0)
+            keep &= tokens.is_prompt.unsqueeze(-1) | self.scope_all[cols].unsqueeze(0)
         if tokens.pooled is not None:
-            keep &= tokens.pooled.unsqueeze(-1) | ~self.turn_pool[group.packs].unsqueeze(0)
+            keep &= tokens.pooled.unsqueeze(-1) | ~self.turn_pool[cols].unsqueeze(0)
         s_sum = torch.where(keep, scores, torch.zeros_like(scores))
         s_max = torch.where(keep, scores, torch.full_like(scores, -math.inf))
         ones = keep.to(torch.float32)
         rows = stats.total.shape[0]
-        pl = group.packs.numel()
+        pl = cols.numel()
+        dev = scores.device
         idx = tokens.row.unsqueeze(-1).expand(-1, pl)
-        add_sum = torch.zeros(rows, pl, dtype=torch.float32, device=h.device).scatter_add_(0, idx, s_sum)
-        add_cnt = torch.zeros(rows, pl, dtype=torch.float32, device=h.device).scatter_add_(0, idx, ones)
-        new_max = torch.full((rows, pl), -math.inf, dtype=torch.float32, device=h.device).scatter_reduce_(
+        add_sum = torch.zeros(rows, pl, dtype=torch.float32, device=dev).scatter_add_(0, idx, s_sum)
+        add_cnt = torch.zeros(rows, pl, dtype=torch.float32, device=dev).scatter_add_(0, idx, ones)
+        new_max = torch.full((rows, pl), -math.inf, dtype=torch.float32, device=dev).scatter_reduce_(
             0, idx, s_max, reduce="amax", include_self=True
         )
-        cols = group.packs
         stats.total[:, cols] += add_sum
         stats.count[:, cols] += add_cnt
         stats.peak[:, cols] = torch.maximum(stats.peak[:, cols], new_max)
+
+    def _open(self, cols: torch.Tensor, tokens: TokenMap, stats: GateStats, settings: RowSettings) -> None:
+        """The gates of packs ``cols`` open where the pooled value exceeds the row's threshold (a
+        prompt-scope gate only once the row's whole prompt has been seen); forced packs count as open."""
         value = stats.value(self.max_pool)[:, cols]
         opened = (value > settings.threshold[:, cols]) & settings.active[:, cols]
         if tokens.ready is not None:

@@ -38,8 +38,9 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
 @pytest.fixture(scope="session")
 def text_variants(packs_dir, tmp_path_factory):
     """The Harry Potter pack with its text gate always open ('hp-text-open'), as an encoder-only
-    gate always closed, answer check included ('hp-text-closed'), or with only its answer check,
-    always firing ('hp-answer-open'): the serving mechanics, independent of what the gates learnt."""
+    gate always closed, answer check included ('hp-text-closed'), with only its answer check,
+    always firing ('hp-answer-open'), or with its probe alone deciding ('hp-probe'): the serving
+    mechanics, independent of what the gates learnt."""
     from helpers import variant_pack
 
     d = tmp_path_factory.mktemp("variants")
@@ -49,6 +50,10 @@ def text_variants(packs_dir, tmp_path_factory):
     # Probe and text gate never fire, the answer check always does.
     answer = {"threshold": 1e6, "answer": {"threshold": -1e6, "max_tokens": 40}}
     variant_pack(packs_dir / "harry-potter", d / "hp-answer-open", "hp-answer-open", threshold=1e6, text=answer)
+    # Text gate and answer check never fire: its probe alone decides, in the forward pass, at a
+    # threshold for prompts behind a system prompt of a KV block or more (which dilutes its mean).
+    never = {"threshold": 1e6, "answer": {"threshold": 1e6, "max_tokens": 40}}
+    variant_pack(packs_dir / "harry-potter", d / "hp-probe", "hp-probe", threshold=-3.0, text=never)
     return d
 
 

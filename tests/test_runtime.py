@@ -123,6 +123,34 @@ def test_turn_pooled_probe_leaves_the_earlier_turns_out_and_older_packs_count_ev
     assert math.isclose(float(value[bank.index["old"]]), float((h @ w + b).mean()), rel_tol=1e-5)
 
 
+def test_a_prompt_decided_at_once_from_its_scores_as_over_its_chunks():
+    """decide_prompt (vLLM: a deferred request, its scores partly from cached blocks) reaches the
+    statistics and decisions that update_gates reaches over the prompt's chunks, for mean and max
+    pools, a turn-pooling pack and a level's threshold; the scores it takes are those
+    update_gates returns; a forced pack counts as fired, an unscored one (NaN) never fires."""
+    packs = [
+        toy_pack("mean", seed=1, turn_header=[7, 8], threshold=-0.2),
+        toy_pack("max", seed=2, pooling="max", threshold=0.5),
+        toy_pack("forced", seed=3),
+    ]
+    bank = SteeringBank(packs)
+    row = {"mean": (None, False), "max": (None, False), "forced": (None, True)}
+    settings = bank.settings([row])
+    h = torch.randn(12, 16, generator=torch.Generator().manual_seed(4))
+    pooled = (torch.arange(12) < 4) | (torch.arange(12) >= 7)
+    stats, scores = GateStats.empty(1, 3), []
+    for a, b in ((0, 5), (5, 9), (9, 12)):  # three prefill chunks, the last completes the prompt
+        tokens = TokenMap(torch.zeros(b - a, dtype=torch.long), ready=torch.tensor([b == 12]), pooled=pooled[a:b])
+        out = bank.update_gates(1, h[a:b], tokens, stats, settings)
+        scores.append(out[:, torch.argsort(bank.gate_layers[1].packs)])  # back to bank order
+    at_once = bank.decide_prompt(torch.cat(scores), pooled, settings)
+    assert torch.allclose(at_once.value(bank.max_pool), stats.value(bank.max_pool), atol=1e-6)
+    assert at_once.fired.tolist() == stats.fired.tolist() and at_once.fired[0, bank.index["forced"]]
+    unscored = torch.cat(scores).clone()
+    unscored[:, bank.index["max"]] = math.nan
+    assert not bank.decide_prompt(unscored, pooled, bank.settings([{"max": (None, False)}])).fired.any()
+
+
 def test_packs_for_different_chat_templates_cannot_share_a_bank():
     with pytest.raises(ValueError, match="different chat templates"):
         SteeringBank([toy_pack("a", turn_header=[7, 8]), toy_pack("b", turn_header=[9])])

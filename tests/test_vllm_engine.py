@@ -53,6 +53,7 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens, text_variants
             text_variants / "hp-text-open",
             text_variants / "hp-text-closed",
             text_variants / "hp-answer-open",
+            text_variants / "hp-probe",
         ],
         run_dir=tmp_path_factory.mktemp("run"),
         **ENGINE_KW,
@@ -386,15 +387,18 @@ SYSTEM = (
     "library's rules when they apply, never invent opening hours, and send questions about "
     "accounts, fines or personal data to the front desk. "
 ) * 6
+SHORT = SYSTEM[: len(SYSTEM) // 2]  # ~130 tokens: one KV block of vLLM's CPU default (128 tokens) and a few
 
 
 def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
     """Prefix caching on, a ~300-token system prompt shared by every request. A request whose gates
     closed before prefill (encoder-only) reads vanilla's cached blocks; requests fired before
-    prefill share blocks with requests rotated the same way; a request whose probe decides in the
-    forward pass reuses nothing. Each gives the tokens it gives with nothing to reuse (the same
-    request under a fresh cache_salt: prefix caching off for it). A rotated request's generated
-    tokens are never served from the cache to the next chat turn (its prompt would rotate them)."""
+    prefill share blocks with requests rotated the same way; requests whose probe decides on the
+    whole prompt (deferred) share blocks with requests naming the same packs, closed ones give
+    vanilla's tokens and fired ones are recomputed steered. Each gives the tokens it gives with
+    nothing to reuse (the same request under a fresh cache_salt: prefix caching off for it). A
+    rotated request's generated tokens are never served from the cache to the next chat turn
+    (its prompt would rotate them)."""
     import uuid
 
     from vllm import SamplingParams
@@ -403,9 +407,10 @@ def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
     block = engine.llm_engine.vllm_config.cache_config.block_size
     recs = _records()
     questions = [r.prompt for r in recs[("harry_potter", "retain_test")][:5]]
+    asks = [r.prompt for r in recs[("harry_potter", "forget_test")][3:5]]
 
-    def ids(question: str) -> list[int]:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    def ids(question: str, system: str = SYSTEM) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -419,22 +424,30 @@ def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
         return [list(o.outputs[0].token_ids) for o in outs], [int(o.num_cached_tokens or 0) for o in outs]
 
     system_blocks = len(ids("")) // block * block
-    assert system_blocks >= block
+    short_blocks = len(ids("", SHORT)) // block * block
+    assert system_blocks >= block and short_blocks >= block
     q = [ids(x) for x in questions]
     closed = {"guardit_packs": "hp-text-closed"}
     forged = {**closed, "guardit_text": {"fired": ["hp-text-closed"], "scores": {}}}  # the engine decides
     fired = {"guardit_packs": "hp-text-open"}
     forced = {"guardit_packs": "harry-potter", "guardit_force": True}
-    probe = {"guardit_packs": "harry-potter"}  # hybrid: its probe decides in the forward pass
+    hybrid = {"guardit_packs": "harry-potter"}  # text gate closed: its probe decides on the whole prompt
+    probe = {"guardit_packs": "hp-probe"}  # its probe alone decides
+    a = [ids(x, SHORT) for x in asks]
     run([(q[0], None)])  # vanilla puts the system prompt in the cache
-    first_rows = [(q[1], None), (q[1], closed), (q[2], forged), (q[1], fired), (q[1], forced), (q[3], probe)]
-    then_rows = [(q[2], fired), (q[2], forced), (q[3], probe)]  # the same rotations again
+    first_rows = [(q[1], None), (q[1], closed), (q[2], forged), (q[1], fired), (q[1], forced), (q[3], hybrid)]
+    first_rows.append((ids(questions[3], SHORT), probe))
+    then_rows = [(q[2], fired), (q[2], forced), (q[3], hybrid), (a[0], probe), (a[1], probe)]  # the same again
     first, first_cached = run(first_rows)
     then, then_cached = run(then_rows)
     # Vanilla's blocks for vanilla and closed (a client's decision is overwritten: still closed);
-    # nobody had computed the two rotations yet; the probe reuses nothing.
-    assert [c >= system_blocks for c in first_cached[:3]] == [True] * 3 and first_cached[3:] == [0] * 3
-    assert [c >= system_blocks for c in then_cached[:2]] == [True] * 2 and then_cached[2] == 0
+    # nobody had computed the two rotations or the probes' blocks yet; then everyone reads them.
+    assert [c >= system_blocks for c in first_cached[:3]] == [True] * 3 and first_cached[3:] == [0] * 4
+    assert all(c >= system_blocks for c in then_cached[:3]) and all(c >= short_blocks for c in then_cached[3:])
+    # The deferred probes: closed on the retain question (vanilla's tokens); fired on the asks,
+    # which are then recomputed steered.
+    vanilla, _ = run([(q[3], None), (a[0], None), (a[1], None)])
+    assert then[2] == vanilla[0] and then[3] != vanilla[1] and then[4] != vanilla[2]
 
     # Next chat turn after a rotated answer that fills a block: only the first turn's prompt is reused.
     x = questions[4]
@@ -456,3 +469,36 @@ def test_shared_system_prompt_reuses_the_cache_as_the_rotation_allows(engine):
     # Every request gives the tokens it gives with nothing to reuse.
     reference, _ = run([*first_rows, *then_rows, (second, fired)], fresh=True)
     assert [*first, *then, reply] == reference
+
+
+def test_a_deferred_probe_reading_cached_blocks_decides_as_hf_on_the_whole_prompt(engine, hf_model, text_variants):
+    """The probe's scores of a cached prefix are kept with its blocks: asks and retain questions
+    behind a system prompt, asked twice with a pack whose probe alone decides (the
+    second time every request reads the system prompt from the prefix cache, the rest prefilled
+    in 32-token chunks), get HF's pooled score and decision over the whole prompt both times, and
+    a fired (recomputed) request's event comes once."""
+    from guardit.vllm_generation import engine_generate
+
+    model, tok = hf_model
+    recs = _records()
+    asks = recs[("harry_potter", "forget_test")][2:6] + recs[("harry_potter", "retain_test")][:4]
+    records = [PromptRecord(messages=[{"role": "system", "content": SHORT}, *r.conversation()]) for r in asks]
+    packs = load_packs([text_variants / "hp-probe"], hf_fingerprint(model))
+    hf_rows = hf_generate(model, tok, records, packs, max_tokens=4, progress=False)
+    hf_fired = [r["gate"]["hp-probe"]["fired"] for r in hf_rows]
+    assert any(hf_fired) and not all(hf_fired)
+    from integrations.vllm import config as vcfg
+
+    path = vcfg.events_path()
+    assert path is not None
+    tokens = []
+    for _ in range(2):
+        offset = path.stat().st_size if path.is_file() else 0
+        v_rows = engine_generate(engine, records, ["hp-probe"], 4)
+        tokens.append([r["token_ids"] for r in v_rows])
+        rids = [e["rid"] for e in vcfg.read_events(path, offset)[0]]
+        assert len(rids) == len(set(rids)) == len(records)  # one event per request, restarted or not
+        assert [r["gate"]["hp-probe"]["fired"] for r in v_rows] == hf_fired
+        v_scores = [r["gate"]["hp-probe"]["score"] for r in v_rows]
+        assert v_scores == pytest.approx([r["gate"]["hp-probe"]["score"] for r in hf_rows], abs=2e-2)
+    assert tokens[0] == tokens[1]

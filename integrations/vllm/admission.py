@@ -13,12 +13,23 @@ when the scheduler takes the requests that arrived since its last step, :meth:`A
 2. replaces the unique salt where the request's rotation is fixed before its forward
    (:meth:`SteeringBank.fixed_rotation`): no rotation (its packs' gates closed before prefill) →
    the client's own salt, so it shares vanilla's cache; a rotation → the client's salt plus the
-   rotation's key, so it shares blocks only with requests rotated exactly the same way. A request
-   whose probe still decides in the forward pass keeps the unique salt: its prompt's KV depends on
-   a decision that comes after vLLM has registered its blocks.
+   rotation's key, so it shares blocks only with requests rotated exactly the same way;
+3. defers the decision of a request whose probes still decide in the forward pass, where that
+   decision can wait for the whole prompt (:meth:`SteeringBank.deferred_key`): its probes score
+   the prompt but rotate nothing, so its prompt KV depends only on what is fixed before its
+   forward, and it gets the client's salt plus that key; the workers keep every scored block's
+   probe scores, so a cache hit skips no score, and decide when the prompt is complete. When a
+   probe fires there, the worker reports it with the step's output and :meth:`Admission.restart`
+   (before vLLM reads that output) drops the step's token and recomputes the request from its
+   first token under a unique salt, where its probes decide in the forward pass as without
+   deferral, the fired packs pinned open: a fired request gives the tokens it gives with prefix
+   caching off, and its rotated KV is never shared. Other requests that name packs keep the
+   unique salt: their prompt's KV depends on a decision that comes after vLLM has registered
+   their blocks.
 
 What a request may enter in the prefix cache (:func:`cacheable_tokens`, set here as
-``request.guardit_cache``): a rotated request its prompt's blocks only (under prompt-scope steering
+``request.guardit_cache``): a rotated or deferred request its prompt's blocks only (the workers
+keep probe scores for prompt tokens only) (under prompt-scope steering
 its generated tokens are not rotated, while the same tokens inside a later prompt, the next chat
 turn, would be, so a block of them must not be shared); a request that keeps the unique salt
 nothing: no other request can ever read those blocks, and vLLM keeps blocks that have a hash in
@@ -30,6 +41,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+import uuid
 
 import torch
 
@@ -42,6 +55,7 @@ from steering.text_gate import check_encoder, request_text
 log = logging.getLogger("guardit.vllm")
 SALT_MARK = "|guardit:"  # what the front end appends to a request's cache_salt
 PROMPT, NOTHING = "prompt", "nothing"  # request.guardit_cache: what it may put in the prefix cache
+RESTART = "guardit_restart"  # the workers' report on a step's ModelRunnerOutput: {req_id: [pack ids fired]}
 
 
 def check_client_salt(salt: object) -> None:
@@ -63,8 +77,10 @@ class Admission:
     """The engine core's packs (every one ever configured in this engine, as the workers keep them)
     and the model's tokenizer, loaded at start-up and on a policy change."""
 
-    def __init__(self, vllm_config) -> None:
+    def __init__(self, vllm_config, kv_cache_config) -> None:
         self.model_config = vllm_config.model_config
+        # Decisions are deferred only where the workers can keep scores per block (:func:`score_group`).
+        self.defers = score_group(kv_cache_config) is not None
         self.dirs: dict = {}
         self.version: int | None = None
         self.bank: SteeringBank | None = None
@@ -115,17 +131,60 @@ class Admission:
             f, s = bank.text_gates(texts, [list(gated[i]) for i in use], row_levels([specs[i] for i in use]))
             fired[use], score[use] = f, s
         for i, (request, spec) in enumerate(zip(requests, specs)):
-            fixed, key = False, None
-            if spec is not None:
-                if bank.text_packs:
-                    _write_text(request, spec, bank, fired[i], score[i])
-                fixed, key = bank.fixed_rotation(spec, fired[i] if bank.text_packs else None)
+            if spec is None:
+                if SALT_MARK in (request.cache_salt or ""):
+                    request.guardit_cache = NOTHING
+                continue
+            text = fired[i] if bank.text_packs else None
+            fixed, key = bank.fixed_rotation(spec, text)
+            deferred = None if fixed or not self.defers else bank.deferred_key(spec, text)
+            _write_decision(request, spec, bank, fired[i], score[i], deferred is not None)
+            base = client_salt(request.cache_salt)
             if fixed:
-                base = client_salt(request.cache_salt)
                 _resalt(request, base if key is None else f"{base or ''}{SALT_MARK}{key}")
                 request.guardit_cache = PROMPT if key is not None else None
-            elif SALT_MARK in (request.cache_salt or ""):
+            elif deferred is not None:
+                _resalt(request, f"{base or ''}{SALT_MARK}deferred-{deferred}")
+                request.guardit_cache = PROMPT
+            else:
                 request.guardit_cache = NOTHING  # the front end's unique salt stays
+
+    def restart(self, scheduler, restarts: dict[str, list[str]]) -> None:
+        """Before vLLM reads a step's output: recompute each request whose deferred probes fired in
+        that step (``restarts``: req id → the packs fired) from its first token. vLLM's own
+        preemption frees its blocks, puts it first in the waiting queue and drops the step's output
+        for it (``drop_stale_output``, what vLLM does when it resets its prefix cache under running
+        requests); it gets a new unique salt, shares nothing, and the workers, which made the
+        decision, run its probes in the forward pass with the fired packs pinned open."""
+        from vllm.v1.request import RequestStatus
+
+        now = time.monotonic()
+        for rid, packs in restarts.items():
+            request = scheduler.requests.get(rid)
+            if request is None or request.is_finished() or request.status != RequestStatus.RUNNING:
+                continue
+            scheduler.running.remove(request)
+            scheduler._preempt_request(request, now, drop_stale_output=True)
+            scheduler.prev_step_scheduled_req_ids.discard(rid)
+            sp = request.sampling_params
+            decision = dict((sp.extra_args or {}).get(KEY_TEXT) or {})
+            sp.extra_args = {**(sp.extra_args or {}), KEY_TEXT: {**decision, "defer": False, "pinned": sorted(packs)}}
+            _resalt(request, f"{client_salt(request.cache_salt) or ''}{SALT_MARK}{uuid.uuid4().hex}")
+            request.guardit_cache = NOTHING
+            log.info("guardit: request %s: deferred gates of %s fired; recomputing it steered", rid, sorted(packs))
+
+
+def score_group(kv_cache_config) -> int | None:
+    """The KV-cache group whose block table the workers key kept probe scores by: the first
+    full-attention one (its blocks hold every position; a sliding-window group's early blocks
+    are dropped), None when there is none (then no decision is deferred)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    for g, group in enumerate(groups):
+        if isinstance(group.kv_cache_spec, FullAttentionSpec):
+            return g
+    return None
 
 
 def cacheable_tokens(request, num_tokens: int) -> int:
@@ -147,15 +206,19 @@ def _spec(request, bank: SteeringBank) -> RequestSpec | None:
         return None
 
 
-def _write_text(request, spec: RequestSpec, bank: SteeringBank, fired: torch.Tensor, score: torch.Tensor) -> None:
-    """The text decision, for the workers: the packs fired and every scored pack's score. A new dict
-    on the request's own SamplingParams (the client's dict may be shared by several requests)."""
+def _write_decision(
+    request, spec: RequestSpec, bank: SteeringBank, fired: torch.Tensor, score: torch.Tensor, defer: bool
+) -> None:
+    """The engine core's decision, for the workers: the packs fired by their text gates, every
+    scored pack's score, and whether the probes' decision is deferred. A new dict on the
+    request's own SamplingParams (the client's dict may be shared by several requests)."""
     sp = request.sampling_params
     decision = {
         "fired": sorted(pid for pid in spec.packs if fired[bank.index[pid]]),
         "scores": {
             pid: float(score[bank.index[pid]]) for pid in spec.packs if math.isfinite(float(score[bank.index[pid]]))
         },
+        "defer": defer,
     }
     sp.extra_args = {**(sp.extra_args or {}), KEY_TEXT: decision}
 
@@ -182,8 +245,18 @@ def read_text_decision(
     return fired, score
 
 
+def read_deferral(extra_args) -> tuple[bool, frozenset[str]]:
+    """For a worker: is the request's probe decision deferred (:meth:`Admission.admit`), and which
+    packs fired when it was (pinned open while it is recomputed, :meth:`Admission.restart`)?"""
+    decision = (extra_args or {}).get(KEY_TEXT)
+    if not isinstance(decision, dict):
+        return False, frozenset()
+    return decision.get("defer") is True, frozenset(decision.get("pinned", ()))
+
+
 def _resalt(request, salt: str | None) -> None:
-    """Give a request that has not been scheduled yet another cache salt: its block hashes again."""
+    """Give a request that holds no blocks (not scheduled yet, or preempted) another cache salt:
+    its block hashes again."""
     if salt == request.cache_salt:
         return
     request.cache_salt = salt

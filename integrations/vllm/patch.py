@@ -17,8 +17,14 @@
    step to :class:`integrations.vllm.admission.Admission` before scheduling them: their text gates
    are decided there, in one batch, and a request whose rotation that fixes (none, or a known one)
    gets the salt of that rotation instead, so it shares cached prefixes with requests computed the
-   same way. ``KVCacheCoordinator.cache_blocks`` caches only the prompt blocks of a rotated one,
-   and nothing of one that keeps the unique salt.
+   same way; a request whose probes decide in the forward pass waits for its whole prompt to
+   decide them (deferred: they score the prompt and rotate nothing meanwhile) and gets the salt of
+   its packs, and the workers keep the probe scores of every block it computes, so a request that
+   reads the block from the cache still scores every prompt token. A deferred probe that fires is
+   reported with the step's output (``execute_model`` / ``sample_tokens``), and the scheduler's
+   ``update_from_output`` recomputes that request under a unique salt before it reads the output.
+   ``KVCacheCoordinator.cache_blocks`` caches only the prompt blocks of a rotated or deferred
+   one, and nothing of one that keeps the unique salt.
 3. Fail closed in every engine mode. ``EngineArgs.create_engine_config``, whenever packs are
    configured: no CUDA graphs (a replay would skip the op's host code; torch.compile stays on),
    guardit's mark in ``additional_config`` (vLLM's compile cache is keyed by the config's hash, so
@@ -50,7 +56,16 @@ import numpy as np
 import torch
 
 from integrations.vllm import config, op
-from integrations.vllm.admission import SALT_MARK, Admission, cacheable_tokens, check_client_salt, read_text_decision
+from integrations.vllm.admission import (
+    RESTART,
+    SALT_MARK,
+    Admission,
+    cacheable_tokens,
+    check_client_salt,
+    read_deferral,
+    read_text_decision,
+    score_group,
+)
 from steering.files import write_atomic
 from steering.modules import decoder_layers
 from steering.pack import FINGERPRINT_ROWS, ModelFingerprint, fingerprint, load_packs
@@ -73,6 +88,12 @@ class _Request:
     # Its rotation was fixed before its forward (forced packs, text gates): no probe decides, so
     # tokens served from the prefix cache skip nothing (admission salted it by that rotation).
     fixed: bool = False
+    # Its probes' decision waits for the whole prompt (admission deferred it): they score the
+    # prompt, the scores are kept per cache block, and nothing rotates on their account until
+    # they have decided; a fired one makes the request start again (``pinned``).
+    deferred: bool = False
+    deciding: tuple[int, ...] = ()  # the deferred probes (bank indices)
+    pinned: frozenset[str] = frozenset()  # packs whose deferred gate fired: open once its prompt is read again
     head: int = 1  # leading prompt tokens never rotated (template head, attention sink)
     earlier: tuple[int, int] = (0, 0)  # its earlier user turns, left out of turn-pooling probes
     seen: int = 0  # prompt+output positions already scored by the gate
@@ -102,6 +123,12 @@ class _Step:
     stats: GateStats
     settings: RowSettings
     layers: frozenset[int]  # layers whose hooks have work this step (the others return at once)
+    # Deferred rows' prompt tokens, whose probe scores are kept: their indices in the flattened
+    # batch, and per row (row, its block ids, first position, number of tokens, prompt length, its
+    # deferred probes).
+    record: torch.Tensor | None = None
+    kept_rows: list[tuple[int, list[int], int, int, int, tuple[int, ...]]] = field(default_factory=list)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # gate layer -> (recorded tokens, Pl) on the CPU
 
 
 class EngineState:
@@ -118,6 +145,16 @@ class EngineState:
         self.hooked: set[int] = set()  # id() of the models whose decoder layers call guardit's op
         self.called: set[int] = set()  # layers whose hook ran in the current forward
         self.fingerprint: ModelFingerprint | None = None  # the served model's, taken at start-up
+        # Probe scores of the prompt tokens deferred requests computed, by KV block: block id ->
+        # (the writer's deferred probes (bank indices), their scores (block size, probes), NaN
+        # where not written). A request that reads a block from the prefix cache gets its scores
+        # too: the block's tokens and every token before them are what its hash covers, and only
+        # deferred requests with the same key (the same KV, the same probes) can hit it, so the
+        # last request that filled it wrote what it holds. A block's first write (at offset 0:
+        # cache hits end on a block boundary) replaces what an earlier owner left.
+        self.kept: dict[int, tuple[tuple[int, ...], torch.Tensor]] = {}
+        self.blocks: tuple[int, int] | None = None  # (KV-cache group the block ids come from, its block size)
+        self.restarts: dict[str, list[str]] = {}  # req id -> packs whose deferred gate fired, for the scheduler
 
     # -- set-up ----------------------------------------------------------------------------------
     def ensure(self, runner) -> None:
@@ -166,6 +203,8 @@ class EngineState:
             text_fired, text_score = torch.zeros(p, dtype=torch.bool), torch.full((p,), -math.inf)
             text_fired[cols], text_score[cols] = st.text_fired, st.text_score
             st.gate, st.text_fired, st.text_score = gate, text_fired, text_score
+            st.deciding = tuple(int(cols[j]) for j in st.deciding)
+        self.kept = {b: (tuple(int(cols[j]) for j in probes), v) for b, (probes, v) in self.kept.items()}
 
     def _hook_layers(self, runner) -> None:
         """At start-up, before vLLM compiles or warms up the model: every decoder layer's output goes
@@ -203,11 +242,16 @@ class EngineState:
         if not self.batch_active:
             return
         # The token map first: it may mark a request's gates fired (fail closed) before they are stacked.
-        tokens, split, layers = self._token_map(runner, req_ids, requests, num_tokens)
+        tokens, split, layers, record = self._token_map(runner, req_ids, requests, num_tokens)
         stats = GateStats.stack([st.gate for st in requests], runner.device)
         text_fired = torch.stack([st.text_fired for st in requests]) if bank.text_packs else None
         settings = bank.settings([st.spec if st.active else None for st in requests], text_fired)
-        self.step = _Step(req_ids, requests, tokens, split, stats, settings, layers)
+        for i, st in enumerate(requests):
+            if st.active and st.deferred:  # its probes score, but open nothing until the prompt is read
+                settings.active[i, list(st.deciding)] = False
+            if st.active and st.pinned:
+                settings.threshold[i, [bank.index[pid] for pid in st.pinned]] = -math.inf
+        self.step = _Step(req_ids, requests, tokens, split, stats, settings, layers, *record)
 
     def _step_requests(self, runner) -> tuple[list[str], list[_Request]]:
         """This step's request ids and records, in batch order: finished requests dropped, new ones
@@ -236,10 +280,12 @@ class EngineState:
 
     def _token_map(
         self, runner, req_ids: list[str], requests: list[_Request], num_tokens: int
-    ) -> tuple[TokenMap, set[int], frozenset[int]]:
+    ) -> tuple[TokenMap, set[int], frozenset[int], tuple]:
         """Each token's row and role in this step's flattened batch (``query_start_loc``), on the
-        runner's device; the rows whose prompt came in several chunks and is complete now; and the
-        layers whose hooks have work this step. Advances each active request through its prompt."""
+        runner's device; the rows whose prompt came in several chunks and is complete now; the
+        layers whose hooks have work this step; and the deferred rows' prompt tokens whose scores
+        are kept (:class:`_Step`'s ``record`` and ``kept_rows``). Advances each active request
+        through its prompt."""
         bank = self.bank
         assert bank is not None
         n = len(req_ids)
@@ -251,6 +297,8 @@ class EngineState:
         ready = np.zeros(n, dtype=bool)
         split: set[int] = set()
         layers: frozenset[int] = frozenset()
+        recorded: list[np.ndarray] = []
+        kept_rows: list[tuple[int, list[int], int, int, int, tuple[int, ...]]] = []
         row[: qsl[n]] = np.repeat(np.arange(n), np.diff(qsl))
         for i, (rid, st) in enumerate(zip(req_ids, requests)):
             if not st.active:
@@ -259,7 +307,7 @@ class EngineState:
             cached = runner.requests[rid]
             start = int(cached.num_computed_tokens)
             a, b = int(qsl[i]), int(qsl[i + 1])
-            if start > st.seen and not st.fixed:
+            if start > st.seen and not st.fixed and not st.deferred:
                 # Tokens we never scored (a cache hit we did not expect): fail closed.
                 log.warning("guardit: request %s skipped %d unscored tokens; steering it", rid, start - st.seen)
                 st.gate.fired[:] = True
@@ -275,21 +323,30 @@ class EngineState:
                 split.add(i)
             st.seen = max(st.seen, start + (b - a))
             layers |= bank.layers_needed(st.spec.packs, start < num_prompt or not st.evaluated, st.compensate)
+            if st.deferred and start < num_prompt:
+                m = min(b - a, num_prompt - start)
+                recorded.append(np.arange(a, a + m))
+                kept_rows.append((i, self._block_ids(runner, cached), start, m, num_prompt, st.deciding))
 
         def t(x: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(x).to(runner.device)
 
         kept = None if pooled is None else t(pooled)
-        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready), kept), split, layers
+        record = (t(np.concatenate(recorded)), kept_rows) if recorded else (None, [])
+        return TokenMap(t(row), t(counted), t(steerable), t(is_prompt), t(ready), kept), split, layers, record
 
     def end(self) -> None:
-        """After a forward: keep each request's gate state, write one event per decision, settle
-        the requests guardit has nothing left to do for."""
+        """After a forward: keep each request's gate state (and the deferred rows' probe scores),
+        write one event per decision, settle the requests guardit has nothing left to do for, and
+        decide the deferred requests whose prompt is complete (a fired one is reported for a
+        restart)."""
         step, self.step = self.step, None
         if step is None:
             return
         bank = self.bank
         assert bank is not None
+        if step.kept_rows:
+            self._keep_scores(step)
         forced = step.settings.force.cpu()
         value, fired_all = bank.readout(step.stats, step.settings)
         ready = step.tokens.ready.cpu()  # type: ignore[union-attr]
@@ -298,8 +355,18 @@ class EngineState:
             if not st.active:
                 continue
             assert st.spec is not None
-            st.gate = step.stats.row(i)
-            fired = {pid for pid in st.spec.packs if fired_all[i, bank.index[pid]]}
+            if st.deferred:
+                if not ready[i]:
+                    continue
+                entry = next(((blocks, n) for j, blocks, _s, _m, n, _d in step.kept_rows if j == i), None)
+                decided = self._decide_deferred(rid, st, entry)
+                if decided is None:  # restarted: its next pass decides and reports as without deferral
+                    continue
+                st.gate, row_value, row_fired = decided
+                st.deferred = False  # decided, closed: from now on an ordinary request
+            else:
+                st.gate, row_value, row_fired = step.stats.row(i), value[i], fired_all[i]
+            fired = {pid for pid in st.spec.packs if row_fired[bank.index[pid]]}
             # Only a gate that opened in the forward pass left earlier prompt chunks unrotated; a pack
             # forced or fired by its text gate was rotated from the first chunk.
             if i in step.split and any(not forced[i, bank.index[pid]] for pid in fired):
@@ -316,7 +383,7 @@ class EngineState:
                         "tenant": st.spec.tenant,
                         "evaluated": list(st.spec.packs),
                         "fired": sorted(fired),
-                        "scores": {pid: round(float(value[i, bank.index[pid]]), 5) for pid in st.spec.packs},
+                        "scores": {pid: round(float(row_value[bank.index[pid]]), 5) for pid in st.spec.packs},
                         **_text_scores(st, bank),
                     }
                 )
@@ -325,6 +392,100 @@ class EngineState:
         self.batch_active = any(st.active for st in step.requests)
         if events:
             _write_events(events)
+
+    # -- deferred decisions ------------------------------------------------------------------------
+    def _block_ids(self, runner, cached) -> list[int]:
+        """A request's KV block ids in the group kept scores are keyed by (:func:`admission.score_group`)."""
+        if self.blocks is None:
+            g = score_group(getattr(runner, "kv_cache_config", None))
+            assert g is not None, "deferred requests need a full-attention KV-cache group"
+            self.blocks = (g, int(runner.kv_cache_config.kv_cache_groups[g].kv_cache_spec.block_size))
+        return cached.block_ids[self.blocks[0]]
+
+    def _keep_scores(self, step: _Step) -> None:
+        """Write the probe scores of the deferred rows' prompt tokens of this step into ``kept``,
+        by block and position within it."""
+        bank = self.bank
+        assert bank is not None and step.record is not None and self.blocks is not None
+        size = self.blocks[1]
+        scores = torch.full((step.record.shape[0], bank.num_packs), math.nan)
+        for layer, s in step.scores.items():
+            scores[:, bank.gate_layers[layer].packs.cpu()] = s
+        at = 0
+        for _i, blocks, start, m, _n, probes in step.kept_rows:
+            mine = scores[at : at + m, list(probes)]
+            pos = start
+            while pos < start + m:  # one slice per block
+                block, offset = blocks[pos // size], pos % size
+                k = min(size - offset, start + m - pos)
+                entry = self.kept.get(block)
+                if entry is None or offset == 0 or entry[0] != probes:
+                    entry = self.kept[block] = (probes, torch.full((size, len(probes)), math.nan))
+                entry[1][offset : offset + k] = mine[pos - start : pos - start + k]
+                pos += k
+            at += m
+
+    def _decide_deferred(
+        self, rid: str, st: _Request, entry: tuple[list[int], int] | None
+    ) -> tuple[GateStats, torch.Tensor, torch.Tensor] | None:
+        """The deferred probes' decision on a request's whole prompt, from the kept scores of its
+        blocks (those it computed and those it read from the prefix cache). Closed: its statistics,
+        pooled value and fired packs (forced ones count), to go on as a settled request. Fired (or
+        a score missing: fail closed): the request is reported for a restart and None returned."""
+        bank = self.bank
+        assert bank is not None and st.spec is not None and self.blocks is not None
+        settings = bank.settings([st.spec], st.text_fired.unsqueeze(0) if bank.text_packs else None)
+        deciding = torch.zeros(bank.num_packs, dtype=torch.bool)
+        deciding[list(st.deciding)] = True
+        size = self.blocks[1]
+        scores = torch.full((1, bank.num_packs), math.nan)
+        if entry is not None:  # its last prompt token is computed in this step, so it has an entry
+            blocks, n = entry
+            scores = torch.full((-(-n // size) * size, bank.num_packs), math.nan)
+            for q, block in enumerate(blocks[: -(-n // size)]):
+                kept = self.kept.get(block)
+                if kept is not None and kept[0] == st.deciding:
+                    scores[q * size : (q + 1) * size, list(st.deciding)] = kept[1]
+            scores = scores[:n]
+        if bool(torch.isnan(scores[:, deciding]).any()):
+            log.warning("guardit: request %s: probe scores of cached prompt tokens are missing; steering it", rid)
+            self._restart(rid, st, {bank.packs[j].id for j in deciding.nonzero().flatten().tolist()})
+            return None
+        pooled = None
+        if bank.turn_header is not None:
+            pos = torch.arange(scores.shape[0])
+            pooled = (pos < st.earlier[0]) | (pos >= st.earlier[1])
+        stats = bank.decide_prompt(scores, pooled, settings)
+        value, fired = bank.readout(stats, settings)
+        opened = {bank.packs[j].id for j in (fired[0] & deciding).nonzero().flatten().tolist()}
+        if opened:
+            self._restart(rid, st, opened)
+            return None
+        return stats.row(0), value[0], fired[0]
+
+    def _restart(self, rid: str, st: _Request, packs: set[str]) -> None:
+        """Report a deferred request whose probes of ``packs`` fired: the scheduler recomputes it
+        from its first token under a unique salt (:meth:`Admission.restart`), and this worker then
+        runs its probes in the forward pass, as without deferral, with ``packs`` pinned open (they
+        open once its prompt is read, whatever their score in the new pass)."""
+        self.restarts[rid] = sorted(packs)
+        again = _Request(st.spec, GateStats.empty(1, st.gate.total.shape[1]), st.text_fired, st.text_score)
+        again.head, again.earlier, again.pinned = st.head, st.earlier, frozenset(packs)
+        self.requests[rid] = again
+        self.batch = ([], [])  # the next step takes the full path and finds the new record
+
+    def take_restarts(self, output) -> None:
+        """After a step: put the restarts this worker decided on the step's ``ModelRunnerOutput``
+        (the object vLLM returns to the scheduler, through its message queue under tensor
+        parallelism), where the scheduler's :meth:`Admission.restart` reads them."""
+        if not self.restarts or output is None:
+            return
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        target = getattr(output, "_model_runner_output", output)  # async scheduling wraps it
+        if isinstance(target, ModelRunnerOutput) and target is not EMPTY_MODEL_RUNNER_OUTPUT:
+            setattr(target, RESTART, self.restarts)
+            self.restarts = {}
 
     def _new_request(self, rid: str, cached) -> _Request:
         bank = self.bank
@@ -343,6 +504,11 @@ class EngineState:
             if bank.text_packs:
                 st.text_fired, st.text_score = read_text_decision(rid, spec, extra_args, bank)
             st.fixed = bank.fixed_rotation(spec, st.text_fired if bank.text_packs else None)[0]
+            deferred, st.pinned = read_deferral(extra_args)
+            st.deferred = deferred and not st.fixed and not st.pinned
+            if st.deferred:
+                s = bank.settings([spec], st.text_fired.unsqueeze(0) if bank.text_packs else None)
+                st.deciding = tuple((s.active[0] & ~s.force[0]).nonzero().flatten().tolist())
         self.requests[rid] = st
         return st
 
@@ -359,7 +525,9 @@ class EngineState:
         full = None  # the residual stream, computed at most once per layer
         if index in bank.gate_layers:
             full = hidden[:n] + residual[:n]
-            bank.update_gates(index, full, step.tokens, step.stats, step.settings)
+            scores = bank.update_gates(index, full, step.tokens, step.stats, step.settings)
+            if step.record is not None and scores is not None:  # deferred rows' prompt tokens: kept
+                step.scores[index] = scores.index_select(0, step.record).cpu()
         if bank.needs_steer(index, step.stats, step.settings):
             if full is None:
                 full = hidden[:n] + residual[:n]
@@ -569,6 +737,8 @@ def install() -> None:
         return out
 
     GPUModelRunner._model_forward = _model_forward
+    for name in ("execute_model", "sample_tokens"):  # whichever returns the step's output carries the restarts
+        setattr(GPUModelRunner, name, _reporting(getattr(GPUModelRunner, name)))
     _patch_scheduler()
 
     original_process = InputProcessor.process_inputs
@@ -583,6 +753,18 @@ def install() -> None:
     InputProcessor.process_inputs = process_inputs
 
 
+def _reporting(original):
+    """Wrap a runner method that may return a step's ``ModelRunnerOutput``: the restarts decided in
+    the step go with it to the scheduler (:meth:`EngineState.take_restarts`)."""
+
+    def method(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        STATE.take_restarts(out)
+        return out
+
+    return method
+
+
 def _patch_scheduler() -> None:
     """The engine core's admission of requests (:mod:`integrations.vllm.admission`): requests that
     arrive are kept until the scheduler's next step, which decides them in one batch before it looks
@@ -594,7 +776,7 @@ def _patch_scheduler() -> None:
 
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.guardit = Admission(self.vllm_config) if config.configured() else None
+        self.guardit = Admission(self.vllm_config, self.kv_cache_config) if config.configured() else None
         self.guardit_arrived = []
 
     def add_request(self, request) -> None:
@@ -608,7 +790,16 @@ def _patch_scheduler() -> None:
             self.guardit.admit([r for r in arrived if not r.is_finished()])
         return original_schedule(self, *args, **kwargs)
 
+    original_update = Scheduler.update_from_output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        restarts = getattr(model_runner_output, RESTART, None)
+        if restarts and self.guardit is not None:
+            self.guardit.restart(self, restarts)
+        return original_update(self, scheduler_output, model_runner_output)
+
     Scheduler.__init__, Scheduler.add_request, Scheduler.schedule = __init__, add_request, schedule
+    Scheduler.update_from_output = update_from_output
 
     original_cache = KVCacheCoordinator.cache_blocks
 
