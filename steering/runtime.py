@@ -316,10 +316,9 @@ class SteeringBank:
         layers, scopes and angles, and the template head left alone), None when nothing does (its
         KV is vanilla's); (False, None) when a probe still decides. Equal keys mean equal rotations
         of every prompt token, which is what lets two requests share cached prefix blocks."""
-        s = self.settings([spec], None if text_fired is None else text_fired.unsqueeze(0))
-        active, force, angle = s.active[0].cpu(), s.force[0].cpu(), s.angle[0].cpu()
-        if bool((active & ~force).any()):
+        if self.deciding(spec, text_fired):
             return False, None
+        _, force, angle = self._row(spec, text_fired)
         rotating = force.nonzero().flatten().tolist()
         if not rotating:
             return True, None
@@ -334,12 +333,22 @@ class SteeringBank:
         :meth:`fixed_rotation`) and the deciding packs (their gates, turn header, template head).
         Requests with equal keys compute the same KV and the same per-token probe scores for the
         same tokens, so one may read the other's cached blocks and their kept scores."""
-        s = self.settings([spec], None if text_fired is None else text_fired.unsqueeze(0))
-        active, force, angle = s.active[0].cpu(), s.force[0].cpu(), s.angle[0].cpu()
-        deciding = (active & ~force).nonzero().flatten().tolist()
+        deciding = self.deciding(spec, text_fired)
+        _, force, angle = self._row(spec, text_fired)
         if not deciding or any(self.packs[j].meta.gate.scope != "prompt" for j in deciding):
             return None
         return self._key(force.nonzero().flatten().tolist(), angle, deciding)
+
+    def deciding(self, spec: RequestSpec | None, text_fired: torch.Tensor | None) -> list[int]:
+        """The packs (bank indices) whose probe still decides for a request in the forward pass:
+        those that apply to it and are neither forced nor fired by their text gate."""
+        active, force, _ = self._row(spec, text_fired)
+        return (active & ~force).nonzero().flatten().tolist()
+
+    def _row(self, spec: RequestSpec | None, text_fired: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """One request's settings (active, force, angle; (P,) each, on the CPU)."""
+        s = self.settings([spec], None if text_fired is None else text_fired.unsqueeze(0))
+        return s.active[0].cpu(), s.force[0].cpu(), s.angle[0].cpu()
 
     def _key(self, rotating: list[int], angle: torch.Tensor, deciding: list[int]) -> str:
         h = hashlib.sha256(repr((self.skip_head, self.turn_header)).encode())  # the head no rotation touches

@@ -507,8 +507,7 @@ class EngineState:
             deferred, st.pinned = read_deferral(extra_args)
             st.deferred = deferred and not st.fixed and not st.pinned
             if st.deferred:
-                s = bank.settings([spec], st.text_fired.unsqueeze(0) if bank.text_packs else None)
-                st.deciding = tuple((s.active[0] & ~s.force[0]).nonzero().flatten().tolist())
+                st.deciding = tuple(bank.deciding(spec, st.text_fired if bank.text_packs else None))
         self.requests[rid] = st
         return st
 
