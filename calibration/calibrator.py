@@ -31,12 +31,14 @@ from calibration.directions import (
     steer_layer_order,
 )
 from calibration.gate import (
+    DEFAULT_FOLDS,
     WEAK_RECALL,
     GateFit,
     TextGateFit,
     combine_gates,
     fit_gate,
     fit_text_gate,
+    fold_count,
 )
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, concept_words, read_prompts, single_prompts, without_words
@@ -244,6 +246,7 @@ class ConceptCalibrator:
     description: str = ""
     progress: bool = True
     seed: int = 0
+    folds: int = DEFAULT_FOLDS  # cross-conformal folds (at most the smaller prompt set)
     report_: dict[str, Any] = field(default_factory=dict, init=False)
 
     def fit(
@@ -288,6 +291,7 @@ class ConceptCalibrator:
             "n_neutral": len(data.neutral),
             "alpha": self.alpha,
             "seed": self.seed,
+            "folds": fold_count(len(fp), len(rp), self.folds),
             "gate": _gate_report(gate, kinds, len(data.masked_of)),
             "steer_layers": steer,
             "steer_topped_up": topped_up,
@@ -395,6 +399,8 @@ class ConceptCalibrator:
         """The settings and the two prompt sets, before any model work."""
         if not 0.0 < self.alpha < 1.0:
             raise GuarditError(f"alpha must be in (0, 1), got {self.alpha}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise GuarditError(f"folds must be an integer of at least 2, got {self.folds!r}")
         bad = sorted(set(self.gate_poolings) - {"mean", "max"})
         if bad or not self.gate_poolings:
             raise GuarditError(f"gate_poolings must be a non-empty subset of ('mean', 'max'), got {self.gate_poolings}")
@@ -460,8 +466,8 @@ class ConceptCalibrator:
 
         def fit(layers: list[int]) -> GateFit:
             tokens = (acts_f.tokens, acts_r.tokens, acts_n.tokens)
-            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, seed=self.seed,
-                            masked_tokens=masked, masked_of=data.masked_of)  # fmt: skip
+            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, self.folds,
+                            seed=self.seed, masked_tokens=masked, masked_of=data.masked_of)  # fmt: skip
 
         gate = fit(candidates)
         if not math.isfinite(gate.threshold):
@@ -502,7 +508,7 @@ class ConceptCalibrator:
 
         def fit_head(strings: list[str]) -> TextGateFit:
             embs = enc.window_embeddings(strings)
-            return fit_text_gate(embs[:nf], embs[nf : nf + nr], embs[nf + nr :], self.alpha, seed=self.seed)
+            return fit_text_gate(embs[:nf], embs[nf : nf + nr], embs[nf + nr :], self.alpha, self.folds, seed=self.seed)
 
         text = fit_head(texts)
         answer = fit_head(answers) if answers is not None else None

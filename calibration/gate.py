@@ -15,9 +15,14 @@ held-out prompts); ``--gate-pooling best`` picks whichever has the higher out-of
 
 Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by the probe fitted
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
-averages the K fold probes (an average of linear probes is a linear probe). The layer and pooling
-are chosen by the out-of-fold recall at τ on the forget prompts and on copies of them with the
-concept's name removed (:attr:`GateFit.generalisation`); both are reported.
+averages the K fold probes (an average of linear probes is a linear probe). K is DEFAULT_FOLDS
+unless asked (``folds``), never more than the smaller labelled set: with 32 retain prompts at
+α = 0.05, τ is the single highest out-of-fold retain score, and with 5 folds that score depends on
+which near neighbours are held out together, so the fold seed can move τ a lot; ``folds=32``
+holds out one forget and one retain prompt per fold and takes τ off the fold draw, but on the
+example concepts it moved the chosen gate layer too (FINDINGS.md, "One retain prompt per fold").
+The layer and pooling are chosen by the out-of-fold recall at τ on the forget prompts and on copies
+of them with the concept's name removed (:attr:`GateFit.generalisation`); both are reported.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ from steering.conformal import gate_threshold, rank_among, union_threshold
 # Out-of-fold recall below which a gate counts as weak: calibration then also tries later gate
 # layers (with --late-gate), and the CLI warns. Why 0.75: FINDINGS.md, "The weak-gate level".
 WEAK_RECALL = 0.75
+
+# Cross-conformal folds unless asked for more (``--folds``); why not one retain prompt per fold by
+# default: FINDINGS.md, "One retain prompt per fold".
+DEFAULT_FOLDS = 5
 
 
 @dataclass
@@ -114,11 +123,17 @@ def _pooled_scores(tokens: list[np.ndarray], w: np.ndarray, b: float, pooling: s
     return out
 
 
+def fold_count(nf: int, nr: int, folds: int = DEFAULT_FOLDS) -> int:
+    """How many cross-conformal folds ``nf`` forget and ``nr`` retain prompts get when ``folds`` are
+    asked for: at least 2, at most as many as the smaller labelled set."""
+    return max(2, min(folds, nf, nr))
+
+
 def _fold_splits(nf: int, nr: int, nn: int, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The cross-conformal folds over forget, retain and neutral prompts (in that order), each set
-    stratified across the folds; at least 2 folds, at most as many as the smaller labelled set."""
+    stratified across the folds (:func:`fold_count` of them)."""
     group = np.r_[np.zeros(nf), np.ones(nr), np.full(nn, 2)]
-    skf = StratifiedKFold(n_splits=max(2, min(folds, nf, nr)), shuffle=True, random_state=seed)
+    skf = StratifiedKFold(n_splits=fold_count(nf, nr, folds), shuffle=True, random_state=seed)
     return list(skf.split(np.zeros((len(group), 1)), group))
 
 
@@ -192,7 +207,7 @@ def fit_gate(
     layers: list[int],
     alpha: float,
     poolings: tuple[str, ...] = ("mean", "max"),
-    folds: int = 5,
+    folds: int = DEFAULT_FOLDS,
     c: float = 0.5,
     seed: int = 0,
     masked_tokens: list[torch.Tensor] | None = None,
@@ -253,7 +268,7 @@ def fit_text_gate(
     retain: list[torch.Tensor],
     neutral: list[torch.Tensor],
     alpha: float,
-    folds: int = 5,
+    folds: int = DEFAULT_FOLDS,
     c: float = 1.0,
     seed: int = 0,
 ) -> TextGateFit:

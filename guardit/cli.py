@@ -58,6 +58,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         name_copies=args.name_copies,
         progress=not args.quiet,
         seed=args.seed,
+        folds=args.folds,
         gate_kind=args.gate,
         answer_check=not args.no_answer_check,
         answer_cache=cache_dir() / "answers",
@@ -250,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed of the cross-conformal fold split (default 0); a weak gate's held-out recall moves "
         "with it (see README)",
+    )
+    c.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="cross-conformal folds (default 5; at most the smaller prompt set): 32 holds out one forget "
+        "and one retain prompt per fold, so the fold seed hardly moves the threshold (see README)",
     )
     c.add_argument(
         "--gate",

@@ -59,7 +59,8 @@ def print_report(r: dict) -> None:
     print(f"probe: layer {g['layer']} ({g['pooling']}-pooled), threshold {g['threshold']:.4f} at alpha={r['alpha']}")
     print(
         f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
-        f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} (fold seed {r.get('seed', 0)})"
+        f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} "
+        f"({r['folds']} folds, seed {r['seed']})"
     )
     if g.get("n_without_name"):
         words = ", ".join((r.get("diagnostics") or {}).get("name_words", []))

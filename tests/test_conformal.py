@@ -182,8 +182,65 @@ def test_fold_seed_moves_the_cross_conformal_folds():
     assert not np.allclose(a.oof_retain, c.oof_retain)
 
 
+def test_32_folds_hold_out_one_forget_and_one_retain_prompt_each():
+    """``folds=32`` with 32 + 32 prompts: each fold holds out exactly one forget and one retain
+    prompt, and the everyday negatives are spread over them; fewer prompts than folds cap the
+    count at the smaller labelled set, and the default is DEFAULT_FOLDS."""
+    from calibration.gate import DEFAULT_FOLDS, _fold_splits, fold_count
+
+    splits = _fold_splits(32, 32, 250, 32, 0)
+    assert len(splits) == 32
+    assert {(int((t < 32).sum()), int(((t >= 32) & (t < 64)).sum())) for _, t in splits} == {(1, 1)}
+    assert sorted(np.concatenate([t for _, t in splits]).tolist()) == list(range(314))
+    assert fold_count(12, 40, 32) == 12 and fold_count(1, 40, 32) == 2 and fold_count(32, 32) == DEFAULT_FOLDS
+    assert len(_fold_splits(32, 32, 250, DEFAULT_FOLDS, 0)) == DEFAULT_FOLDS
+
+
+def test_folds_is_checked_before_any_model_work_and_the_cli_default_is_the_library_one():
+    from calibration import ConceptCalibrator
+    from calibration.gate import DEFAULT_FOLDS
+    from guardit.cli import build_parser
+    from steering.errors import GuarditError
+
+    for bad in (1, 0, 2.5, True):
+        cal = ConceptCalibrator(concept_id="x", folds=bad, progress=False)
+        with pytest.raises(GuarditError, match=r"folds must be an integer of at least 2, got"):
+            cal.fit(None, None, [f"q{i}?" for i in range(8)], [f"r{i}?" for i in range(32)])
+    args = ["calibrate", "--model", "m", "--forget", "f", "--retain", "r", "--out", "o"]
+    assert build_parser().parse_args(args).folds == DEFAULT_FOLDS
+
+
+def test_one_retain_prompt_per_fold_keeps_the_threshold_off_the_fold_draw():
+    """Six retain prompts sit near the concept. With 5 folds, how many of them are held out
+    together (the fold seed) decides how high their out-of-fold scores go, and τ is the highest;
+    with one retain prompt per fold each is scored by a probe that saw the five others, so the
+    seed hardly moves τ."""
+    import torch
+
+    from calibration.gate import fit_gate
+
+    g = torch.Generator().manual_seed(0)
+
+    def bags(n: int, shift: float) -> list[torch.Tensor]:
+        out = []
+        for _ in range(n):
+            t = torch.randn(5, 1, 16, generator=g)
+            t[..., 0] += shift
+            out.append(t)
+        return out
+
+    forget, retain, neutral = bags(32, 2.0), bags(26, 0.0) + bags(6, 1.4), bags(60, -0.3)
+    ids = [[1, 2, 3, 4, 5]] * 124
+
+    def spread(folds: int) -> float:
+        fits = [fit_gate(forget, retain, neutral, ids, [0], 0.05, ("mean",), folds, seed=s) for s in range(6)]
+        return float(np.ptp([f.threshold for f in fits]))
+
+    assert spread(32) < spread(5) / 2
+
+
 @pytest.mark.model
-def test_calibrate_seed_reaches_the_pack_and_the_report(tmp_path, capsys, model_dir):
+def test_calibrate_seed_and_folds_reach_the_pack_and_the_report(tmp_path, capsys, model_dir):
     import json
 
     from guardit.cli import main
@@ -207,12 +264,15 @@ def test_calibrate_seed_reaches_the_pack_and_the_report(tmp_path, capsys, model_
             str(out),
             "--seed",
             "7",
+            "--folds",
+            "32",
             "--quiet",
         ]
     )
     assert rc == 0
-    assert "(fold seed 7)" in capsys.readouterr().out
-    assert json.loads((out / "pack.json").read_text())["stats"]["seed"] == 7
+    assert "(8 folds, seed 7)" in capsys.readouterr().out
+    stats = json.loads((out / "pack.json").read_text())["stats"]
+    assert stats["seed"] == 7 and stats["folds"] == 8  # --folds 32, capped at the 8 forget prompts
 
 
 def test_everyday_negatives_bind_at_their_own_tighter_level():
