@@ -32,6 +32,7 @@ from calibration.directions import (
 )
 from calibration.gate import (
     DEFAULT_FOLDS,
+    SELECTION_FOLDS,
     WEAK_RECALL,
     GateFit,
     TextGateFit,
@@ -39,6 +40,7 @@ from calibration.gate import (
     fit_gate,
     fit_text_gate,
     fold_count,
+    refit_gate,
 )
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import PromptRecord, concept_words, read_prompts, single_prompts, without_words
@@ -246,7 +248,7 @@ class ConceptCalibrator:
     description: str = ""
     progress: bool = True
     seed: int = 0
-    folds: int = DEFAULT_FOLDS  # cross-conformal folds (at most the smaller prompt set)
+    folds: int = DEFAULT_FOLDS  # cross-conformal folds of the thresholds (at most the smaller prompt set)
     report_: dict[str, Any] = field(default_factory=dict, init=False)
 
     def fit(
@@ -292,6 +294,7 @@ class ConceptCalibrator:
             "alpha": self.alpha,
             "seed": self.seed,
             "folds": fold_count(len(fp), len(rp), self.folds),
+            "layer_folds": fold_count(len(fp), len(rp), SELECTION_FOLDS),
             "gate": _gate_report(gate, kinds, len(data.masked_of)),
             "steer_layers": steer,
             "steer_topped_up": topped_up,
@@ -460,18 +463,14 @@ class ConceptCalibrator:
         bad = [g for g in candidates if not 0 <= g < n_layers - 1]
         if bad:
             raise GuarditError(f"gate_layers {bad} out of range for a {n_layers}-layer model")
-        acts_f, acts_r, acts_n = data.acts
-
+        tokens = tuple(a.tokens for a in data.acts)
         masked = data.masked.tokens if data.masked is not None else None
 
         def fit(layers: list[int]) -> GateFit:
-            tokens = (acts_f.tokens, acts_r.tokens, acts_n.tokens)
-            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, self.folds,
+            return fit_gate(*tokens, data.all_ids, layers, self.alpha, self.gate_poolings, SELECTION_FOLDS,
                             seed=self.seed, masked_tokens=masked, masked_of=data.masked_of)  # fmt: skip
 
         gate = fit(candidates)
-        if not math.isfinite(gate.threshold):
-            raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
         anchor, tried = gate.layer, list(gate.candidates)
         if self.gate_layers is None and self.late_gate and gate.tpr < WEAK_RECALL:
             # A weak early gate: try the later layers too. A late gate decides when the prompt has
@@ -481,6 +480,11 @@ class ConceptCalibrator:
             if late.tpr > gate.tpr:
                 gate = late
             gate.candidates = tried
+        # The layer and pooling are chosen; the served head and its threshold take self.folds.
+        gate = refit_gate(gate, *tokens, data.all_ids, self.folds, seed=self.seed, masked_tokens=masked,
+                          masked_of=data.masked_of)  # fmt: skip
+        if not math.isfinite(gate.threshold):
+            raise GuarditError("gate threshold is not finite: add retain prompts or raise alpha")
         return gate, anchor
 
     def _gate_kinds(

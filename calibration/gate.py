@@ -17,12 +17,14 @@ Threshold: K-fold cross-conformal. Each retain (and neutral) prompt is scored by
 without its fold; τ is the ⌈(n+1)(1−α)⌉-th smallest of those out-of-fold scores. The served probe
 averages the K fold probes (an average of linear probes is a linear probe). K is DEFAULT_FOLDS
 unless asked (``folds``), never more than the smaller labelled set: with 32 retain prompts at
-α = 0.05, τ is the single highest out-of-fold retain score, and with 5 folds that score depends on
-which near neighbours are held out together, so the fold seed can move τ a lot; ``folds=32``
-holds out one forget and one retain prompt per fold and takes τ off the fold draw, but on the
-example concepts it moved the chosen gate layer too (FINDINGS.md, "One retain prompt per fold").
-The layer and pooling are chosen by the out-of-fold recall at τ on the forget prompts and on copies
-of them with the concept's name removed (:attr:`GateFit.generalisation`); both are reported.
+α = 0.05, τ is the single highest out-of-fold retain score. With 5 folds that score depends on
+which near neighbours are held out together, so the fold seed could move τ a lot; one forget and
+one retain prompt per fold takes τ off the fold draw (FINDINGS.md, "One retain prompt per fold").
+The layer and pooling are a model choice made before that, always on SELECTION_FOLDS folds
+(:func:`fit_gate`, then :func:`refit_gate` at K): chosen on K folds, the winning layer moved with
+K and a later one lost the early layer's margins. They are chosen by the out-of-fold recall at τ on
+the forget prompts and on copies of them with the concept's name removed
+(:attr:`GateFit.generalisation`); both are reported.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ from steering.conformal import gate_threshold, rank_among, union_threshold
 # layers (with --late-gate), and the CLI warns. Why 0.75: FINDINGS.md, "The weak-gate level".
 WEAK_RECALL = 0.75
 
-# Cross-conformal folds unless asked for more (``--folds``); why not one retain prompt per fold by
-# default: FINDINGS.md, "One retain prompt per fold".
-DEFAULT_FOLDS = 5
+# Cross-conformal folds for the thresholds unless asked (``--folds``): as many as the smaller prompt
+# set allows, one forget and one retain prompt per fold with 32 + 32 (FINDINGS.md, "One retain
+# prompt per fold").
+DEFAULT_FOLDS = 32
+# Folds the gate layer and pooling are chosen with, whatever ``folds`` is (module docstring).
+SELECTION_FOLDS = 5
 
 
 @dataclass
@@ -207,7 +212,7 @@ def fit_gate(
     layers: list[int],
     alpha: float,
     poolings: tuple[str, ...] = ("mean", "max"),
-    folds: int = DEFAULT_FOLDS,
+    folds: int = SELECTION_FOLDS,
     c: float = 0.5,
     seed: int = 0,
     masked_tokens: list[torch.Tensor] | None = None,
@@ -245,6 +250,30 @@ def fit_gate(
     assert best is not None
     best.candidates = candidates
     return best
+
+
+def refit_gate(
+    chosen: GateFit,
+    forget_tokens: list[torch.Tensor],
+    retain_tokens: list[torch.Tensor],
+    neutral_tokens: list[torch.Tensor],
+    ids: list[list[int]],
+    folds: int,
+    c: float = 0.5,
+    seed: int = 0,
+    masked_tokens: list[torch.Tensor] | None = None,
+    masked_of: list[int] | None = None,
+) -> GateFit:
+    """The gate ``chosen`` by :func:`fit_gate` (its layer and pooling) fitted again on ``folds``
+    folds: the served head, its out-of-fold scores and threshold. ``candidates`` stay the choice's."""
+    if fold_count(len(forget_tokens), len(retain_tokens), folds) == fold_count(
+        len(forget_tokens), len(retain_tokens), SELECTION_FOLDS
+    ):
+        return chosen
+    fit = fit_gate(forget_tokens, retain_tokens, neutral_tokens, ids, [chosen.layer], chosen.alpha,
+                   (chosen.pooling,), folds, c, seed, masked_tokens, masked_of)  # fmt: skip
+    fit.candidates = chosen.candidates
+    return fit
 
 
 @dataclass

@@ -255,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--folds",
         type=int,
-        default=5,
-        help="cross-conformal folds (default 5; at most the smaller prompt set): 32 holds out one forget "
-        "and one retain prompt per fold, so the fold seed hardly moves the threshold (see README)",
+        default=32,
+        help="cross-conformal folds of the gate thresholds (default 32, at most the smaller prompt set: "
+        "one forget and one retain prompt per fold, so the fold seed hardly moves a threshold); the gate "
+        "layer is chosen on 5 folds whatever this is (see README)",
     )
     c.add_argument(
         "--gate",

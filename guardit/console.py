@@ -60,7 +60,7 @@ def print_report(r: dict) -> None:
     print(
         f"      out-of-fold TPR on forget {g['oof_tpr_forget']:.1%}, FPR on retain {g['oof_fpr_retain']:.1%}, "
         f"FPR on neutral {g['oof_fpr_neutral']:.1%}, AUROC {g['oof_auroc']:.3f} "
-        f"({r['folds']} folds, seed {r['seed']})"
+        f"({r['folds']} folds, seed {r['seed']}; the layer chosen on {r.get('layer_folds', r['folds'])})"
     )
     if g.get("n_without_name"):
         words = ", ".join((r.get("diagnostics") or {}).get("name_words", []))

@@ -239,6 +239,37 @@ def test_one_retain_prompt_per_fold_keeps_the_threshold_off_the_fold_draw():
     assert spread(32) < spread(5) / 2
 
 
+def test_the_gate_layer_is_chosen_on_selection_folds_and_its_threshold_set_on_all_folds():
+    """Two candidate layers whose out-of-fold recalls swap order between 5 and 32 folds: the layer
+    and pooling stay the 5-fold choice, and the served head, out-of-fold scores and threshold are
+    that layer's on 32 folds (what the calibrator serves)."""
+    import torch
+
+    from calibration.gate import SELECTION_FOLDS, fit_gate, refit_gate
+
+    g = torch.Generator().manual_seed(8)
+
+    def bags(n: int, shift: float) -> list[torch.Tensor]:
+        out = []
+        for _ in range(n):
+            t = torch.randn(5, 2, 16, generator=g)
+            t[:, :, 0] += shift
+            out.append(t)
+        return out
+
+    forget, retain, neutral = bags(32, 1.2), bags(26, 0.0) + bags(6, 0.8), bags(40, -0.3)
+    ids = [[1, 2, 3, 4, 5]] * 110
+    sets = (forget, retain, neutral, ids)
+    chosen = fit_gate(*sets, [0, 1], 0.05, ("mean",), SELECTION_FOLDS, seed=0)
+    assert chosen.layer != fit_gate(*sets, [0, 1], 0.05, ("mean",), 32, seed=0).layer
+    served = refit_gate(chosen, *sets, 32, seed=0)
+    alone = fit_gate(*sets, [chosen.layer], 0.05, ("mean",), 32, seed=0)
+    assert (served.layer, served.pooling, served.candidates) == (chosen.layer, chosen.pooling, chosen.candidates)
+    assert served.threshold == alone.threshold and torch.equal(served.weight, alone.weight)
+    assert np.array_equal(served.oof_retain, alone.oof_retain) and served.threshold != chosen.threshold
+    assert refit_gate(chosen, *sets, SELECTION_FOLDS, seed=0) is chosen
+
+
 @pytest.mark.model
 def test_calibrate_seed_and_folds_reach_the_pack_and_the_report(tmp_path, capsys, model_dir):
     import json
@@ -270,9 +301,10 @@ def test_calibrate_seed_and_folds_reach_the_pack_and_the_report(tmp_path, capsys
         ]
     )
     assert rc == 0
-    assert "(8 folds, seed 7)" in capsys.readouterr().out
+    assert "(8 folds, seed 7; the layer chosen on 5)" in capsys.readouterr().out
     stats = json.loads((out / "pack.json").read_text())["stats"]
     assert stats["seed"] == 7 and stats["folds"] == 8  # --folds 32, capped at the 8 forget prompts
+    assert stats["layer_folds"] == 5
 
 
 def test_everyday_negatives_bind_at_their_own_tighter_level():
