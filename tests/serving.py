@@ -1,7 +1,9 @@
-"""Starting and stopping a real ``guardit serve`` for the server tests."""
+"""Starting and stopping a real ``guardit serve`` for the server tests, and the core halves on
+which two engines run side by side."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -10,6 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+from guardit.vllm_generation import ENV_CPU_KV
+
+SERVER_KEYS = {  # test_vllm_server's tenants' API keys
+    "kids": "kids-key",
+    "open": "open-key",
+    "privacy": "privacy-key",
+    "research": "research-key",
+    "answer": "answer-key",
+    "strict": "strict-key",
+    "admin": "admin-key",
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -17,12 +31,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(d: Path, cfg: dict, env: dict[str, str], *vllm_flags: str) -> tuple[str, subprocess.Popen]:
-    """``guardit serve`` on ``cfg`` (written to ``d/policies.yaml``), in the README's form: no MODEL
-    (the bundled one), vLLM's flags after '--' (``vllm_flags`` added to them); waits until /health
-    answers. Returns (base URL, process); its log is ``d/server.log``."""
-    import urllib.request
+def core_halves() -> tuple[dict[str, str], dict[str, str]]:
+    """Two disjoint halves of this machine's cores, as vLLM CPU thread bindings (environment).
 
+    vLLM's CPU engine computes on all cores but one by default (one core of 2), so two engines
+    bound to the two halves run side by side in about the time of one (two compiled engines
+    started together: 172 s, one alone: 162 s, on 2 cores, 2026-12-02). Engines whose tokens a
+    test compares all run on a half, so each computes with the same number of threads. With
+    fewer than two cores both are left to vLLM's default."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2
+    if not half:
+        return {}, {}
+
+    def bind(cs: list[int]) -> dict[str, str]:
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cs))}
+
+    return bind(cores[:half]), bind(cores[half : 2 * half])
+
+
+def launch_server(d: Path, cfg: dict, env: dict[str, str], *vllm_flags: str) -> tuple[str, subprocess.Popen]:
+    """``guardit serve`` on ``cfg`` (written to ``d/policies.yaml``), in the README's form: no MODEL
+    (the bundled one), vLLM's flags after '--' (``vllm_flags`` added to them); returns at once
+    (base URL, process), before it is up (:func:`wait_until_up`). Its log is ``d/server.log``."""
     (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     port = free_port()
     log = open(d / "server.log", "w")
@@ -47,19 +78,74 @@ def start_server(d: Path, cfg: dict, env: dict[str, str], *vllm_flags: str) -> t
         stderr=subprocess.STDOUT,
         env=dict(os.environ, GUARDIT_RUN_DIR=str(d / "run"), **env),
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
+    return f"http://127.0.0.1:{port}", proc
+
+
+def wait_until_up(d: Path, base: str, proc: subprocess.Popen, timeout: float = 420) -> None:
+    """Wait until a launched server's /health answers; its log's tail in the error if it exits or
+    does not answer within ``timeout`` seconds."""
+    import urllib.request
+
+    deadline = time.time() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError("server exited:\n" + (d / "server.log").read_text()[-3000:])
         try:
             urllib.request.urlopen(base + "/health", timeout=2)
-            return base, proc
+            return
         except Exception as e:
             if time.time() > deadline:
                 proc.kill()
                 raise RuntimeError("server did not start:\n" + (d / "server.log").read_text()[-3000:]) from e
             time.sleep(2)
+
+
+def start_server(d: Path, cfg: dict, env: dict[str, str], *vllm_flags: str) -> tuple[str, subprocess.Popen]:
+    """:func:`launch_server`, then :func:`wait_until_up`."""
+    base, proc = launch_server(d, cfg, env, *vllm_flags)
+    wait_until_up(d, base, proc)
+    return base, proc
+
+
+def launch_test_server(d: Path, packs_dir: Path, text_variants: Path) -> tuple[str, subprocess.Popen]:
+    """test_vllm_server's server, compiled as `guardit serve` runs by default, launched in ``d`` on the
+    second half of the cores with a 2 GiB KV cache (the live server may be up beside it)."""
+    cfg = {
+        "packs": {
+            "harry-potter": str(packs_dir / "harry-potter"),
+            "einstein": str(packs_dir / "einstein"),
+            "hp-answer-open": str(text_variants / "hp-answer-open"),
+        },
+        "tenants": {
+            "kids": {"api_key_env": "GUARDIT_TEST_KEY_KIDS", "mandatory": ["harry-potter"]},
+            "open": {"api_key_env": "GUARDIT_TEST_KEY_OPEN"},
+            "privacy": {
+                "api_key_sha256": hashlib.sha256(SERVER_KEYS["privacy"].encode()).hexdigest(),
+                "packs": ["einstein"],
+            },
+            "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH", "allow_client_alpha": True},
+            "answer": {"api_key_env": "GUARDIT_TEST_KEY_ANSWER", "mandatory": ["hp-answer-open"]},
+            "strict": {
+                "api_key_env": "GUARDIT_TEST_KEY_STRICT",
+                "mandatory": ["harry-potter"],
+                "alpha": 0.5,
+                "allow_client_alpha": True,
+            },
+        },
+        "max_packs_per_request": 1,
+        "admin": {"api_key_env": "GUARDIT_TEST_KEY_ADMIN"},
+    }
+    env = {
+        "GUARDIT_TEST_KEY_KIDS": SERVER_KEYS["kids"],
+        "GUARDIT_TEST_KEY_OPEN": SERVER_KEYS["open"],
+        "GUARDIT_TEST_KEY_RESEARCH": SERVER_KEYS["research"],
+        "GUARDIT_TEST_KEY_ANSWER": SERVER_KEYS["answer"],
+        "GUARDIT_TEST_KEY_STRICT": SERVER_KEYS["strict"],
+        "GUARDIT_TEST_KEY_ADMIN": SERVER_KEYS["admin"],
+        ENV_CPU_KV: "2",
+        **core_halves()[1],
+    }
+    return launch_server(d, cfg, env)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

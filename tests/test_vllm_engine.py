@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES
+from serving import core_halves
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat
@@ -40,51 +41,75 @@ def _records():
 
 
 @pytest.fixture(scope="module")
-def engine(packs_dir, model_dir, tmp_path_factory, vanilla_tokens, text_variants):
-    """The plugin engine; started after the vanilla reference so two engines never share memory."""
+def vanilla_run(model_dir, hf_model, tmp_path_factory) -> subprocess.Popen:
+    """Vanilla vLLM (separate process, plugin off) on every example test prompt, started on the
+    second half of the cores so that the plugin engine can start beside it on the first."""
+    _, tok = hf_model
+    recs = [r for rs in _records().values() for r in rs]
+    f = tmp_path_factory.mktemp("ref") / "prompts.json"
+    f.write_text(json.dumps(encode_chat(tok, [r.prompt for r in recs])))
+    # An explicit KV cache: vLLM's CPU default (half the NUMA node) would leave too little for the
+    # plugin engine starting beside it.
+    env = {ENV_CPU_KV: "1", **core_halves()[1]}
+    return _start_script("vllm_reference.py", str(model_dir), str(f), str(MAX_TOKENS), json.dumps(ENGINE_KW), env=env)
+
+
+@pytest.fixture(scope="module")
+def engine(packs_dir, model_dir, tmp_path_factory, vanilla_run, text_variants):
+    """The plugin engine, on the first half of the cores (started while the vanilla reference runs)."""
     from guardit.vllm_generation import make_llm, shutdown
 
-    llm = make_llm(
-        model_dir,
-        [
-            packs_dir / "harry-potter",
-            packs_dir / "einstein",
-            packs_dir / "lord-of-the-rings",
-            text_variants / "hp-text-open",
-            text_variants / "hp-text-closed",
-            text_variants / "hp-answer-open",
-            text_variants / "hp-probe",
-        ],
-        run_dir=tmp_path_factory.mktemp("run"),
-        **ENGINE_KW,
-    )
+    with pytest.MonkeyPatch.context() as env:  # read by the engine's process as it starts
+        for k, v in core_halves()[0].items():
+            env.setenv(k, v)
+        llm = make_llm(
+            model_dir,
+            [
+                packs_dir / "harry-potter",
+                packs_dir / "einstein",
+                packs_dir / "lord-of-the-rings",
+                text_variants / "hp-text-open",
+                text_variants / "hp-text-closed",
+                text_variants / "hp-answer-open",
+                text_variants / "hp-probe",
+            ],
+            run_dir=tmp_path_factory.mktemp("run"),
+            **ENGINE_KW,
+        )
     yield llm
     shutdown(llm)
 
 
-def _run_script(script: str, *args: str, env: dict[str, str] | None = None):
-    """Run one of the tests' engine scripts in its own process; returns what it printed after RESULT."""
-    proc = subprocess.run(
+def _start_script(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start one of the tests' engine scripts in its own process (read it with _script_result)."""
+    return subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / script), *args],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
         env=dict(os.environ, **(env or {})),
     )
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _script_result(proc: subprocess.Popen):
+    """What a started script printed after RESULT (waits for it; killed after 15 minutes)."""
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert line, out[-2000:] + err[-3000:]
     return json.loads(line[0][7:])
 
 
 @pytest.fixture(scope="module")
-def vanilla_tokens(model_dir, hf_model, tmp_path_factory):
-    """Token ids from vanilla vLLM (separate process, plugin off) for every example test prompt."""
+def vanilla_tokens(vanilla_run, engine, hf_model):
+    """Token ids from vanilla vLLM for every example test prompt (waits for the reference, once the
+    plugin engine has started beside it)."""
     _, tok = hf_model
     recs = [r for rs in _records().values() for r in rs]
-    ids = encode_chat(tok, [r.prompt for r in recs])
-    f = tmp_path_factory.mktemp("ref") / "prompts.json"
-    f.write_text(json.dumps(ids))
-    out = _run_script("vllm_reference.py", str(model_dir), str(f), str(MAX_TOKENS), json.dumps(ENGINE_KW))
+    out = _script_result(vanilla_run)
     eos = tok.eos_token_id
     return {r.prompt: [t for t in o if t != eos] for r, o in zip(recs, out)}
 
@@ -283,15 +308,16 @@ def compiled(packs_dir, model_dir, hf_model, tmp_path_factory):
     recs = [r for s in ("forget_test", "retain_test") for r in _records()[("harry_potter", s)]]
     f = tmp_path_factory.mktemp("compiled") / "prompts.json"
     f.write_text(json.dumps(encode_chat(tok, [r.prompt for r in recs])))
-    env = {ENV_CPU_KV: "1"}
     kw = json.dumps({**ENGINE_KW, "enforce_eager": False})
     pack, run = str(packs_dir / "harry-potter"), str(f.parent / "run")
-    runs = {
-        "vanilla": _run_script("vllm_reference.py", str(model_dir), str(f), str(MAX_TOKENS), kw, env=env),
-        "guardit": _run_script(
-            "vllm_compiled.py", str(model_dir), pack, run, json.dumps(ENGINE_KW), str(MAX_TOKENS), env=env
-        ),
+    first, second = core_halves()  # side by side, each on half the cores
+    guardit_args = (str(model_dir), pack, run, json.dumps(ENGINE_KW), str(MAX_TOKENS))
+    vanilla_args = (str(model_dir), str(f), str(MAX_TOKENS), kw)
+    procs = {
+        "guardit": _start_script("vllm_compiled.py", *guardit_args, env={ENV_CPU_KV: "1", **first}),
+        "vanilla": _start_script("vllm_reference.py", *vanilla_args, env={ENV_CPU_KV: "1", **second}),
     }
+    runs = {k: _script_result(p) for k, p in procs.items()}
     eos = tok.eos_token_id
     vanilla = [[t for t in o if t != eos] for o in runs["vanilla"]]
     return recs, vanilla, runs["guardit"]

@@ -10,7 +10,9 @@ import threading
 import time
 
 import pytest
-from serving import http, start_server, stop_server
+from serving import core_halves, http, start_server, stop_server
+
+from guardit.vllm_generation import ENV_CPU_KV
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
@@ -36,12 +38,17 @@ def _policy(packs: dict, kids: list[str], adults: list[str], admin: bool = True)
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, packs_dir):
+def live(request, tmp_path_factory, packs_dir):
+    if any("server" in item.fixturenames for item in request.session.items):
+        # test_vllm_server's compiled server starts now, on the other half of the cores: it
+        # compiles while this module's and test_vllm_preemption's tests run.
+        request.getfixturevalue("server_launched")
     d = tmp_path_factory.mktemp("live")
     # Eager here (its engine starts in a quarter of the compiled one's time); the server module's
-    # server runs compiled, as `guardit serve` does by default.
+    # server runs compiled, as `guardit serve` does by default. A 1 GiB KV cache: vLLM's CPU
+    # default (half the NUMA node) leaves too little for the compiled server beside it.
     policy = _policy({"harry-potter": packs_dir / "harry-potter"}, ["harry-potter"], [])
-    base, proc = start_server(d, policy, ENV, "--enforce-eager")
+    base, proc = start_server(d, policy, {**ENV, ENV_CPU_KV: "1", **core_halves()[0]}, "--enforce-eager")
     yield base
     stop_server(proc)
 

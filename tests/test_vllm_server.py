@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,62 +9,26 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from serving import SERVER_KEYS as KEYS
 from serving import http as _http
-from serving import start_server, stop_server
+from serving import wait_until_up
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
 
-KEYS = {
-    "kids": "kids-key",
-    "open": "open-key",
-    "privacy": "privacy-key",
-    "research": "research-key",
-    "answer": "answer-key",
-    "strict": "strict-key",
-    "admin": "admin-key",
-}
 HP_Q = "What is the name of the wizarding school in Harry Potter?"
 AE_Q = "Who developed the theory of relativity?"
 RETAIN_Q = ["Who wrote The Lord of the Rings?", "What is the capital of France?", "Who discovered gravity?"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, packs_dir, model_dir, text_variants):
-    d = tmp_path_factory.mktemp("serve")
-    cfg = {
-        "packs": {
-            "harry-potter": str(packs_dir / "harry-potter"),
-            "einstein": str(packs_dir / "einstein"),
-            "hp-answer-open": str(text_variants / "hp-answer-open"),
-        },
-        "tenants": {
-            "kids": {"api_key_env": "GUARDIT_TEST_KEY_KIDS", "mandatory": ["harry-potter"]},
-            "open": {"api_key_env": "GUARDIT_TEST_KEY_OPEN"},
-            "privacy": {"api_key_sha256": hashlib.sha256(KEYS["privacy"].encode()).hexdigest(), "packs": ["einstein"]},
-            "research": {"api_key_env": "GUARDIT_TEST_KEY_RESEARCH", "allow_client_alpha": True},
-            "answer": {"api_key_env": "GUARDIT_TEST_KEY_ANSWER", "mandatory": ["hp-answer-open"]},
-            "strict": {
-                "api_key_env": "GUARDIT_TEST_KEY_STRICT",
-                "mandatory": ["harry-potter"],
-                "alpha": 0.5,
-                "allow_client_alpha": True,
-            },
-        },
-        "max_packs_per_request": 1,
-        "admin": {"api_key_env": "GUARDIT_TEST_KEY_ADMIN"},
-    }
-    env = {
-        "GUARDIT_TEST_KEY_KIDS": KEYS["kids"],
-        "GUARDIT_TEST_KEY_OPEN": KEYS["open"],
-        "GUARDIT_TEST_KEY_RESEARCH": KEYS["research"],
-        "GUARDIT_TEST_KEY_ANSWER": KEYS["answer"],
-        "GUARDIT_TEST_KEY_STRICT": KEYS["strict"],
-        "GUARDIT_TEST_KEY_ADMIN": KEYS["admin"],
-    }
-    base, proc = start_server(d, cfg, env)
+def server(server_launched):
+    """The server of ``serving.launch_test_server`` (conftest's ``server_launched``;
+    test_vllm_live launches it ahead, so that it compiles while the live and preemption tests
+    run), once it is up."""
+    d, base, proc = server_launched
+    wait_until_up(d, base, proc)
     SERVER_LOG[base] = d / "server.log"
-    yield base
-    stop_server(proc)
+    return base
 
 
 def _client(base, tenant):
