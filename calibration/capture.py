@@ -212,9 +212,12 @@ def answer_nll(
         for s in range(0, len(rows), batch_size):
             batch = rows[s : s + batch_size]
             inp, mask = pad_batch([p + a for p, a in batch], pad_id, left=False)
-            logits = model(input_ids=inp, attention_mask=mask).logits.float()
+            # Logits only from the first position that predicts an answer token on: the vocabulary
+            # projection of every prompt token would be most of the work on a large vocabulary.
+            first = min(len(p) for p, _ in batch) - 1
+            logits = model(input_ids=inp, attention_mask=mask, logits_to_keep=inp.shape[1] - first).logits.float()
             for r, (p, a) in enumerate(batch):
-                pred = logits[r, len(p) - 1 : len(p) + len(a) - 1]
+                pred = logits[r, len(p) - 1 - first : len(p) + len(a) - 1 - first]
                 total += float(torch.nn.functional.cross_entropy(pred, torch.tensor(a), reduction="sum"))
                 count += len(a)
     finally:
@@ -247,7 +250,8 @@ def capture(
     pad_id: int = 0,
     progress: bool = True,
 ) -> Activations:
-    """Run the model on each token sequence (right-padded batches) and keep every layer's output."""
+    """Run the model on each token sequence (right-padded batches of similar lengths) and keep every
+    layer's output, in the order of ``ids``."""
     layers = decoder_layers(model)
     store: dict[int, torch.Tensor] = {}
 
@@ -260,16 +264,18 @@ def capture(
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
-    result: list[torch.Tensor] = []
+    result: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+    # Batched by length, so that short prompts are not padded to a long one's width.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     try:
-        order = range(0, len(ids), batch_size)
-        for start in tqdm(order, desc=desc, disable=not progress, unit="batch"):
-            chunk = ids[start : start + batch_size]
-            inp, mask = pad_batch(chunk, pad_id, left=False)
-            model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False)
+        for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, unit="batch"):
+            rows = order[start : start + batch_size]
+            inp, mask = pad_batch([ids[i] for i in rows], pad_id, left=False)
+            # The hooks keep the layers' outputs; the logits are not needed (one position's is computed).
+            model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
             stacked = torch.stack([store[i] for i in range(len(layers))], dim=2).cpu()  # (B, T, L, d)
-            for r, x in enumerate(chunk):
-                result.append(stacked[r, : len(x)].clone())
+            for r, i in enumerate(rows):
+                result[i] = stacked[r, : len(ids[i])].clone()
     finally:
         for h in handles:
             h.remove()
