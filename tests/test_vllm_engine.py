@@ -232,36 +232,58 @@ def test_the_probe_leaves_earlier_turns_out_across_prefill_chunks_as_on_hf(engin
     assert v_rows[0]["gate"]["harry-potter"]["fired"] and not v_rows[1]["gate"]["harry-potter"]["fired"]
 
 
-def _generate_cli_vllm(model_dir: Path, tmp_path: Path, prompts: list[dict], kv_cache_gib: int, *flags: str):
-    """`guardit generate --engine vllm` on prompt records, in a subprocess (a second engine in this
-    process would double memory use), with an explicit vLLM CPU KV cache of `kv_cache_gib` GiB."""
-    path = tmp_path / "p.jsonl"
+def _launch_generate_cli(model_dir: Path, d: Path, prompts: list[dict], kv_cache_gib: int, *flags: str):
+    """`guardit generate --engine vllm` on prompt records written to ``d``, started in a subprocess (a
+    second engine in this process would double memory use) with an explicit vLLM CPU KV cache of
+    ``kv_cache_gib`` GiB, its output in ``d/stdout.log`` and ``d/stderr.log`` (files: a pipe nobody
+    reads yet would stall it); read it with :func:`_finished`."""
+    path = d / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    env = dict(os.environ, **{ENV_CPU_KV: str(kv_cache_gib)})
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "guardit.cli",
-            "generate",
-            "--engine",
-            "vllm",
-            "--model",
-            str(model_dir),
-            "--prompts",
-            str(path),
-            "--out",
-            str(tmp_path / "o.jsonl"),
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    argv = [
+        "generate",
+        "--engine",
+        "vllm",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(path),
+        "--out",
+        str(d / "o.jsonl"),
+    ]
+    with open(d / "stdout.log", "w") as out, open(d / "stderr.log", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "guardit.cli", *argv, *flags],
+            stdout=out,
+            stderr=err,
+            env=dict(os.environ, **{ENV_CPU_KV: str(kv_cache_gib)}),
+        )
 
 
-def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, hf_model, capsys):
+def _finished(proc: subprocess.Popen, d: Path) -> subprocess.CompletedProcess:
+    """The exit status and output of a CLI launched in ``d`` (waits for it; killed after 10 minutes)."""
+    try:
+        proc.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out, err = ((d / f"{name}.log").read_text() for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def start_failure(model_dir, tmp_path_factory):
+    """`guardit generate --engine vllm` with a KV cache larger than the machine (4096 GiB), launched
+    when first asked for and not waited for: it loads the model on one core while the output-format
+    test's engine runs on the other (vLLM computes on one core of 2)."""
+    d = tmp_path_factory.mktemp("start-failure")
+    proc = _launch_generate_cli(model_dir, d, [{"prompt": "Who is Harry Potter's best friend?"}], 4096)
+    yield d, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, hf_model, start_failure):
     """`guardit generate --engine vllm` writes the same records as --engine hf, conversations
     (``messages``) and the records' own fields included, with the same gate readings and outputs."""
     turns = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."}]
@@ -274,7 +296,8 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
     # KV cache: vLLM's CPU default (half the NUMA node, less what the worker holds) fails to start
     # when the node is that busy (seen on a fresh CI machine: "Engine core initialization failed").
     pack = packs_dir / "harry-potter"
-    proc = _generate_cli_vllm(model_dir, tmp_path, records, 1, "--pack", str(pack), "--max-tokens", "16")
+    proc = _launch_generate_cli(model_dir, tmp_path, records, 1, "--pack", str(pack), "--max-tokens", "16")
+    proc = _finished(proc, tmp_path)
     # vLLM logs (an engine worker's root cause included) go to stdout.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
@@ -288,15 +311,16 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
     assert [r["output"] for r in rows] == [r["output"] for r in hf]
 
 
-def test_generate_cli_engine_start_failure_is_one_error_line(tmp_path, model_dir):
+def test_generate_cli_engine_start_failure_is_one_error_line(start_failure):
     """An engine that cannot start (here: a KV cache larger than the machine) is one clear error line, exit 2."""
-    proc = _generate_cli_vllm(model_dir, tmp_path, [{"prompt": "Who is Harry Potter's best friend?"}], 4096)
+    d, launched = start_failure
+    proc = _finished(launched, d)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     # Exactly one guardit error line (Python's resource_tracker may warn after it, at interpreter exit).
     errors = [line for line in proc.stderr.splitlines() if line.startswith("guardit: error:")]
     assert len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith("guardit: error: the vLLM engine failed to start") and ENV_CPU_KV in errors[0]
-    assert not (tmp_path / "o.jsonl").exists()
+    assert not (d / "o.jsonl").exists()
 
 
 @pytest.fixture(scope="module")
