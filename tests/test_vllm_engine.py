@@ -40,18 +40,28 @@ def _records():
     return recs
 
 
+def _every_record() -> list[PromptRecord]:
+    """Every example test prompt of _records, in order: what the vanilla reference runs."""
+    return [r for rs in _records().values() for r in rs]
+
+
 @pytest.fixture(scope="module")
-def vanilla_run(model_dir, hf_model, tmp_path_factory) -> subprocess.Popen:
+def vanilla_run(model_dir, hf_model, tmp_path_factory):
     """Vanilla vLLM (separate process, plugin off) on every example test prompt, started on the
     second half of the cores so that the plugin engine can start beside it on the first."""
     _, tok = hf_model
-    recs = [r for rs in _records().values() for r in rs]
+    recs = _every_record()
     f = tmp_path_factory.mktemp("ref") / "prompts.json"
     f.write_text(json.dumps(encode_chat(tok, [r.prompt for r in recs])))
     # An explicit KV cache: vLLM's CPU default (half the NUMA node) would leave too little for the
     # plugin engine starting beside it.
     env = {ENV_CPU_KV: "1", **core_halves()[1]}
-    return _start_script("vllm_reference.py", str(model_dir), str(f), str(MAX_TOKENS), json.dumps(ENGINE_KW), env=env)
+    args = (str(model_dir), str(f), str(MAX_TOKENS), json.dumps(ENGINE_KW))
+    proc, d = _start_script(f.parent, "vllm_reference.py", *args, env=env)
+    yield proc, d
+    if proc.poll() is None:  # the module stopped before reading it
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +90,37 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_run, text_variants):
     shutdown(llm)
 
 
-def _start_script(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start one of the tests' engine scripts in its own process (read it with _script_result)."""
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / script), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **(env or {})),
-    )
+def _launch(d: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """This Python on ``argv`` in its own process, its output in ``d/stdout.log`` and
+    ``d/stderr.log`` (files: a pipe read only at the end could stall a process that logs a lot);
+    wait for it with :func:`_finished`."""
+    with open(d / "stdout.log", "w") as out, open(d / "stderr.log", "w") as err:
+        return subprocess.Popen([sys.executable, *argv], stdout=out, stderr=err, env=dict(os.environ, **(env or {})))
 
 
-def _script_result(proc: subprocess.Popen):
-    """What a started script printed after RESULT (waits for it; killed after 15 minutes)."""
+def _finished(proc: subprocess.Popen, d: Path) -> subprocess.CompletedProcess:
+    """The exit status and output of a process launched in ``d`` (waits for it; killed after 15 minutes)."""
     try:
-        out, err = proc.communicate(timeout=900)
+        proc.wait(timeout=900)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    assert line, out[-2000:] + err[-3000:]
+        proc.wait()
+    out, err = ((d / f"{name}.log").read_text() for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _start_script(d: Path, script: str, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start one of the tests' engine scripts in its own process, its output in ``d`` (read it
+    with :func:`_script_result`)."""
+    d.mkdir(parents=True, exist_ok=True)
+    return _launch(d, [str(Path(__file__).parent / script), *args], env), d
+
+
+def _script_result(started: tuple[subprocess.Popen, Path]):
+    """What a started script printed after RESULT (waits for it)."""
+    done = _finished(*started)
+    line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    assert line, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(line[0][7:])
 
 
@@ -108,7 +129,7 @@ def vanilla_tokens(vanilla_run, engine, hf_model):
     """Token ids from vanilla vLLM for every example test prompt (waits for the reference, once the
     plugin engine has started beside it)."""
     _, tok = hf_model
-    recs = [r for rs in _records().values() for r in rs]
+    recs = _every_record()
     out = _script_result(vanilla_run)
     eos = tok.eos_token_id
     return {r.prompt: [t for t in o if t != eos] for r, o in zip(recs, out)}
@@ -235,8 +256,7 @@ def test_the_probe_leaves_earlier_turns_out_across_prefill_chunks_as_on_hf(engin
 def _launch_generate_cli(model_dir: Path, d: Path, prompts: list[dict], kv_cache_gib: int, *flags: str):
     """`guardit generate --engine vllm` on prompt records written to ``d``, started in a subprocess (a
     second engine in this process would double memory use) with an explicit vLLM CPU KV cache of
-    ``kv_cache_gib`` GiB, its output in ``d/stdout.log`` and ``d/stderr.log`` (files: a pipe nobody
-    reads yet would stall it); read it with :func:`_finished`."""
+    ``kv_cache_gib`` GiB, its output in ``d`` (:func:`_launch`); read it with :func:`_finished`."""
     path = d / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     argv = [
@@ -250,24 +270,7 @@ def _launch_generate_cli(model_dir: Path, d: Path, prompts: list[dict], kv_cache
         "--out",
         str(d / "o.jsonl"),
     ]
-    with open(d / "stdout.log", "w") as out, open(d / "stderr.log", "w") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "guardit.cli", *argv, *flags],
-            stdout=out,
-            stderr=err,
-            env=dict(os.environ, **{ENV_CPU_KV: str(kv_cache_gib)}),
-        )
-
-
-def _finished(proc: subprocess.Popen, d: Path) -> subprocess.CompletedProcess:
-    """The exit status and output of a CLI launched in ``d`` (waits for it; killed after 10 minutes)."""
-    try:
-        proc.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    out, err = ((d / f"{name}.log").read_text() for name in ("stdout", "stderr"))
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return _launch(d, ["-m", "guardit.cli", *argv, *flags], {ENV_CPU_KV: str(kv_cache_gib)})
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +341,12 @@ def compiled(packs_dir, model_dir, hf_model, tmp_path_factory):
     guardit_args = (str(model_dir), pack, run, json.dumps(ENGINE_KW), str(MAX_TOKENS))
     vanilla_args = (str(model_dir), str(f), str(MAX_TOKENS), kw)
     procs = {
-        "guardit": _start_script("vllm_compiled.py", *guardit_args, env={ENV_CPU_KV: "1", **first}),
-        "vanilla": _start_script("vllm_reference.py", *vanilla_args, env={ENV_CPU_KV: "1", **second}),
+        "guardit": _start_script(
+            f.parent / "guardit", "vllm_compiled.py", *guardit_args, env={ENV_CPU_KV: "1", **first}
+        ),
+        "vanilla": _start_script(
+            f.parent / "vanilla", "vllm_reference.py", *vanilla_args, env={ENV_CPU_KV: "1", **second}
+        ),
     }
     runs = {k: _script_result(p) for k, p in procs.items()}
     eos = tok.eos_token_id
