@@ -95,15 +95,20 @@ def generate_batch(model, ids: list[list[int]], max_tokens: int, pad_id: int, eo
     return rows
 
 
+def length_batches(ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Row indices of ``ids`` in batches of ``batch_size``, shortest first: batched by length, short
+    prompts are not padded to a long one's width."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[s : s + batch_size] for s in range(0, len(ids), batch_size)]
+
+
 def greedy_answer_ids(model, tokenizer, ids: list[list[int]], max_tokens: int, batch_size: int, desc: str,
                      progress: bool = True) -> list[list[int]]:  # fmt: skip
-    """The model's greedy answer (new token ids, at most ``max_tokens``) to each prompt, in order.
-    Prompts are batched by length, so that short prompts are not padded to a long one's width."""
+    """The model's greedy answer (new token ids, at most ``max_tokens``) to each prompt, in order
+    (prompts batched by length: :func:`length_batches`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[list[int]] = [[] for _ in ids]
-    for s in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, unit="batch"):
-        rows = order[s : s + batch_size]
+    for rows in tqdm(length_batches(ids, batch_size), desc=desc, disable=not progress, unit="batch"):
         for i, new in zip(rows, generate_batch(model, [ids[i] for i in rows], max_tokens, pad, tokenizer.eos_token_id)):
             out[i] = new
     return out
@@ -119,7 +124,9 @@ def greedy_answers(model, tokenizer, ids: list[list[int]], max_tokens: int, batc
 _ANSWERS = TypeAdapter(list[str])
 # The code the answers come from, for cached_greedy_answers' key: editing it makes every kept answer a miss.
 _GENERATION_CODE = hashlib.sha256(
-    "".join(inspect.getsource(f) for f in (pad_batch, generate_batch, greedy_answer_ids, greedy_answers)).encode()
+    "".join(
+        inspect.getsource(f) for f in (pad_batch, length_batches, generate_batch, greedy_answer_ids, greedy_answers)
+    ).encode()
 ).hexdigest()
 
 
@@ -250,8 +257,8 @@ def capture(
     pad_id: int = 0,
     progress: bool = True,
 ) -> Activations:
-    """Run the model on each token sequence (right-padded batches of similar lengths) and keep every
-    layer's output, in the order of ``ids``."""
+    """Run the model on each token sequence (right-padded batches by length: :func:`length_batches`)
+    and keep every layer's output, in the order of ``ids``."""
     layers = decoder_layers(model)
     store: dict[int, torch.Tensor] = {}
 
@@ -265,11 +272,8 @@ def capture(
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     result: list[torch.Tensor] = [torch.empty(0)] * len(ids)
-    # Batched by length, so that short prompts are not padded to a long one's width.
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     try:
-        for start in tqdm(range(0, len(ids), batch_size), desc=desc, disable=not progress, unit="batch"):
-            rows = order[start : start + batch_size]
+        for rows in tqdm(length_batches(ids, batch_size), desc=desc, disable=not progress, unit="batch"):
             inp, mask = pad_batch([ids[i] for i in rows], pad_id, left=False)
             # The hooks keep the layers' outputs; the logits are not needed (one position's is computed).
             model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)

@@ -1,5 +1,3 @@
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -64,12 +62,12 @@ def server_launched(tmp_path_factory, packs_dir, text_variants):
     """test_vllm_server's compiled server (``serving.launch_test_server``), launched and not waited
     for: its module waits until it is up. A session fixture, so that test_vllm_live can launch it
     ahead of its own server, on the other half of the cores."""
-    from serving import launch_test_server, stop_server
+    from serving import launch_test_server, stop_process
 
     d = tmp_path_factory.mktemp("serve")
     base, proc = launch_test_server(d, packs_dir, text_variants)
     yield d, base, proc
-    stop_server(proc)
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,42 +81,25 @@ def gemma_launched(request, tmp_path_factory):
     if not any(item.get_closest_marker("gemma") for item in request.session.items):
         yield None
         return
+    from serving import launch, stop_process
+
     out = tmp_path_factory.mktemp("gemma-packs") / "harry-potter"
-    d = EXAMPLES / "harry_potter"
-    argv = [
-        "calibrate",
-        "--model",
-        "gemma3-270m",
-        "--forget",
-        str(d / "forget.jsonl"),
-        "--retain",
-        str(d / "retain.jsonl"),
-    ]
-    with open(out.parent / "calibrate.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "guardit.cli", *argv, "--out", str(out), "--quiet"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"),
-            preexec_fn=lambda: os.nice(19),
-        )
+    argv = ["-m", "guardit.cli", *_calibrate_argv("gemma3-270m", "harry_potter", out)]
+    proc = launch(
+        out.parent, argv, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}, nice=19
+    )
     yield out, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session")
 def gemma_pack(gemma_launched) -> Path:
     """Gemma's pack, once its calibration (:func:`gemma_launched`) has finished."""
+    from serving import finished
+
     out, proc = gemma_launched
-    try:
-        proc.wait(timeout=1800)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log = (out.parent / "calibrate.log").read_text()
-    assert proc.returncode == 0, log[-3000:]
+    done = finished(proc, out.parent, timeout=1800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return out
 
 
@@ -131,13 +112,18 @@ def gemma_dir(gemma_pack) -> Path:
     return prepare_model(model="gemma3-270m")
 
 
-def _calibrate(model: str, concept: str, out: Path, *flags: str) -> None:
-    """An example concept's pack, through the CLI as users make it."""
-    from guardit.cli import main
-
+def _calibrate_argv(model: str, concept: str, out: Path, *flags: str) -> list[str]:
+    """The CLI arguments that calibrate an example concept's pack, as users make it."""
     d = EXAMPLES / concept
     argv = ["calibrate", "--model", model, "--forget", str(d / "forget.jsonl"), "--retain", str(d / "retain.jsonl")]
-    assert main([*argv, "--out", str(out), "--quiet", *flags]) == 0
+    return [*argv, "--out", str(out), "--quiet", *flags]
+
+
+def _calibrate(model: str, concept: str, out: Path, *flags: str) -> None:
+    """An example concept's pack, through the CLI (in this process)."""
+    from guardit.cli import main
+
+    assert main(_calibrate_argv(model, concept, out, *flags)) == 0
 
 
 # Test tiers follow from what a test asks for, so a new test cannot land in the wrong one:
@@ -166,6 +152,4 @@ def pytest_collection_modifyitems(config, items):
         if names & GEMMA_FIXTURES:
             item.add_marker(pytest.mark.gemma)
     # Gemma's tests last: its pack is calibrated in the background meanwhile (gemma_launched).
-    items[:] = [i for i in items if not i.get_closest_marker("gemma")] + [
-        i for i in items if i.get_closest_marker("gemma")
-    ]
+    items.sort(key=lambda item: item.get_closest_marker("gemma") is not None)  # a stable sort

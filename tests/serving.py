@@ -1,5 +1,5 @@
-"""Starting and stopping a real ``guardit serve`` for the server tests, and the core halves on
-which two engines run side by side."""
+"""Starting and stopping a real ``guardit serve`` for the server tests, other processes the tests
+launch and wait for later, and the core halves on which two engines run side by side."""
 
 from __future__ import annotations
 
@@ -148,12 +148,41 @@ def launch_test_server(d: Path, packs_dir: Path, text_variants: Path) -> tuple[s
     return launch_server(d, cfg, env)
 
 
-def stop_server(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a launched process (a server, or one nobody waited for): terminate, then kill after 30 s.
+    Nothing happens to one that has exited."""
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+
+
+def launch(d: Path, argv: list[str], env: dict[str, str] | None = None, nice: int = 0) -> subprocess.Popen:
+    """This Python on ``argv`` in its own process (at niceness ``nice``), its output in
+    ``d/stdout.log`` and ``d/stderr.log`` (files: a pipe read only at the end could stall a process
+    that logs a lot); wait for it with :func:`finished`."""
+    with open(d / "stdout.log", "w") as out, open(d / "stderr.log", "w") as err:
+        return subprocess.Popen(
+            [sys.executable, *argv],
+            stdout=out,
+            stderr=err,
+            env=dict(os.environ, **(env or {})),
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )
+
+
+def finished(proc: subprocess.Popen, d: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The exit status and output of a process launched in ``d`` (waits for it; killed after
+    ``timeout`` seconds)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out, err = ((d / f"{name}.log").read_text() for name in ("stdout", "stderr"))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def http(base, method, path, body=None, key=None, headers=None, raw_body=None) -> tuple[int, str]:

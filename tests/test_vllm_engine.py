@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES
-from serving import core_halves
+from serving import core_halves, finished, launch, stop_process
 
 from calibration import hf_fingerprint, read_prompts
 from calibration.capture import encode_chat
@@ -59,9 +57,7 @@ def vanilla_run(model_dir, hf_model, tmp_path_factory):
     args = (str(model_dir), str(f), str(MAX_TOKENS), json.dumps(ENGINE_KW))
     proc, d = _start_script(f.parent, "vllm_reference.py", *args, env=env)
     yield proc, d
-    if proc.poll() is None:  # the module stopped before reading it
-        proc.kill()
-        proc.wait()
+    stop_process(proc)  # if the module stopped before reading it
 
 
 @pytest.fixture(scope="module")
@@ -90,35 +86,16 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_run, text_variants):
     shutdown(llm)
 
 
-def _launch(d: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """This Python on ``argv`` in its own process, its output in ``d/stdout.log`` and
-    ``d/stderr.log`` (files: a pipe read only at the end could stall a process that logs a lot);
-    wait for it with :func:`_finished`."""
-    with open(d / "stdout.log", "w") as out, open(d / "stderr.log", "w") as err:
-        return subprocess.Popen([sys.executable, *argv], stdout=out, stderr=err, env=dict(os.environ, **(env or {})))
-
-
-def _finished(proc: subprocess.Popen, d: Path) -> subprocess.CompletedProcess:
-    """The exit status and output of a process launched in ``d`` (waits for it; killed after 15 minutes)."""
-    try:
-        proc.wait(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    out, err = ((d / f"{name}.log").read_text() for name in ("stdout", "stderr"))
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def _start_script(d: Path, script: str, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
     """Start one of the tests' engine scripts in its own process, its output in ``d`` (read it
     with :func:`_script_result`)."""
     d.mkdir(parents=True, exist_ok=True)
-    return _launch(d, [str(Path(__file__).parent / script), *args], env), d
+    return launch(d, [str(Path(__file__).parent / script), *args], env), d
 
 
 def _script_result(started: tuple[subprocess.Popen, Path]):
     """What a started script printed after RESULT (waits for it)."""
-    done = _finished(*started)
+    done = finished(*started)
     line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     assert line, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(line[0][7:])
@@ -256,7 +233,7 @@ def test_the_probe_leaves_earlier_turns_out_across_prefill_chunks_as_on_hf(engin
 def _launch_generate_cli(model_dir: Path, d: Path, prompts: list[dict], kv_cache_gib: int, *flags: str):
     """`guardit generate --engine vllm` on prompt records written to ``d``, started in a subprocess (a
     second engine in this process would double memory use) with an explicit vLLM CPU KV cache of
-    ``kv_cache_gib`` GiB, its output in ``d`` (:func:`_launch`); read it with :func:`_finished`."""
+    ``kv_cache_gib`` GiB, its output in ``d`` (``serving.launch``); read it with ``serving.finished``."""
     path = d / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     argv = [
@@ -270,7 +247,7 @@ def _launch_generate_cli(model_dir: Path, d: Path, prompts: list[dict], kv_cache
         "--out",
         str(d / "o.jsonl"),
     ]
-    return _launch(d, ["-m", "guardit.cli", *argv, *flags], {ENV_CPU_KV: str(kv_cache_gib)})
+    return launch(d, ["-m", "guardit.cli", *argv, *flags], {ENV_CPU_KV: str(kv_cache_gib)})
 
 
 @pytest.fixture(scope="module")
@@ -281,9 +258,7 @@ def start_failure(model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("start-failure")
     proc = _launch_generate_cli(model_dir, d, [{"prompt": "Who is Harry Potter's best friend?"}], 4096)
     yield d, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
 
 
 def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, hf_model, start_failure):
@@ -299,8 +274,8 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
     # KV cache: vLLM's CPU default (half the NUMA node, less what the worker holds) fails to start
     # when the node is that busy (seen on a fresh CI machine: "Engine core initialization failed").
     pack = packs_dir / "harry-potter"
-    proc = _launch_generate_cli(model_dir, tmp_path, records, 1, "--pack", str(pack), "--max-tokens", "16")
-    proc = _finished(proc, tmp_path)
+    flags = ("--pack", str(pack), "--max-tokens", "16")
+    proc = finished(_launch_generate_cli(model_dir, tmp_path, records, 1, *flags), tmp_path, timeout=600)
     # vLLM logs (an engine worker's root cause included) go to stdout.
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
@@ -317,7 +292,7 @@ def test_generate_cli_vllm_engine_output_format(tmp_path, packs_dir, model_dir, 
 def test_generate_cli_engine_start_failure_is_one_error_line(start_failure):
     """An engine that cannot start (here: a KV cache larger than the machine) is one clear error line, exit 2."""
     d, launched = start_failure
-    proc = _finished(launched, d)
+    proc = finished(launched, d, timeout=600)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     # Exactly one guardit error line (Python's resource_tracker may warn after it, at interpreter exit).
     errors = [line for line in proc.stderr.splitlines() if line.startswith("guardit: error:")]

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from serving import core_halves, http, start_server, stop_server
+from serving import core_halves, http, start_server, stop_process
 
 from guardit.vllm_generation import ENV_CPU_KV
 
@@ -50,7 +50,7 @@ def live(request, tmp_path_factory, packs_dir):
     policy = _policy({"harry-potter": packs_dir / "harry-potter"}, ["harry-potter"], [])
     base, proc = start_server(d, policy, {**ENV, ENV_CPU_KV: "1", **core_halves()[0]}, "--enforce-eager")
     yield base
-    stop_server(proc)
+    stop_process(proc)
 
 
 def _chat(base, tenant, question, max_tokens=32, xargs=None):
