@@ -3,7 +3,10 @@ request texts, against the prefill of the same prompts on vanilla vLLM CPU (eage
 plugin off, one output token), both measured in this run; reported as milliseconds and ratio.
 And what the answer check costs a finished request: the same encoder on the request texts with
 the model's greedy answers (steering.text_gate.answer_text, --answer-tokens new tokens), against
-generating those answers on the same engine.
+generating those answers on the same engine. Every encoder in steering.text_gate.ENCODERS is
+timed in the same run, interleaved with the engine, so their ratios share the machine's state.
+The encoder keeps the embeddings of windows it has seen (requests sharing a system prompt); each
+timing starts with that store emptied, so every window is embedded.
 
 Usage: python benchmarks/text_gate_cost.py [--reps 5]
 """
@@ -34,7 +37,7 @@ def main() -> None:
     from calibration import read_prompts
     from calibration.capture import encode_chat
     from guardit.model_prep import prepare_model
-    from steering.text_gate import DEFAULT_ENCODER, answer_text, load_encoder, request_text
+    from steering.text_gate import ENCODERS, answer_text, load_encoder, request_text
 
     model_dir = prepare_model()
     prompts = [
@@ -54,8 +57,9 @@ def main() -> None:
     tok = llm.get_tokenizer()
     ids = encode_chat(tok, prompts)
     texts = [request_text(tok, i, 0) for i in ids]
-    enc = load_encoder(DEFAULT_ENCODER)
-    enc.window_embeddings(texts[:4])  # warm-up
+    encoders = [load_encoder(name) for name in ENCODERS]
+    for enc in encoders:
+        enc.window_embeddings(texts[:4])  # warm-up
     params = SamplingParams(temperature=0.0, max_tokens=1)
     answer_params = SamplingParams(temperature=0.0, max_tokens=args.answer_tokens)
     llm.generate([{"prompt_token_ids": x} for x in ids[:4]], params, use_tqdm=False)
@@ -64,28 +68,36 @@ def main() -> None:
     rows = []
     for b in args.batches:
         batch_ids, batch_texts, batch_checked = (ids * 4)[:b], (texts * 4)[:b], (checked * 4)[:b]
-        t_enc, t_pre, t_ans, t_gen = [], [], [], []
+        t_enc: dict[str, list[float]] = {e.name: [] for e in encoders}
+        t_ans: dict[str, list[float]] = {e.name: [] for e in encoders}
+        t_pre, t_gen = [], []
         requests = [{"prompt_token_ids": x} for x in batch_ids]
         for _ in range(args.reps):
-            t_enc.append(seconds(enc.window_embeddings, batch_texts))
+            for enc in encoders:
+                enc.cache.clear()
+                t_enc[enc.name].append(seconds(enc.window_embeddings, batch_texts))
             t_pre.append(seconds(llm.generate, requests, params, use_tqdm=False))
-            t_ans.append(seconds(enc.window_embeddings, batch_checked))
+            for enc in encoders:
+                enc.cache.clear()
+                t_ans[enc.name].append(seconds(enc.window_embeddings, batch_checked))
             t_gen.append(seconds(llm.generate, requests, answer_params, use_tqdm=False))
-        e, p = median(t_enc) * 1000, median(t_pre) * 1000
-        a, g = median(t_ans) * 1000, median(t_gen) * 1000
-        rows.append(
-            {
-                "batch": b,
-                "prompt_tokens_mean": round(sum(map(len, batch_ids)) / b, 1),
-                "encoder_ms": round(e, 1),
-                "vllm_prefill_ms": round(p, 1),
-                "encoder_over_prefill": round(e / p, 3),
-                "answer_check_ms": round(a, 1),
-                "vllm_generation_ms": round(g, 1),
-                "answer_check_over_generation": round(a / g, 3),
-            }
-        )
-        print(rows[-1], flush=True)
+        p, g = median(t_pre) * 1000, median(t_gen) * 1000
+        for enc in encoders:
+            e, a = median(t_enc[enc.name]) * 1000, median(t_ans[enc.name]) * 1000
+            rows.append(
+                {
+                    "encoder": enc.name,
+                    "batch": b,
+                    "prompt_tokens_mean": round(sum(map(len, batch_ids)) / b, 1),
+                    "encoder_ms": round(e, 1),
+                    "vllm_prefill_ms": round(p, 1),
+                    "encoder_over_prefill": round(e / p, 3),
+                    "answer_check_ms": round(a, 1),
+                    "vllm_generation_ms": round(g, 1),
+                    "answer_check_over_generation": round(a / g, 3),
+                }
+            )
+            print(rows[-1], flush=True)
     save("text_gate_cost", {"machine": machine(), "settings": vars(args), "rows": rows})
 
 

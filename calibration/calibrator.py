@@ -291,6 +291,7 @@ class ConceptCalibrator:
             "n_forget": len(fp),
             "n_retain": len(rp),
             "n_neutral": len(data.neutral),
+            "encoder": None if self.gate_kind == "probe" else self.encoder,
             "alpha": self.alpha,
             "seed": self.seed,
             "folds": fold_count(len(fp), len(rp), self.folds),

@@ -14,6 +14,7 @@ from pathlib import Path
 from guardit.console import print_report
 from guardit.model_prep import DEFAULT_MODEL, MODELS
 from steering.errors import GuarditError
+from steering.text_gate import DEFAULT_ENCODER, ENCODERS, USE_MULTILINGUAL
 
 MODEL_HELP = f"HF model folder, or {' or '.join(MODELS)} (prepared on first use; default: {DEFAULT_MODEL})"
 
@@ -60,6 +61,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         folds=args.folds,
         gate_kind=args.gate,
+        encoder=args.encoder,
         answer_check=not args.no_answer_check,
         answer_cache=cache_dir() / "answers",
         **angle,
@@ -271,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bound, hybrid when within 5 points: that recall is measured on prompts that name the concept "
         "and did not predict held-out recall, see README); the report compares the three and the pack "
         "keeps each one's thresholds",
+    )
+    c.add_argument(
+        "--encoder",
+        choices=sorted(ENCODERS),
+        default=DEFAULT_ENCODER,
+        help=f"the sentence encoder of the text gate and the answer check (default {DEFAULT_ENCODER}); "
+        f"'{USE_MULTILINGUAL}' maps 16 languages into one space (see README); the pack records it",
     )
     c.add_argument(
         "--no-answer-check",

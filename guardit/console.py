@@ -45,7 +45,9 @@ def print_report(r: dict) -> None:
     )
     kinds = g.get("kinds", {})
     if len(kinds) > 1:
-        print(f"gate: {g['kind']} (out of fold at alpha={r['alpha']}; every kind below is fitted on the same folds)")
+        enc = f"sentence encoder {r['encoder']}; " if r.get("encoder") else ""
+        folds = "every kind below is fitted on the same folds"
+        print(f"gate: {g['kind']} ({enc}out of fold at alpha={r['alpha']}; {folds})")
         for name, k in kinds.items():
             mark = "*" if name == g["kind"] else " "
             print(

