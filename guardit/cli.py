@@ -14,7 +14,7 @@ from pathlib import Path
 from guardit.console import print_report
 from guardit.model_prep import DEFAULT_MODEL, MODELS
 from steering.errors import GuarditError
-from steering.text_gate import DEFAULT_ENCODER, ENCODERS, USE_MULTILINGUAL
+from steering.text_gate import BOTH, DEFAULT_ENCODER, ENCODERS, USE_MULTILINGUAL
 
 MODEL_HELP = f"HF model folder, or {' or '.join(MODELS)} (prepared on first use; default: {DEFAULT_MODEL})"
 
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(ENCODERS),
         default=DEFAULT_ENCODER,
         help=f"the sentence encoder of the text gate and the answer check (default {DEFAULT_ENCODER}); "
-        f"'{USE_MULTILINGUAL}' maps 16 languages into one space (see README); the pack records it",
+        f"'{USE_MULTILINGUAL}' maps 16 languages into one space, '{BOTH}' reads both embeddings side by "
+        "side (see README); the pack records it",
     )
     c.add_argument(
         "--no-answer-check",

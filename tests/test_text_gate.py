@@ -4,6 +4,7 @@ all-MiniLM-L6-v2 package; no LLM)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from steering.pack import ConceptPack, GateMeta, TextGateMeta
 from steering.policy import RequestSpec
 from steering.runtime import PackUse, SteeringBank, gated_packs
 from steering.text_gate import (
-    DEFAULT_ENCODER,
+    BOTH,
     MINILM,
     STRIDE_WORDS,
     USE_MULTILINGUAL,
@@ -37,7 +38,7 @@ def test_windows_cover_every_word_and_keep_short_texts_whole():
 
 @pytest.fixture(scope="module")
 def encoder():
-    return load_encoder(DEFAULT_ENCODER)
+    return load_encoder(MINILM)
 
 
 def _text_pack(encoder, concept_id="toy", kind="hybrid", threshold=0.0, sha=None, kinds=None):
@@ -111,6 +112,21 @@ def test_the_multilingual_encoder_maps_other_languages_onto_the_english_ask(enco
         SteeringBank([_text_pack(use, sha=encoder.sha256)]).text_gates([ask], [["toy"]])
     with pytest.raises(PackError, match="unknown text-gate encoder 'LaBSE'; known: .*use-multilingual-v3"):
         load_encoder("LaBSE")
+
+
+def test_the_combined_encoder_is_both_embeddings_side_by_side(encoder):
+    """The combined encoder's embedding is MiniLM's and USE's, each scaled by 1/sqrt(2) (so it is
+    unit-norm); its hash covers both encoders' weights, so a pack made with either alone is refused
+    by it, and the reverse."""
+    both, use = load_encoder(BOTH), load_encoder(USE_MULTILINGUAL)
+    texts = ["Who painted the Mona Lisa?", "Qui a peint la Joconde ?"]
+    e = both.embed(texts)
+    assert both.dim == encoder.dim + use.dim == e.shape[1]
+    assert torch.allclose(e.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(e * 2**0.5, torch.cat([encoder.embed(texts), use.embed(texts)], dim=1), atol=1e-5)
+    assert len({both.sha256, encoder.sha256, use.sha256}) == 3
+    with pytest.raises(PackError, match=f"calibrated with text encoder '{re.escape(BOTH)}'.*recalibrate"):
+        SteeringBank([_text_pack(both, sha=use.sha256)]).text_gates(texts, [["toy"], ["toy"]])
 
 
 def test_a_pack_serves_each_calibrated_gate_kind(tmp_path, encoder):
