@@ -45,9 +45,9 @@ MIN_LINE_WORDS = 3
 MINILM = "all-MiniLM-L6-v2"
 USE_MULTILINGUAL = "use-multilingual-v3"
 BOTH = f"{MINILM}+{USE_MULTILINGUAL}"
-# Both side by side: as many known facts stopped as MiniLM alone, and the other-language asks
-# caught before generation like USE alone (FINDINGS.md, "Both encoders side by side").
-DEFAULT_ENCODER = BOTH
+# MiniLM alone stays the default: side by side catches other-language asks before generation like
+# USE alone, but stopped no more known facts than MiniLM (FINDINGS.md, "Both encoders side by side").
+DEFAULT_ENCODER = MINILM
 
 
 def _installed(encoder: str, module: str, package: str):
