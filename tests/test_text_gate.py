@@ -116,8 +116,8 @@ def test_the_multilingual_encoder_maps_other_languages_onto_the_english_ask(enco
 
 def test_the_combined_encoder_is_both_embeddings_side_by_side(encoder):
     """The combined encoder's embedding is MiniLM's and USE's, each scaled by 1/sqrt(2) (so it is
-    unit-norm); its hash covers both encoders' weights, so a pack made with either alone is refused
-    by it, and the reverse."""
+    unit-norm); its hash covers both encoders' weights and differs from each one's, so a pack that
+    names it with another encoder's hash is refused."""
     both, use = load_encoder(BOTH), load_encoder(USE_MULTILINGUAL)
     texts = ["Who painted the Mona Lisa?", "Qui a peint la Joconde ?"]
     e = both.embed(texts)
