@@ -103,7 +103,9 @@ class _Concatenated:
     multilingual encoder's shared space of languages together."""
 
     def __init__(self) -> None:
-        self.parts = [_SentenceTransformer(), _UniversalSentenceEncoder()]
+        # The process's own loaded encoders (load_encoder caches them): a server with packs on
+        # MiniLM and on both does not hold or warm up a second copy of either.
+        self.parts = [load_encoder(MINILM).model, load_encoder(USE_MULTILINGUAL).model]
         self.files = [f for p in self.parts for f in p.files]
         self.dim = sum(p.dim for p in self.parts)
 
