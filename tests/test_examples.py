@@ -28,9 +28,10 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_ten_concepts():
+def test_the_examples_include_the_eleven_concepts():
     assert CONCEPTS == [
         "ancient_egypt",
+        "apollo_11",
         "eiffel_tower",
         "einstein",
         "harry_potter",
