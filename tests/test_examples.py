@@ -28,7 +28,7 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_eleven_concepts():
+def test_the_examples_include_the_twelve_concepts():
     assert CONCEPTS == [
         "ancient_egypt",
         "apollo_11",
@@ -38,6 +38,7 @@ def test_the_examples_include_the_eleven_concepts():
         "leonardo_da_vinci",
         "lord_of_the_rings",
         "mount_everest",
+        "photosynthesis",
         "shakespeare",
         "star_wars",
         "world_war_ii",
