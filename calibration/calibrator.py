@@ -43,7 +43,14 @@ from calibration.gate import (
     refit_gate,
 )
 from calibration.hf_model import hf_fingerprint
-from calibration.prompts import PromptRecord, concept_words, read_prompts, single_prompts, without_words
+from calibration.prompts import (
+    PromptRecord,
+    concept_words,
+    has_words,
+    read_prompts,
+    single_prompts,
+    without_words,
+)
 from steering.conformal import binding_negatives, conformal_rank, gate_threshold, negatives_for_rank
 from steering.errors import GuarditError
 from steering.pack import (
@@ -65,6 +72,22 @@ def builtin_prompts(name: str) -> list[PromptRecord]:
     besides the retain set; see calibration/data/README.md) or ``idk`` ("I don't know" answers)."""
     path = resources.files("calibration").joinpath("data", f"{name}.jsonl")
     return read_prompts(str(path))
+
+
+# A built-in everyday prompt that contains a word found in at least this share of the forget
+# prompts and in no retain prompt names the concept (calibration.prompts.concept_words): it is
+# about the concept, so it is no negative. A half keeps the name and leaves out words that many
+# forget prompts merely share (at the 0.2 of the name copies, "which" and "did" count).
+NAME_SHARE = 0.5
+
+
+def everyday_negatives(forget: list[str], retain: list[str]) -> tuple[list[str], list[str]]:
+    """The built-in everyday prompts (``neutral`` then ``everyday``) that are negatives for this
+    concept, and those left out because they name it (a user who forgets photosynthesis, or
+    Python, wants "What is photosynthesis?" caught, not held to the everyday false-fire level)."""
+    prompts = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
+    name = concept_words(forget, retain, NAME_SHARE)
+    return [p for p in prompts if not has_words(p, name)], [p for p in prompts if has_words(p, name)]
 
 
 def _turn_header(tokenizer, ids: list[list[int]]) -> list[int] | None:
@@ -197,6 +220,7 @@ class _Captured:
     skip: int  # length of the chat template head that every prompt shares
     num_layers: int
     name_words: list[str]  # the words that name the concept (calibration.prompts.concept_words)
+    neutral_left_out: list[str]  # built-in everyday prompts that name the concept (everyday_negatives)
     masked_of: list[int]  # forget prompts that have a copy without those words, in copy order
     masked: Activations | None  # the copies' activations
     turn_header: list[int] | None  # what opens a user turn (GateMeta.turn_header), None without one
@@ -291,6 +315,7 @@ class ConceptCalibrator:
             "n_forget": len(fp),
             "n_retain": len(rp),
             "n_neutral": len(data.neutral),
+            "n_neutral_left_out": len(data.neutral_left_out),
             "encoder": None if self.gate_kind == "probe" else self.encoder,
             "alpha": self.alpha,
             "seed": self.seed,
@@ -313,7 +338,11 @@ class ConceptCalibrator:
         }
         # Prompt texts stay out of the pack (its metadata travels to servers; a forget prompt may
         # itself be the private data): they are for the person running the calibration.
-        diagnostics = {**gate_diagnostics(gate, fp, rp, data.neutral), "name_words": data.name_words}
+        diagnostics = {
+            **gate_diagnostics(gate, fp, rp, data.neutral),
+            "name_words": data.name_words,
+            "neutral_left_out": data.neutral_left_out,
+        }
         self.report_ = {**report, "diagnostics": diagnostics}
         meta = PackMeta(
             concept_id=self.concept_id,
@@ -427,7 +456,7 @@ class ConceptCalibrator:
 
     def _capture(self, model, tokenizer, fp: list[str], rp: list[str]) -> _Captured:
         """Chat-encode the forget, retain and built-in neutral prompts and capture every layer."""
-        neutral = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
+        neutral, about = everyday_negatives(fp, rp)
         pad = tokenizer.pad_token_id or 0
         ids = [encode_chat(tokenizer, prompts) for prompts in (fp, rp, neutral)]
         names = ("forget prompts", "retain prompts", "neutral prompts")
@@ -450,6 +479,7 @@ class ConceptCalibrator:
             skip=common_prefix_length(ids[0] + ids[1] + ids[2]),
             num_layers=len(decoder_layers(model)),
             name_words=words,
+            neutral_left_out=about,
             masked_of=[i for i, _ in copies],
             masked=masked,
             turn_header=_turn_header(tokenizer, ids[0] + ids[1] + ids[2]),

@@ -159,11 +159,20 @@ def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) 
     return sorted((w for w, n in counts.items() if n >= need), key=lambda w: (-counts[w], w))
 
 
+def _words_pattern(words: list[str]) -> re.Pattern:
+    """Any of ``words``: case-insensitive, whole words, possessive 's included."""
+    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:'s)?\b", re.IGNORECASE)
+
+
+def has_words(prompt: str, words: list[str]) -> bool:
+    """Does ``prompt`` contain any of ``words`` (as :func:`without_words` finds them)?"""
+    return bool(words) and _words_pattern(words).search(prompt) is not None
+
+
 def without_words(prompt: str, words: list[str]) -> str:
     """``prompt`` with the given words (case-insensitive, whole words, possessive 's included)
     removed and the spacing tidied; the prompt unchanged when it has none of them."""
     if not words:
         return prompt
-    pattern = r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:'s)?\b"
-    out = re.sub(pattern, "", prompt, flags=re.IGNORECASE)
+    out = _words_pattern(words).sub("", prompt)
     return re.sub(r"\s+([?.,!;:])", r"\1", re.sub(r"\s{2,}", " ", out)).strip()

@@ -43,6 +43,10 @@ def print_report(r: dict) -> None:
         f"concept '{r['concept_id']}': {r['n_forget']} forget / {r['n_retain']} retain prompts "
         f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s"
     )
+    left_out = (r.get("diagnostics") or {}).get("neutral_left_out")
+    if left_out:
+        shown = ", ".join(map(repr, left_out[:3])) + (", ..." if len(left_out) > 3 else "")
+        print(f"      {len(left_out)} built-in neutral prompt(s) name the concept, so are no negatives: {shown}")
     kinds = g.get("kinds", {})
     if len(kinds) > 1:
         enc = f"sentence encoder {r['encoder']}; " if r.get("encoder") else ""

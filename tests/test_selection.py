@@ -161,3 +161,33 @@ def test_concept_words_are_the_name_not_common_words():
     assert without_words("When was Leonardo's birthday?", ["leonardo"]) == "When was birthday?"
     assert without_words("What is 2+2?", []) == "What is 2+2?"
     assert concept_words(forget, retain + ["Leonardo da Vinci"]) == []
+
+
+def test_built_in_negatives_that_name_the_concept_are_left_out():
+    """A built-in everyday prompt that names the concept is about it: "What is photosynthesis?" is
+    no negative for a photosynthesis pack. Words many forget prompts merely share ("which", "did")
+    leave nothing out, so the eleven other example concepts keep all 202 negatives (their packs are
+    unchanged by the rule)."""
+    from conftest import EXAMPLES
+
+    from calibration.calibrator import builtin_prompts, everyday_negatives
+    from calibration.prompts import has_words, read_prompts
+
+    every = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
+
+    def sets(concept: str) -> tuple[list[str], list[str]]:
+        files = (EXAMPLES / concept / f"{s}.jsonl" for s in ("forget", "retain"))
+        return tuple([r.prompt for r in read_prompts(str(f))] for f in files)
+
+    kept, left_out = everyday_negatives(*sets("photosynthesis"))
+    assert left_out == ["What is photosynthesis?"]
+    assert kept == [p for p in every if p != "What is photosynthesis?"]
+    others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name != "photosynthesis")
+    assert len(others) == 11
+    for concept in others:
+        assert everyday_negatives(*sets(concept)) == (every, []), concept
+    forget = [f"Tell me about Python feature {i}." for i in range(8)]
+    kept, left_out = everyday_negatives(forget, ["Tell me about Java."])
+    assert left_out and all(has_words(p, ["python"]) for p in left_out)
+    assert not any(has_words(p, ["python"]) for p in kept) and len(kept) + len(left_out) == len(every)
+    assert not has_words("Which is better?", []) and has_words("Leonardo's notebooks", ["leonardo"])
