@@ -87,7 +87,8 @@ def everyday_negatives(forget: list[str], retain: list[str]) -> tuple[list[str],
     Python, wants "What is photosynthesis?" caught, not held to the everyday false-fire level)."""
     prompts = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
     name = concept_words(forget, retain, NAME_SHARE)
-    return [p for p in prompts if not has_words(p, name)], [p for p in prompts if has_words(p, name)]
+    about = [has_words(p, name) for p in prompts]
+    return [p for p, a in zip(prompts, about) if not a], [p for p, a in zip(prompts, about) if a]
 
 
 def _turn_header(tokenizer, ids: list[list[int]]) -> list[int] | None:
