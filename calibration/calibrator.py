@@ -45,14 +45,15 @@ from calibration.gate import (
 from calibration.hf_model import hf_fingerprint
 from calibration.prompts import (
     PromptRecord,
+    concept_name,
     concept_words,
-    has_words,
     read_prompts,
     single_prompts,
     without_words,
 )
 from steering.conformal import binding_negatives, conformal_rank, gate_threshold, negatives_for_rank
 from steering.errors import GuarditError
+from steering.names import names_answered, names_in, normal_name
 from steering.pack import (
     AnswerCheckMeta,
     ConceptPack,
@@ -74,20 +75,13 @@ def builtin_prompts(name: str) -> list[PromptRecord]:
     return read_prompts(str(path))
 
 
-# A built-in everyday prompt that contains a word found in at least this share of the forget
-# prompts and in no retain prompt names the concept (calibration.prompts.concept_words): it is
-# about the concept, so it is no negative. A half keeps the name and leaves out words that many
-# forget prompts merely share (at the 0.2 of the name copies, "which" and "did" count).
-NAME_SHARE = 0.5
-
-
-def everyday_negatives(forget: list[str], retain: list[str]) -> tuple[list[str], list[str]]:
-    """The built-in everyday prompts (``neutral`` then ``everyday``) that are negatives for this
-    concept, and those left out because they name it (a user who forgets photosynthesis, or
-    Python, wants "What is photosynthesis?" caught, not held to the everyday false-fire level)."""
+def everyday_negatives(name: list[str]) -> tuple[list[str], list[str]]:
+    """The built-in everyday prompts (``neutral`` then ``everyday``) that are negatives for a
+    concept of this name (:func:`calibration.prompts.concept_name`), and those left out because
+    they name it (a user who forgets photosynthesis, or Python, wants "What is photosynthesis?"
+    caught, not held to the everyday false-fire level)."""
     prompts = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
-    name = concept_words(forget, retain, NAME_SHARE)
-    about = [has_words(p, name) for p in prompts]
+    about = [bool(names_in(p, name)) for p in prompts]
     return [p for p, a in zip(prompts, about) if not a], [p for p, a in zip(prompts, about) if a]
 
 
@@ -220,7 +214,8 @@ class _Captured:
     pad: int
     skip: int  # length of the chat template head that every prompt shares
     num_layers: int
-    name_words: list[str]  # the words that name the concept (calibration.prompts.concept_words)
+    name: list[str]  # the phrases that name the concept (ConceptCalibrator.name)
+    name_words: list[str]  # the words removed from the name copies (calibration.prompts.concept_words)
     neutral_left_out: list[str]  # built-in everyday prompts that name the concept (everyday_negatives)
     masked_of: list[int]  # forget prompts that have a copy without those words, in copy order
     masked: Activations | None  # the copies' activations
@@ -264,6 +259,10 @@ class ConceptCalibrator:
     # With a text gate, also fit the answer check (steering.text_gate.answer_text) on the model's
     # own greedy answers to the calibration prompts, in the union of the text kinds.
     answer_check: bool = True
+    # The phrases that name the concept: the answer check also fires on an answer that names it, and
+    # built-in everyday prompts that name it are no negatives. None: found in the forget prompts
+    # (calibration.prompts.concept_name); []: none.
+    name: list[str] | None = None
     # A folder where the model's answers to the built-in prompts (the same for every concept) are
     # kept between processes; None: generated once per process. The CLI keeps them in its cache.
     answer_cache: Path | None = None
@@ -305,18 +304,26 @@ class ConceptCalibrator:
         steer_scope = "all" if gate.layer >= steer[0] else "prompt"
         planes = torch.stack([make_plane(directions[l], t_orth[l]) for l in steer])
         texts = [request_text(tokenizer, ids, data.skip) for ids in data.all_ids]
-        answers = None
+        answers, named = None, {}
         if checked:
             decoded = [tokenizer.decode(a, skip_special_tokens=True) for a in own]
             both = decoded + self._neutral_answers(model, tokenizer, data)
             answers = [answer_text(t, a) for t, a in zip(texts, both)]
-        kinds = self._gate_kinds(gate, texts, len(fp), len(rp), answers)
+            # The negatives whose answers open by naming the concept: the answer check will change them.
+            parts = {"retain": both[len(fp) : len(fp) + len(rp)], "neutral": both[len(fp) + len(rp) :]}
+            named = {k: [i for i, a in enumerate(v) if names_answered(a, data.name)] for k, v in parts.items()}
+        kinds = self._gate_kinds(gate, texts, len(fp), len(rp), answers, data.name)
+        answer_check = kinds.text is not None and kinds.text.answer is not None
         report = {
             "concept_id": self.concept_id,
             "n_forget": len(fp),
             "n_retain": len(rp),
             "n_neutral": len(data.neutral),
             "n_neutral_left_out": len(data.neutral_left_out),
+            "name": data.name,
+            # None: the pack has no answer check.
+            "n_retain_answers_named": len(named["retain"]) if answer_check else None,
+            "n_neutral_answers_named": len(named["neutral"]) if answer_check else None,
             "encoder": None if self.gate_kind == "probe" else self.encoder,
             "alpha": self.alpha,
             "seed": self.seed,
@@ -343,6 +350,8 @@ class ConceptCalibrator:
             **gate_diagnostics(gate, fp, rp, data.neutral),
             "name_words": data.name_words,
             "neutral_left_out": data.neutral_left_out,
+            "retain_answers_named": [rp[i] for i in named.get("retain", [])] if answer_check else [],
+            "neutral_answers_named": [data.neutral[i] for i in named.get("neutral", [])] if answer_check else [],
         }
         self.report_ = {**report, "diagnostics": diagnostics}
         meta = PackMeta(
@@ -443,6 +452,8 @@ class ConceptCalibrator:
                 "late_gate and gate_layers cannot be combined: gate_layers fixes the candidate gate "
                 f"layers ({self.gate_layers}); add the later layers to it instead"
             )
+        if self.name is not None and not all(normal_name(n) for n in self.name):
+            raise GuarditError(f"name: every name needs a word (a letter or digit), got {self.name!r}")
         both = sorted(set(fp) & set(rp))
         if both:
             raise GuarditError(f"{len(both)} prompt(s) in both the forget and the retain set, e.g. {both[0]!r}")
@@ -457,7 +468,8 @@ class ConceptCalibrator:
 
     def _capture(self, model, tokenizer, fp: list[str], rp: list[str]) -> _Captured:
         """Chat-encode the forget, retain and built-in neutral prompts and capture every layer."""
-        neutral, about = everyday_negatives(fp, rp)
+        name = concept_name(fp, rp) if self.name is None else [normal_name(n) for n in self.name]
+        neutral, about = everyday_negatives(name)
         pad = tokenizer.pad_token_id or 0
         ids = [encode_chat(tokenizer, prompts) for prompts in (fp, rp, neutral)]
         names = ("forget prompts", "retain prompts", "neutral prompts")
@@ -479,6 +491,7 @@ class ConceptCalibrator:
             pad=pad,
             skip=common_prefix_length(ids[0] + ids[1] + ids[2]),
             num_layers=len(decoder_layers(model)),
+            name=name,
             name_words=words,
             neutral_left_out=about,
             masked_of=[i for i, _ in copies],
@@ -520,11 +533,19 @@ class ConceptCalibrator:
         return gate, anchor
 
     def _gate_kinds(
-        self, gate: GateFit, texts: list[str], nf: int, nr: int, answers: list[str] | None = None
+        self,
+        gate: GateFit,
+        texts: list[str],
+        nf: int,
+        nr: int,
+        answers: list[str] | None = None,
+        name: list[str] | None = None,
     ) -> _GateKinds:
         """Fit the text gate on the request texts (forget, retain, neutral order) unless the kind
         is "probe", and the answer check on ``answers`` (each request text with the model's answer)
-        when given; compare the kinds out of fold (each held to the same false-fire bound: a text
+        when given, which also fires on an answer whose first sentence names the concept
+        (``name``, :func:`steering.names.names_answered`); compare the
+        kinds out of fold (each held to the same false-fire bound: a text
         kind is the union of its gates, the answer check included) and pick the served one:
         ``gate_kind``, or with "auto" the highest out-of-fold recall, a kind within AUTO_MARGIN of
         it that comes first in AUTO_PREFERENCE winning."""
@@ -562,7 +583,9 @@ class ConceptCalibrator:
         if chosen == "probe":
             return _GateKinds(report, {"probe": thresholds["probe"]}, "probe", None, None)
         t = thresholds[chosen]
-        check = None if t.answer is None else AnswerCheckMeta(threshold=t.answer, max_tokens=ANSWER_TOKENS)
+        check = None
+        if t.answer is not None:
+            check = AnswerCheckMeta(threshold=t.answer, max_tokens=ANSWER_TOKENS, names=name or [])
         meta = TextGateMeta(encoder=enc.name, encoder_sha256=enc.sha256, threshold=t.text, answer=check)
         return _GateKinds(report, thresholds, chosen, meta, text, answer)
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steering.errors import GuarditError
+from steering.names import words_of
 
 
 class PromptFileError(GuarditError):
@@ -159,14 +160,39 @@ def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) 
     return sorted((w for w, n in counts.items() if n >= need), key=lambda w: (-counts[w], w))
 
 
-def _words_pattern(words: list[str]) -> re.Pattern:
-    """Any of ``words``: case-insensitive, whole words, possessive 's included."""
-    return re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:'s)?\b", re.IGNORECASE)
+# A phrase found in at least this share of the forget prompts (and in no retain prompt) names the
+# concept (:func:`concept_name`). A half keeps the name and leaves out phrases that many forget
+# prompts merely share.
+NAME_SHARE = 0.5
+# The longest name, in words ("lord of the rings").
+NAME_WORDS = 4
 
 
-def has_words(prompt: str, words: list[str]) -> bool:
-    """Does ``prompt`` contain any of ``words`` (as :func:`without_words` finds them)?"""
-    return bool(words) and _words_pattern(words).search(prompt) is not None
+def concept_name(forget: list[str], retain: list[str], share: float = NAME_SHARE) -> list[str]:
+    """The phrases that name the concept (:func:`steering.names.normal_name` form): runs of at most
+    :data:`NAME_WORDS` words found in at least ``share`` of the forget prompts and in no retain
+    prompt, that neither start nor end with an English stop word (scikit-learn's list: "the eiffel
+    tower" is "eiffel tower") and are not a bare number; a phrase inside a longer one is left out
+    ("mount everest", not "everest" and "mount"). Empty when the retain prompts name the concept
+    too, or the forget prompts name it in too many ways."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    def phrases(p: str, n: int) -> set[str]:
+        w = words_of(p)
+        return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+    found = []
+    for n in range(1, NAME_WORDS + 1):
+        in_retain = set().union(*(phrases(p, n) for p in retain))
+        counts: dict[str, int] = {}
+        for p in forget:
+            for ph in phrases(p, n) - in_retain:
+                counts[ph] = counts.get(ph, 0) + 1
+        for ph, k in counts.items():
+            w = ph.split()
+            if k >= share * len(forget) and not ph.isdigit() and not {w[0], w[-1]} & ENGLISH_STOP_WORDS:
+                found.append(ph)
+    return sorted(ph for ph in found if not any(o != ph and f" {ph} " in f" {o} " for o in found))
 
 
 def without_words(prompt: str, words: list[str]) -> str:
@@ -174,5 +200,6 @@ def without_words(prompt: str, words: list[str]) -> str:
     removed and the spacing tidied; the prompt unchanged when it has none of them."""
     if not words:
         return prompt
-    out = _words_pattern(words).sub("", prompt)
+    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")(?:'s)?\b", re.IGNORECASE)
+    out = pattern.sub("", prompt)
     return re.sub(r"\s+([?.,!;:])", r"\1", re.sub(r"\s{2,}", " ", out)).strip()

@@ -39,6 +39,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration import ConceptCalibrator, load_model, read_prompts
     from guardit.model_prep import cache_dir
 
+    if args.no_name and args.name:
+        raise GuarditError("--name and --no-name contradict each other: give one of them")
     forget = [r for path in args.forget for r in read_prompts(path)]
     retain = [r for path in args.retain for r in read_prompts(path)]
     target_set = None
@@ -63,6 +65,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         gate_kind=args.gate,
         encoder=args.encoder,
         answer_check=not args.no_answer_check,
+        name=[] if args.no_name else args.name,
         answer_cache=cache_dir() / "answers",
         **angle,
     )
@@ -290,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with the pack forced when that fires (calibrated on the model's greedy answers to the "
         "calibration prompts, in the same false-fire bound; see README)",
     )
+    c.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        metavar="PHRASE",
+        help="a phrase that names the concept (repeatable), instead of the one found in the forget "
+        "prompts (the longest run of words in at least half of them and in no retain prompt): the "
+        "answer check also fires on an answer whose first sentence names it, and built-in everyday "
+        "prompts that name it are no negatives",
+    )
+    c.add_argument("--no-name", action="store_true", help="no name: neither of those rules applies")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)
 

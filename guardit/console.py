@@ -43,7 +43,18 @@ def print_report(r: dict) -> None:
         f"concept '{r['concept_id']}': {r['n_forget']} forget / {r['n_retain']} retain prompts "
         f"(+{r['n_neutral']} built-in neutral), {r['seconds']} s"
     )
-    left_out = (r.get("diagnostics") or {}).get("neutral_left_out")
+    diag = r.get("diagnostics") or {}
+    if r.get("name"):
+        shown = ", ".join(map(repr, r["name"]))
+        print(f"      the concept's name: {shown} (--name to give another, --no-name for none)")
+        named = diag.get("retain_answers_named", []) + diag.get("neutral_answers_named", [])
+        if r.get("n_retain_answers_named") is not None:
+            line = (
+                f"      the answer check also fires on answers whose first sentence names it, as the answers to "
+                f"{r['n_retain_answers_named']} retain and {r['n_neutral_answers_named']} built-in neutral prompts do"
+            )
+            print(line + (", e.g. " + ", ".join(map(repr, named[:3])) if named else ""))
+    left_out = diag.get("neutral_left_out")
     if left_out:
         shown = ", ".join(map(repr, left_out[:3])) + (", ..." if len(left_out) > 3 else "")
         print(f"      {len(left_out)} built-in neutral prompt(s) name the concept, so are no negatives: {shown}")

@@ -102,7 +102,7 @@ def answer_recheck(
     texts = bank.answer_texts(tokenizer, prompt_ids, outputs)
     applied = [set(g) for g in gates]
     fired = [{pid for pid, v in g.items() if v["fired"]} for g in gates]
-    redo, score = bank.recheck(texts, applied, fired, [alpha] * len(texts))
+    redo, score = bank.recheck(texts, outputs, applied, fired, [alpha] * len(texts))
     for i, g in enumerate(gates):
         for pid, v in g.items():
             s = float(score[i, bank.index[pid]])

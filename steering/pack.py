@@ -36,6 +36,7 @@ from safetensors.torch import load, save_file
 
 from steering.conformal import check_alpha, conformal_rank, false_fire_bounds, gate_threshold, union_threshold
 from steering.errors import PackError, PolicyError
+from steering.names import normal_name
 from steering.rotation import ANGLE_MODES, DEFAULT_ANGLE_DEG, check_angle
 
 FORMAT_VERSION = 1
@@ -82,15 +83,26 @@ def _finite(v: float) -> float:
 Threshold = Annotated[float, AfterValidator(_finite)]
 
 
+def _names(v: list[str]) -> list[str]:
+    bad = [n for n in v if n != normal_name(n) or not n]
+    if bad:
+        raise ValueError(f"a name is lower-case words joined by single spaces, got {bad[0]!r}")
+    return v
+
+
 class AnswerCheckMeta(BaseModel):
     """The answer check: a head on the same encoder's embedding of the request text followed by the
     model's answer (:func:`steering.text_gate.answer_text`). A request whose gates stayed closed
-    and whose answer scores above ``threshold`` is generated again with the pack forced."""
+    and whose answer scores above ``threshold``, or whose answer's first sentence names the concept
+    (``names``, :func:`steering.names.names_in`), is generated again with the pack forced."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     threshold: Threshold
     max_tokens: int = Field(gt=0, description="length of the calibration answers (greedy, new tokens)")
+    names: Annotated[list[str], AfterValidator(_names)] = Field(
+        default_factory=list, description="phrases that name the concept: an answer that opens with one is forgotten"
+    )
 
 
 class TextGateMeta(BaseModel):

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from steering.names import names_answered
 from steering.pack import ConceptPack, GateMeta
 from steering.policy import RequestSpec, parse_request
 from steering.rotation import rotate_rows_
@@ -417,14 +418,19 @@ class SteeringBank:
     def recheck(
         self,
         texts: list[str],
+        answers: Sequence[str],
         applied: Sequence[Iterable[str]],
         fired: Sequence[Iterable[str]],
         alphas: Sequence[RowLevel] | None = None,
     ) -> tuple[list[frozenset[str]], torch.Tensor]:
         """The answer check of finished generations, one rule for both engines. ``texts[i]``: row
-        i's request text and answer (:func:`steering.text_gate.answer_text`); ``applied[i]``,
-        ``fired[i]``: the packs that applied to it and those whose gate fired. Returns, per row,
-        the packs to force when generating it again (empty: keep the answer): the packs whose
+        i's request text and answer (:func:`steering.text_gate.answer_text`), ``answers[i]`` its
+        answer alone; ``applied[i]``, ``fired[i]``: the packs that applied to it and those whose
+        gate fired. A pack's check fires when its answer head scores the text above its threshold
+        or the answer's first sentence names the concept (the pack's ``names``,
+        :func:`steering.names.names_answered`: whatever the level, an answer that gives the
+        forgotten concept is not kept). Returns, per
+        row, the packs to force when generating it again (empty: keep the answer): the packs whose
         answer check fired, with the packs that had fired, so the new answer is rotated for all of
         them; and the answer scores (R, P), -inf where not scored. ``alphas[i]``: row i's gate
         level (:data:`RowLevel`; None: as calibrated)."""
@@ -434,8 +440,14 @@ class SteeringBank:
         redo = []
         for i, f in enumerate(fired_sets):
             new = {self.packs[j].id for j in hit[i].nonzero().flatten().tolist()}
+            new |= {pid for pid in check[i] if names_answered(answers[i], self._answer_names(pid))}
             redo.append(frozenset(new | f) if new else frozenset())
         return redo, score
+
+    def _answer_names(self, pack_id: str) -> list[str]:
+        """The names pack ``pack_id``'s answer check fires on (none without an answer check)."""
+        text = self.packs[self.index[pack_id]].meta.gate.text
+        return [] if text is None or text.answer is None else text.answer.names
 
     def _head_gates(
         self, head: str, texts: list[str], pack_ids: list[Iterable[str]], alphas: Sequence[RowLevel] | None

@@ -38,7 +38,8 @@ def packs_dir(tmp_path_factory, model_dir) -> Path:
 @pytest.fixture(scope="session")
 def text_variants(packs_dir, tmp_path_factory):
     """The Harry Potter pack with its text gate always open ('hp-text-open'), as an encoder-only
-    gate always closed, answer check included ('hp-text-closed'), with only its answer check,
+    gate always closed, answer check included ('hp-text-closed'), the same but with an answer check
+    that fires on answers that name "Harry Potter" ('hp-named'), with only its answer check,
     always firing ('hp-answer-open'), or with its probe alone deciding ('hp-probe'): the serving
     mechanics, independent of what the gates learnt."""
     from helpers import variant_pack
@@ -47,6 +48,8 @@ def text_variants(packs_dir, tmp_path_factory):
     variant_pack(packs_dir / "harry-potter", d / "hp-text-open", "hp-text-open", text={"threshold": -1e6})
     closed = {"threshold": 1e6, "answer": {"threshold": 1e6, "max_tokens": 40}}
     variant_pack(packs_dir / "harry-potter", d / "hp-text-closed", "hp-text-closed", kind="encoder", text=closed)
+    named = {"threshold": 1e6, "answer": {"threshold": 1e6, "max_tokens": 40, "names": ["harry potter"]}}
+    variant_pack(packs_dir / "harry-potter", d / "hp-named", "hp-named", kind="encoder", text=named)
     # Probe and text gate never fire, the answer check always does.
     answer = {"threshold": 1e6, "answer": {"threshold": -1e6, "max_tokens": 40}}
     variant_pack(packs_dir / "harry-potter", d / "hp-answer-open", "hp-answer-open", threshold=1e6, text=answer)

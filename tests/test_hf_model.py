@@ -13,6 +13,7 @@ from guardit.evaluate import perplexity
 from guardit.generation import hf_generate, leaked
 from integrations.hf import steer
 from steering.errors import PackError
+from steering.names import names_answered
 from steering.pack import ConceptPack, load_packs
 
 pytestmark = pytest.mark.model
@@ -171,7 +172,8 @@ def test_text_gate_decides_before_the_forward_in_hf(hf_model, hp, text_variants)
 def test_a_fired_answer_check_generates_the_row_again_rotated_in_hf(hf_model, hp, text_variants):
     """The answer check runs after the generation: a row whose check fires is generated again with
     the pack forced (the same tokens as forcing the pack), and reads fired "by": "answer"; a row
-    whose gates and check stay closed keeps its vanilla tokens."""
+    whose gates and check stay closed keeps its vanilla tokens. A row whose answer names the
+    concept in its first sentence is checked so, whatever its answer head scores."""
     model, tok = hf_model
     assert hp.meta.gate.text.answer is not None  # the CLI's default calibrates it
     recs = [PromptRecord(prompt=p) for p in RETAIN[:3]]
@@ -185,6 +187,17 @@ def test_a_fired_answer_check_generates_the_row_again_rotated_in_hf(hf_model, hp
     kept = hf_generate(model, tok, recs, [closed], max_tokens=12, progress=False)
     assert [r["token_ids"] for r in kept] == [r["token_ids"] for r in vanilla]
     assert all("answer_score" in r["gate"]["hp-text-closed"] and not r["gate"]["hp-text-closed"]["fired"] for r in kept)
+    # An answer that names the concept fires the check whatever its score (the pack's `names`).
+    recs += [PromptRecord(prompt=p) for p in ("Who is Harry Potter's best friend?", "Who wrote the Hogwarts books?")]
+    named = ConceptPack.from_pretrained(text_variants / "hp-named")
+    assert named.meta.gate.text.answer.names == ["harry potter"]
+    vanilla = hf_generate(model, tok, recs, [], max_tokens=12, progress=False)
+    forced = hf_generate(model, tok, recs, [hp], max_tokens=12, force=True, progress=False)
+    says = [names_answered(r["output"], ["harry potter"]) != [] for r in vanilla]
+    assert any(says) and not all(says)
+    got = hf_generate(model, tok, recs, [named], max_tokens=12, progress=False)
+    for r, v, f, s in zip(got, vanilla, forced, says):
+        assert r["token_ids"] == (f["token_ids"] if s else v["token_ids"]) and r["gate"]["hp-named"]["fired"] == s
 
 
 @torch.no_grad()

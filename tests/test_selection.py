@@ -163,31 +163,62 @@ def test_concept_words_are_the_name_not_common_words():
     assert concept_words(forget, retain + ["Leonardo da Vinci"]) == []
 
 
-def test_built_in_negatives_that_name_the_concept_are_left_out():
-    """A built-in everyday prompt that names the concept is about it: "What is photosynthesis?" is
-    no negative for a photosynthesis pack. Words many forget prompts merely share ("which", "did")
-    leave nothing out, so the eleven other example concepts keep all 202 negatives (their packs are
-    unchanged by the rule)."""
+def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_prompts_lack():
+    """The name of each example concept as calibration finds it: the longest run of words in at
+    least half of its forget prompts and in no retain prompt, without stop words at its ends or a
+    bare number (Apollo 11's retain prompts say "Apollo", its forget prompts "Apollo 11"); none for
+    concepts whose retain prompts name them too (Harry Potter, Shakespeare) or whose forget prompts
+    name them in many ways (Lord of the Rings, World War II)."""
     from conftest import EXAMPLES
 
-    from calibration.calibrator import builtin_prompts, everyday_negatives
-    from calibration.prompts import has_words, read_prompts
-
-    every = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
+    from calibration.prompts import concept_name, read_prompts
+    from steering.names import names_in
 
     def sets(concept: str) -> tuple[list[str], list[str]]:
         files = (EXAMPLES / concept / f"{s}.jsonl" for s in ("forget", "retain"))
         return tuple([r.prompt for r in read_prompts(str(f))] for f in files)
 
-    kept, left_out = everyday_negatives(*sets("photosynthesis"))
+    expected = {"ancient_egypt": ["ancient egypt"], "apollo_11": ["apollo 11"], "eiffel_tower": ["eiffel tower"],
+                "einstein": ["einstein"], "harry_potter": [], "leonardo_da_vinci": ["leonardo da vinci"],
+                "lord_of_the_rings": [], "mount_everest": ["mount everest"], "photosynthesis": ["photosynthesis"],
+                "shakespeare": [], "star_wars": ["star wars"], "world_war_ii": []}  # fmt: skip
+    assert sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir()) == sorted(expected)
+    for concept, name in expected.items():
+        assert concept_name(*sets(concept)) == name, concept
+    forget = ["When did Apollo 11 land?", "Who flew Apollo 11?", "What did Apollo 11's crew bring back?",
+              "Where did Apollo 11 splash down?", "Describe the Apollo 11 rocket.", "Who flew it?",
+              "When?"]  # fmt: skip
+    assert concept_name(forget, ["Which year did Apollo 13 fly?", "Who flew Apollo 8?"]) == ["apollo 11"]
+    assert concept_name(forget, ["Tell me about Apollo 11."]) == []
+    assert concept_name([f"What is in box {i} of 2024?" for i in range(4)], ["Hello there."]) == ["box"]  # not "2024"
+    assert names_in("Neil Armstrong flew APOLLO-11's lander.", ["apollo 11"]) == ["apollo 11"]
+    assert names_in("Apollo 110 and apollo 1 1?", ["apollo 11"]) == [] and names_in("anything", []) == []
+
+
+def test_built_in_negatives_that_name_the_concept_are_left_out():
+    """A built-in everyday prompt that names the concept (:func:`calibration.prompts.concept_name`)
+    is about it: "What is photosynthesis?" is no negative for a photosynthesis pack. The eleven
+    other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
+    from conftest import EXAMPLES
+
+    from calibration.calibrator import builtin_prompts, everyday_negatives
+    from calibration.prompts import concept_name, read_prompts
+    from steering.names import names_in
+
+    every = [r.prompt for name in ("neutral", "everyday") for r in builtin_prompts(name)]
+
+    def name(concept: str) -> list[str]:
+        files = (EXAMPLES / concept / f"{s}.jsonl" for s in ("forget", "retain"))
+        return concept_name(*([r.prompt for r in read_prompts(str(f))] for f in files))
+
+    kept, left_out = everyday_negatives(name("photosynthesis"))
     assert left_out == ["What is photosynthesis?"]
     assert kept == [p for p in every if p != "What is photosynthesis?"]
     others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name != "photosynthesis")
     assert len(others) == 11
     for concept in others:
-        assert everyday_negatives(*sets(concept)) == (every, []), concept
-    forget = [f"Tell me about Python feature {i}." for i in range(8)]
-    kept, left_out = everyday_negatives(forget, ["Tell me about Java."])
-    assert left_out and all(has_words(p, ["python"]) for p in left_out)
-    assert not any(has_words(p, ["python"]) for p in kept) and len(kept) + len(left_out) == len(every)
-    assert not has_words("Which is better?", []) and has_words("Leonardo's notebooks", ["leonardo"])
+        assert everyday_negatives(name(concept)) == (every, []), concept
+    kept, left_out = everyday_negatives(["python"])
+    assert left_out and all(names_in(p, ["python"]) for p in left_out)
+    assert not any(names_in(p, ["python"]) for p in kept) and len(kept) + len(left_out) == len(every)
+    assert everyday_negatives([]) == (every, [])

@@ -209,15 +209,51 @@ def test_the_answer_check_reruns_only_rows_whose_check_fires_with_the_fired_pack
     packs = [_answer_pack(encoder, "a", answer_threshold=-1e6), _answer_pack(encoder, "b", answer_threshold=1e6)]
     bank = SteeringBank(packs)
     texts = [answer_text("Who painted the Mona Lisa?", "Leonardo da Vinci."), answer_text("2+2?", "4")]
-    redo, score = bank.recheck(texts, applied=[{"a", "b"}, {"b"}], fired=[{"b"}, set()])
+    answers = ["Leonardo da Vinci.", "4"]
+    redo, score = bank.recheck(texts, answers, applied=[{"a", "b"}, {"b"}], fired=[{"b"}, set()])
     assert redo == [frozenset({"a", "b"}), frozenset()]
     ia, ib = bank.index["a"], bank.index["b"]
     assert score[0, ib] == -float("inf") and score[1, ia] == -float("inf")  # fired / not applied: not scored
     emb = encoder.window_embeddings(texts[:1])[0]
     assert torch.allclose(score[0, ia], (emb @ packs[0].answer_weight).max(), atol=1e-5)
-    redo, _ = bank.recheck(texts, applied=[{"a"}, {"a"}], fired=[{"a"}, set()])
+    redo, _ = bank.recheck(texts, answers, applied=[{"a"}, {"a"}], fired=[{"a"}, set()])
     assert redo == [frozenset(), frozenset({"a"})]
     assert not SteeringBank([_text_pack(encoder)]).has_answer_check() and bank.has_answer_check()
+
+
+def test_an_answer_that_names_the_concept_fires_the_answer_check(encoder, tmp_path):
+    """A pack's answer check also fires when the answer's first sentence names the concept (its
+    ``names``, whole words, case and punctuation aside), whatever its head scores; the request's
+    own words and a later mention do not count, and a pack that fired or did not apply is not
+    checked."""
+    from steering.names import first_sentence
+    from steering.pack import AnswerCheckMeta
+    from steering.text_gate import answer_text
+
+    pack = _answer_pack(encoder, "a", answer_threshold=1e6)  # its head never fires
+    answer = pack.meta.gate.text.answer.model_copy(update={"names": ["mount everest"]})
+    text = pack.meta.gate.text.model_copy(update={"answer": answer})
+    meta = pack.meta.model_copy(update={"gate": pack.meta.gate.model_copy(update={"text": text})})
+    pack = ConceptPack(meta, pack.planes, pack.gate_weight, pack.gate_bias, pack.text_weight, 0.0,
+                       pack.answer_weight, 0.0)  # fmt: skip
+    pack.save_pretrained(tmp_path / "p")
+    assert ConceptPack.from_pretrained(tmp_path / "p", FP).meta.gate.text.answer.names == ["mount everest"]
+    bank = SteeringBank([pack])
+    asks = ["What is the highest mountain in Canada?", "Is Mount Everest tall?", "Which peak?", "Which peak?",
+            "Which peak?"]  # fmt: skip
+    answers = ["It is MOUNT-Everest's neighbour, Mount Logan.", "It is tall.", "Mount Everestine.", "Everest.",
+               "It is K2! Mount Everest is higher."]  # fmt: skip
+    texts = [answer_text(q, a) for q, a in zip(asks, answers)]
+    redo, _ = bank.recheck(texts, answers, applied=[{"a"}] * 5, fired=[set()] * 5)
+    assert redo == [frozenset({"a"})] + [frozenset()] * 4  # named in the first sentence only
+    assert first_sentence(" Mount Everest. It is high.") == "Mount Everest." and first_sentence("No end") == "No end"
+    redo, _ = bank.recheck(texts[:2], answers[:2], applied=[{"a"}, set()], fired=[{"a"}, set()])
+    assert redo == [frozenset()] * 2  # fired already (rotated), or not applied: nothing to check
+    redo, _ = bank.recheck(texts[:1], answers[:1], applied=[set()], fired=[set()])
+    assert redo == [frozenset()]
+    for bad in (["Mount Everest"], ["mount  everest"], [""]):
+        with pytest.raises(ValueError, match="lower-case words joined by single spaces"):
+            AnswerCheckMeta(threshold=0.0, max_tokens=40, names=bad)
 
 
 def test_each_served_kind_keeps_its_own_answer_threshold(encoder):

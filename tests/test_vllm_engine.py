@@ -15,6 +15,7 @@ from calibration.capture import encode_chat
 from calibration.prompts import PromptRecord
 from guardit.generation import hf_generate, leaked
 from guardit.vllm_generation import ENV_CPU_KV
+from steering.names import names_answered
 from steering.pack import ConceptPack, load_packs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.model]
@@ -76,6 +77,7 @@ def engine(packs_dir, model_dir, tmp_path_factory, vanilla_run, text_variants):
                 packs_dir / "lord-of-the-rings",
                 text_variants / "hp-text-open",
                 text_variants / "hp-text-closed",
+                text_variants / "hp-named",
                 text_variants / "hp-answer-open",
                 text_variants / "hp-probe",
             ],
@@ -396,7 +398,8 @@ def test_text_gate_decides_before_prefill_on_vllm(engine, vanilla_tokens):
     """The text gate runs in the engine, once per request before its prefill (chunked here): fired,
     the request is rotated from its first chunk exactly as a forced one; closed (encoder-only), it
     is vanilla token for token. The decision is the engine's: a client field cannot set it. An
-    answer check that fires generates the request again, forced (the same tokens as forcing it)."""
+    answer check that fires generates the request again, forced (the same tokens as forcing it), and
+    one fires on every answer whose first sentence names the concept."""
     from guardit.vllm_generation import engine_generate
 
     recs = _records()
@@ -412,6 +415,11 @@ def test_text_gate_decides_before_prefill_on_vllm(engine, vanilla_tokens):
     assert [r["token_ids"] for r in answered] == [r["token_ids"] for r in forced]
     assert all(r["gate"]["hp-answer-open"]["by"] == "answer" for r in answered)
     assert all("answer_score" in r["gate"]["hp-text-closed"] for r in closed)
+    named = engine_generate(engine, prompts, ["hp-named"], MAX_TOKENS)
+    says = [names_answered(r["output"], ["harry potter"]) != [] for r in closed]
+    assert any(says) and not all(says)
+    for r, v, f, s in zip(named, closed, forced, says):
+        assert r["token_ids"] == (f["token_ids"] if s else v["token_ids"]) and r["gate"]["hp-named"]["fired"] == s
 
 
 SYSTEM = (

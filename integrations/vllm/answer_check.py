@@ -138,7 +138,7 @@ class ServerAnswerCheck:
         texts = self.bank.answer_texts(self.tokenizer, [ids] * len(answers), answers)
         known = [p for p in spec.packs if p in self.bank.index]
         n = len(texts)
-        redo, _ = self.bank.recheck(texts, [known] * n, [set(fired)] * n, [spec.alpha] * n)
+        redo, _ = self.bank.recheck(texts, answers, [known] * n, [set(fired)] * n, [spec.alpha] * n)
         return frozenset().union(*redo)
 
 
