@@ -226,3 +226,19 @@ def test_model_names_and_tensor_parallel_flags(tmp_path, capsys):
         "guardit: error: --tensor-parallel-size: tensor parallelism is vLLM's (use --engine vllm)"
     ]
     assert not out.exists()
+
+
+def test_calibrate_refuses_contradicting_or_empty_names(tmp_path, capsys):
+    """`--name` and `--no-name` together are one error line before any model work; a name without a
+    word is refused by the calibrator, naming the field."""
+    from calibration import ConceptCalibrator
+    from steering.errors import GuarditError
+
+    f, r = _prompts(tmp_path / "f.jsonl"), _prompts(tmp_path / "r.jsonl", word="other")
+    argv = ["calibrate", "--forget", str(f), "--retain", str(r), "--out", str(tmp_path / "p")]
+    rc, err = _run(capsys, [*argv, "--name", "Apollo 11", "--no-name"])
+    assert rc == 2 and err == ["guardit: error: --name and --no-name contradict each other: give one of them"]
+    forget, retain = [f"question {i}?" for i in range(4)], [f"other {i}?" for i in range(20)]
+    with pytest.raises(GuarditError, match=r"name: every name needs a word .*'\?\!'"):
+        ConceptCalibrator("x", name=["Apollo 11", "?!"])._validate(forget, retain)
+    ConceptCalibrator("x", name=["Apollo 11"])._validate(forget, retain)
