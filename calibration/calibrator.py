@@ -259,9 +259,9 @@ class ConceptCalibrator:
     # With a text gate, also fit the answer check (steering.text_gate.answer_text) on the model's
     # own greedy answers to the calibration prompts, in the union of the text kinds.
     answer_check: bool = True
-    # The phrases that name the concept: the answer check also fires on an answer that names it, and
-    # built-in everyday prompts that name it are no negatives. None: found in the forget prompts
-    # (calibration.prompts.concept_name); []: none.
+    # The phrases that name the concept: the answer check also fires on an answer whose first
+    # sentence names it, and built-in everyday prompts that name it are no negatives. None: found in
+    # the forget prompts (calibration.prompts.concept_name); []: none.
     name: list[str] | None = None
     # A folder where the model's answers to the built-in prompts (the same for every concept) are
     # kept between processes; None: generated once per process. The CLI keeps them in its cache.
@@ -543,10 +543,10 @@ class ConceptCalibrator:
     ) -> _GateKinds:
         """Fit the text gate on the request texts (forget, retain, neutral order) unless the kind
         is "probe", and the answer check on ``answers`` (each request text with the model's answer)
-        when given, which also fires on an answer whose first sentence names the concept
-        (``name``, :func:`steering.names.names_answered`); compare the
-        kinds out of fold (each held to the same false-fire bound: a text
-        kind is the union of its gates, the answer check included) and pick the served one:
+        when given, which also fires on an answer whose first sentence names the concept (``name``,
+        :func:`steering.names.names_answered`); compare the kinds out of fold (each held to the
+        same false-fire bound: a text kind is the union of its gates, the answer check included;
+        the name rule is outside that bound) and pick the served one:
         ``gate_kind``, or with "auto" the highest out-of-fold recall, a kind within AUTO_MARGIN of
         it that comes first in AUTO_PREFERENCE winning."""
 
