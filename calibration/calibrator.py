@@ -350,8 +350,8 @@ class ConceptCalibrator:
             **gate_diagnostics(gate, fp, rp, data.neutral),
             "name_words": data.name_words,
             "neutral_left_out": data.neutral_left_out,
-            "retain_answers_named": [rp[i] for i in named.get("retain", [])] if answer_check else [],
-            "neutral_answers_named": [data.neutral[i] for i in named.get("neutral", [])] if answer_check else [],
+            "retain_answers_named": [rp[i] for i in named["retain"]] if answer_check else [],
+            "neutral_answers_named": [data.neutral[i] for i in named["neutral"]] if answer_check else [],
         }
         self.report_ = {**report, "diagnostics": diagnostics}
         meta = PackMeta(

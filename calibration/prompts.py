@@ -140,16 +140,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-_WORD = re.compile(r"\w+")
-
-
 def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) -> list[str]:
     """The words that name the concept: lower-cased, in at least ``min_share`` of the forget
     prompts and in none of the retain prompts (a name, a title). Sorted by how many forget prompts
     have them."""
 
     def words(p: str) -> set[str]:
-        return {w.lower() for w in _WORD.findall(p) if not w.isdigit()}
+        return {w for w in words_of(p) if not w.isdigit()}
 
     in_retain = set().union(*(words(p) for p in retain)) if retain else set()
     counts: dict[str, int] = {}

@@ -94,7 +94,7 @@ class AnswerCheckMeta(BaseModel):
     """The answer check: a head on the same encoder's embedding of the request text followed by the
     model's answer (:func:`steering.text_gate.answer_text`). A request whose gates stayed closed
     and whose answer scores above ``threshold``, or whose answer's first sentence names the concept
-    (``names``, :func:`steering.names.names_in`), is generated again with the pack forced."""
+    (``names``, :func:`steering.names.names_answered`), is generated again with the pack forced."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -429,11 +429,11 @@ class SteeringBank:
         gate fired. A pack's check fires when its answer head scores the text above its threshold
         or the answer's first sentence names the concept (the pack's ``names``,
         :func:`steering.names.names_answered`: whatever the level, an answer that gives the
-        forgotten concept is not kept). Returns, per
-        row, the packs to force when generating it again (empty: keep the answer): the packs whose
-        answer check fired, with the packs that had fired, so the new answer is rotated for all of
-        them; and the answer scores (R, P), -inf where not scored. ``alphas[i]``: row i's gate
-        level (:data:`RowLevel`; None: as calibrated)."""
+        forgotten concept is not kept). Returns, per row, the packs to force when generating it
+        again (empty: keep the answer): the packs whose answer check fired, with the packs that had
+        fired, so the new answer is rotated for all of them; and the answer scores (R, P), -inf
+        where not scored. ``alphas[i]``: row i's gate level (:data:`RowLevel`; None: as
+        calibrated)."""
         fired_sets = [set(f) for f in fired]
         check = [set(a) - f for a, f in zip(applied, fired_sets)]
         hit, score = self.answer_gates(texts, check, alphas)
