@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steering.errors import GuarditError
-from steering.names import words_of
+from steering.names import stems, words_of
 
 
 class PromptFileError(GuarditError):
@@ -170,12 +170,16 @@ def concept_name(forget: list[str], retain: list[str], share: float = NAME_SHARE
     :data:`NAME_WORDS` words found in at least ``share`` of the forget prompts and in no retain
     prompt, that neither start nor end with an English stop word (scikit-learn's list: "the eiffel
     tower" is "eiffel tower") and are not a bare number; a phrase inside a longer one is left out
-    ("mount everest", not "everest" and "mount"). Empty when the retain prompts name the concept
-    too, or the forget prompts name it in too many ways."""
+    ("mount everest", not "everest" and "mount"). A word's forms count as the word
+    (:func:`steering.names.stems`: prompts that say "Japan" and prompts that say "Japanese" all
+    name "japan"). Empty when the retain prompts name the concept too, or the forget prompts name
+    it in too many ways."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+    stem = stems(w for p in forget + retain for w in words_of(p))
+
     def phrases(p: str, n: int) -> set[str]:
-        w = words_of(p)
+        w = [stem[x] for x in words_of(p)]
         return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
     found = []

@@ -2,7 +2,10 @@
 
 A name is a phrase of words (``"apollo 11"``, ``"mount everest"``). Texts are compared as their
 words, lower-cased, with punctuation and spacing ignored, and a name matches whole words only:
-"Apollo 11's crew" and "APOLLO-11" name "apollo 11", "Apollo 110" does not.
+"Apollo 11's crew" and "APOLLO-11" name "apollo 11", "Apollo 110" does not. A name's word of four
+letters or more also matches the words English makes from it with a few endings
+(:data:`NAME_ENDINGS`): "Japanese" names "japan", "Egyptians" names "egypt", "Shakespearean"
+names "shakespeare"; "Romeo" does not name "rome", nor "mountain" "mount".
 
 Calibration finds the name in the forget prompts (:func:`calibration.prompts.concept_name`); it
 leaves the built-in everyday prompts that name the concept out of the negatives, and the pack's
@@ -13,9 +16,17 @@ answer check fires on an answer whose first sentence names it
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 _WORD = re.compile(r"\w+")
+# The endings that make a name's people, language or adjective ("Japan" → "Japanese", "Egypt" →
+# "Egyptian", "Shakespeare" → "Shakespearean", "Kafka" → "Kafkaesque"), each with an optional
+# plural "s" or "es" (which alone also matches: "Pharaohs"). Kept short, so that a name does not
+# match unrelated words it begins ("Rome" → "Romeo", "Mars" → "Marshal").
+NAME_ENDINGS = ("n", "an", "ian", "ean", "ese", "ish", "ic", "ist", "ism", "esque")
+_ENDING = "(?:" + "|".join(NAME_ENDINGS) + ")?(?:e?s)?"
+MIN_STEM = 4  # shorter words ("ai", "us", "art") match themselves only
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -30,12 +41,42 @@ def normal_name(phrase: str) -> str:
     return " ".join(words_of(phrase))
 
 
+def _word_pattern(word: str) -> str:
+    """A regular expression for one word of a name: itself, and its :data:`NAME_ENDINGS` forms when
+    it is a word of letters at least :data:`MIN_STEM` long."""
+    ending = _ENDING if len(word) >= MIN_STEM and word.isalpha() else ""
+    return re.escape(word) + ending
+
+
+@lru_cache(maxsize=1024)
+def _name_pattern(name: str) -> re.Pattern[str]:
+    """A name's whole-word pattern over :func:`normal_name` text."""
+    return re.compile(r"(?<!\S)" + " ".join(map(_word_pattern, name.split())) + r"(?!\S)")
+
+
+def is_form_of(word: str, stem: str) -> bool:
+    """Whether ``word`` is ``stem`` or one of its :data:`NAME_ENDINGS` forms ("japanese", "japan")."""
+    return re.fullmatch(_word_pattern(stem), word) is not None
+
+
+def stems(words: Iterable[str]) -> dict[str, str]:
+    """Each word mapped to the shortest of ``words`` it is a form of (:func:`is_form_of`), or to
+    itself: "japanese" → "japan" when both occur. Calibration counts a name's forms as the name."""
+    vocab = set(words)
+    out = {}
+    for w in vocab:
+        shorter = (w[:k] for k in range(MIN_STEM, len(w)))
+        out[w] = next((v for v in shorter if v in vocab and is_form_of(w, v)), w)
+    return out
+
+
 def names_in(text: str, names: Sequence[str]) -> list[str]:
-    """The names (in :func:`normal_name` form) that ``text`` contains as whole words, in the order given."""
+    """The names (in :func:`normal_name` form) that ``text`` contains as whole words or their
+    forms (:data:`NAME_ENDINGS`), in the order given."""
     if not names:
         return []
-    padded = f" {normal_name(text)} "
-    return [n for n in names if n and f" {n} " in padded]
+    words = normal_name(text)
+    return [n for n in names if n and _name_pattern(n).search(words)]
 
 
 def first_sentence(answer: str) -> str:

@@ -168,7 +168,8 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
     least half of its forget prompts and in no retain prompt, without stop words at its ends or a
     bare number (Apollo 11's retain prompts say "Apollo", its forget prompts "Apollo 11"); none for
     concepts whose retain prompts name them too (Harry Potter, Shakespeare) or whose forget prompts
-    name them in many ways (Lord of the Rings, World War II)."""
+    name them in many ways (Lord of the Rings, World War II). A word's forms count as the word:
+    Japan's forget prompts say "Japan" in 15 of 32 and "Japanese" in 17, and name "japan"."""
     from conftest import EXAMPLES
 
     from calibration.prompts import concept_name, read_prompts
@@ -179,9 +180,10 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
         return tuple([r.prompt for r in read_prompts(str(f))] for f in files)
 
     expected = {"ancient_egypt": ["ancient egypt"], "apollo_11": ["apollo 11"], "eiffel_tower": ["eiffel tower"],
-                "einstein": ["einstein"], "harry_potter": [], "leonardo_da_vinci": ["leonardo da vinci"],
-                "lord_of_the_rings": [], "mount_everest": ["mount everest"], "photosynthesis": ["photosynthesis"],
-                "shakespeare": [], "star_wars": ["star wars"], "world_war_ii": []}  # fmt: skip
+                "einstein": ["einstein"], "harry_potter": [], "japan": ["japan"],
+                "leonardo_da_vinci": ["leonardo da vinci"], "lord_of_the_rings": [], "mount_everest": ["mount everest"],
+                "photosynthesis": ["photosynthesis"], "shakespeare": [], "star_wars": ["star wars"],
+                "world_war_ii": []}  # fmt: skip
     assert sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir()) == sorted(expected)
     for concept, name in expected.items():
         assert concept_name(*sets(concept)) == name, concept
@@ -195,10 +197,44 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
     assert names_in("Apollo 110 and apollo 1 1?", ["apollo 11"]) == [] and names_in("anything", []) == []
 
 
+def test_a_name_matches_its_forms_and_not_the_words_it_merely_begins():
+    """A name's word of four letters or more matches the forms English makes with
+    :data:`steering.names.NAME_ENDINGS` (people, language, adjective, plural), and nothing longer:
+    a name is not a prefix."""
+    from calibration.prompts import concept_name
+    from steering.names import is_form_of, names_in, stems
+
+    said = {
+        "The currency is the Japanese yen.": ["japan"],
+        "Tokyo, Japan's capital.": ["japan"],
+        "The Egyptians built it.": [],  # "ancient" is missing
+        "The ancient Egyptians built it.": ["ancient egypt"],
+        "A Shakespearean sonnet.": ["shakespeare"],
+        "A Kafkaesque queue.": ["kafka"],
+        "Romeo and Juliet.": [],
+        "The highest mountain is K2.": [],
+        "The Martian rover and a field marshal.": [],
+        "Pythons and Pythonic code.": ["python"],
+        "Arts and crafts.": [],  # "art" is too short to take an ending
+    }
+    names = ["japan", "ancient egypt", "shakespeare", "kafka", "rome", "mount", "mars", "python", "art"]
+    for text, expected in said.items():
+        assert names_in(text, names) == expected, text
+    assert is_form_of("japanese", "japan") and is_form_of("japan", "japan") and not is_form_of("romeo", "rome")
+    assert stems(["japan", "japanese", "egyptians", "art", "arts"]) == {
+        "japan": "japan", "japanese": "japan", "egyptians": "egyptians", "art": "art", "arts": "arts"
+    }  # fmt: skip
+    forget = ["What is Japan's capital?", "Where is Japan?", "Who rules Japan?", "Which Japanese city is oldest?",
+              "What is Japanese rice wine?", "Name a Japanese carmaker.", "How do Japanese trains run?"]  # fmt: skip
+    assert concept_name(forget, ["What is the capital of China?"]) == ["japan"]
+    assert concept_name(forget, ["Which Japanese word means hello?"]) == []  # the retain set names it too
+
+
 def test_built_in_negatives_that_name_the_concept_are_left_out():
     """A built-in everyday prompt that names the concept (:func:`calibration.prompts.concept_name`)
-    is about it: "What is photosynthesis?" is no negative for a photosynthesis pack. The eleven
-    other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
+    is about it: "What is photosynthesis?" is no negative for a photosynthesis pack, nor "What
+    currency is used in Japan?" for a Japan pack. The eleven other example concepts keep all 202
+    negatives (their packs are unchanged by the rule)."""
     from conftest import EXAMPLES
 
     from calibration.calibrator import builtin_prompts, everyday_negatives
@@ -214,7 +250,9 @@ def test_built_in_negatives_that_name_the_concept_are_left_out():
     kept, left_out = everyday_negatives(name("photosynthesis"))
     assert left_out == ["What is photosynthesis?"]
     assert kept == [p for p in every if p != "What is photosynthesis?"]
-    others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name != "photosynthesis")
+    kept, left_out = everyday_negatives(name("japan"))
+    assert left_out == ["What is the capital of Japan?", "What currency is used in Japan?"] and len(kept) == 200
+    others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name not in ("photosynthesis", "japan"))
     assert len(others) == 11
     for concept in others:
         assert everyday_negatives(name(concept)) == (every, []), concept
