@@ -163,18 +163,31 @@ def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) 
 NAME_SHARE = 0.5
 # The longest name, in words ("lord of the rings").
 NAME_WORDS = 4
+# Words that ask rather than name, which scikit-learn's English stop words lack: no name starts or
+# ends with one ("What did Curie find?", "Tell me about Curie.": "curie", never "did" or "tell").
+ASKING_WORDS = frozenset(
+    {"did", "does", "doing", "tell", "explain", "famous", "known", "called", "year", "make", "main"}
+)
 
 
 def concept_name(forget: list[str], retain: list[str], share: float = NAME_SHARE) -> list[str]:
     """The phrases that name the concept (:func:`steering.names.normal_name` form): runs of at most
     :data:`NAME_WORDS` words found in at least ``share`` of the forget prompts and in no retain
     prompt, that neither start nor end with an English stop word (scikit-learn's list: "the eiffel
-    tower" is "eiffel tower") and are not a bare number; a phrase inside a longer one is left out
-    ("mount everest", not "everest" and "mount"). A word's forms count as the word
-    (:func:`steering.names.stems`: prompts that say "Japan" and prompts that say "Japanese" all
-    name "japan"). Empty when the retain prompts name the concept too, or the forget prompts name
-    it in too many ways."""
+    tower" is "eiffel tower") or one of :data:`ASKING_WORDS`, and are not a bare number.
+
+    - A word's forms count as the word (:func:`steering.names.stems`): prompts that say "Japan"
+      and prompts that say "Japanese" all name "japan".
+    - A phrase inside a longer one is left out when the longer one is in as many forget prompts
+      ("mount everest", not "everest" and "mount"), and kept when it is in more (prompts that say
+      "Marie Curie" and prompts that say "Curie": "curie" and "marie curie", so that an answer
+      that says "Curie" names her).
+
+    Empty when the retain prompts name the concept too, or the forget prompts name it in too many
+    ways."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    not_ends = ENGLISH_STOP_WORDS | ASKING_WORDS
 
     stem = stems(w for p in forget + retain for w in words_of(p))
 
@@ -182,7 +195,7 @@ def concept_name(forget: list[str], retain: list[str], share: float = NAME_SHARE
         w = [stem[x] for x in words_of(p)]
         return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
-    found = []
+    found: dict[str, int] = {}  # phrase: how many forget prompts say it
     for n in range(1, NAME_WORDS + 1):
         in_retain = set().union(*(phrases(p, n) for p in retain))
         counts: dict[str, int] = {}
@@ -191,9 +204,11 @@ def concept_name(forget: list[str], retain: list[str], share: float = NAME_SHARE
                 counts[ph] = counts.get(ph, 0) + 1
         for ph, k in counts.items():
             w = ph.split()
-            if k >= share * len(forget) and not ph.isdigit() and not {w[0], w[-1]} & ENGLISH_STOP_WORDS:
-                found.append(ph)
-    return sorted(ph for ph in found if not any(o != ph and f" {ph} " in f" {o} " for o in found))
+            if k >= share * len(forget) and not ph.isdigit() and not {w[0], w[-1]} & not_ends:
+                found[ph] = k
+    return sorted(
+        ph for ph, k in found.items() if not any(o != ph and f" {ph} " in f" {o} " and j >= k for o, j in found.items())
+    )
 
 
 def without_words(prompt: str, words: list[str]) -> str:

@@ -169,7 +169,9 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
     bare number (Apollo 11's retain prompts say "Apollo", its forget prompts "Apollo 11"); none for
     concepts whose retain prompts name them too (Harry Potter, Shakespeare) or whose forget prompts
     name them in many ways (Lord of the Rings, World War II). A word's forms count as the word:
-    Japan's forget prompts say "Japan" in 15 of 32 and "Japanese" in 17, and name "japan"."""
+    Japan's forget prompts say "Japan" in 15 of 32 and "Japanese" in 17, and name "japan". A
+    phrase inside a longer one is kept when more prompts say it: 27 of ancient Egypt's say "ancient
+    Egypt", all 32 "Egypt" or "Egyptian"."""
     from conftest import EXAMPLES
 
     from calibration.prompts import concept_name, read_prompts
@@ -179,8 +181,8 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
         files = (EXAMPLES / concept / f"{s}.jsonl" for s in ("forget", "retain"))
         return tuple([r.prompt for r in read_prompts(str(f))] for f in files)
 
-    expected = {"ancient_egypt": ["ancient egypt"], "apollo_11": ["apollo 11"], "eiffel_tower": ["eiffel tower"],
-                "einstein": ["einstein"], "harry_potter": [], "japan": ["japan"],
+    expected = {"ancient_egypt": ["ancient egypt", "egypt"], "apollo_11": ["apollo 11"],
+                "eiffel_tower": ["eiffel tower"], "einstein": ["einstein"], "harry_potter": [], "japan": ["japan"],
                 "leonardo_da_vinci": ["leonardo da vinci"], "lord_of_the_rings": [], "mount_everest": ["mount everest"],
                 "photosynthesis": ["photosynthesis"], "shakespeare": [], "star_wars": ["star wars"],
                 "world_war_ii": []}  # fmt: skip
@@ -193,6 +195,10 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
     assert concept_name(forget, ["Which year did Apollo 13 fly?", "Who flew Apollo 8?"]) == ["apollo 11"]
     assert concept_name(forget, ["Tell me about Apollo 11."]) == []
     assert concept_name([f"What is in box {i} of 2024?" for i in range(4)], ["Hello there."]) == ["box"]  # not "2024"
+    curie = ["Who was Marie Curie?", "What did Marie Curie discover?", "Where was Marie Curie born?",
+             "What did Curie win?", "Whom did Curie marry?"]  # "did" is no name  # fmt: skip
+    assert concept_name(curie, ["Who was Lise Meitner?"]) == ["curie", "marie curie"]
+    assert concept_name(curie[:3], ["Who was Lise Meitner?"]) == ["marie curie"]  # "curie" adds no prompt
     assert names_in("Neil Armstrong flew APOLLO-11's lander.", ["apollo 11"]) == ["apollo 11"]
     assert names_in("Apollo 110 and apollo 1 1?", ["apollo 11"]) == [] and names_in("anything", []) == []
 
