@@ -28,7 +28,7 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_thirteen_concepts():
+def test_the_examples_include_the_fourteen_concepts():
     assert CONCEPTS == [
         "ancient_egypt",
         "apollo_11",
@@ -40,6 +40,7 @@ def test_the_examples_include_the_thirteen_concepts():
         "lord_of_the_rings",
         "mount_everest",
         "photosynthesis",
+        "python",
         "shakespeare",
         "star_wars",
         "world_war_ii",

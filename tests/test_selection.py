@@ -184,8 +184,8 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
     expected = {"ancient_egypt": ["ancient egypt", "egypt"], "apollo_11": ["apollo 11"],
                 "eiffel_tower": ["eiffel tower"], "einstein": ["einstein"], "harry_potter": [], "japan": ["japan"],
                 "leonardo_da_vinci": ["leonardo da vinci"], "lord_of_the_rings": [], "mount_everest": ["mount everest"],
-                "photosynthesis": ["photosynthesis"], "shakespeare": [], "star_wars": ["star wars"],
-                "world_war_ii": []}  # fmt: skip
+                "photosynthesis": ["photosynthesis"], "python": ["python"], "shakespeare": [],
+                "star_wars": ["star wars"], "world_war_ii": []}  # fmt: skip
     assert sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir()) == sorted(expected)
     for concept, name in expected.items():
         assert concept_name(*sets(concept)) == name, concept
@@ -239,8 +239,8 @@ def test_a_name_matches_its_forms_and_not_the_words_it_merely_begins():
 def test_built_in_negatives_that_name_the_concept_are_left_out():
     """A built-in everyday prompt that names the concept (:func:`calibration.prompts.concept_name`)
     is about it: "What is photosynthesis?" is no negative for a photosynthesis pack, nor "What
-    currency is used in Japan?" for a Japan pack. The eleven other example concepts keep all 202
-    negatives (their packs are unchanged by the rule)."""
+    currency is used in Japan?" for a Japan pack, nor eight coding requests for a Python pack. The
+    eleven other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
     from conftest import EXAMPLES
 
     from calibration.calibrator import builtin_prompts, everyday_negatives
@@ -258,7 +258,10 @@ def test_built_in_negatives_that_name_the_concept_are_left_out():
     assert kept == [p for p in every if p != "What is photosynthesis?"]
     kept, left_out = everyday_negatives(name("japan"))
     assert left_out == ["What is the capital of Japan?", "What currency is used in Japan?"] and len(kept) == 200
-    others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name not in ("photosynthesis", "japan"))
+    kept, left_out = everyday_negatives(name("python"))
+    assert len(left_out) == 8 and all(names_in(p, ["python"]) for p in left_out)
+    named = ("photosynthesis", "japan", "python")
+    others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name not in named)
     assert len(others) == 11
     for concept in others:
         assert everyday_negatives(name(concept)) == (every, []), concept
