@@ -63,7 +63,7 @@ def stems(words: Iterable[str]) -> dict[str, str]:
     """Each word mapped to the shortest of ``words`` it is a form of (:func:`is_form_of`), or to
     itself: "japanese" → "japan" when both occur. Calibration counts a name's forms as the name."""
     vocab = set(words)
-    out = {}
+    out: dict[str, str] = {}
     for w in vocab:
         shorter = (w[:k] for k in range(MIN_STEM, len(w)))
         out[w] = next((v for v in shorter if v in vocab and is_form_of(w, v)), w)
