@@ -20,6 +20,11 @@ def _small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = (), concept: str
         (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     shutil.copy(src / "forget.jsonl", suite / "forget.jsonl")
     shutil.copy(src / "retain.jsonl", suite / "retain.jsonl")
+    # n built-in neutral prompts as the suite's own neutral.txt (16 otherwise): every method
+    # generates and scores them, and fewer keep the test short
+    from calibration.calibrator import builtin_prompts
+
+    (suite / "neutral.txt").write_text("".join(r.prompt + "\n" for r in builtin_prompts("neutral")[:n]))
     return suite
 
 
