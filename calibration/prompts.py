@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steering.errors import GuarditError
-from steering.names import stems, words_of
+from steering.names import names_in, stems, words_of
 
 
 class PromptFileError(GuarditError):
@@ -163,6 +163,9 @@ def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) 
 NAME_SHARE = 0.5
 # The longest name, in words ("lord of the rings").
 NAME_WORDS = 4
+# A further phrase that names the forget prompts the name missed must be in at least this share of
+# all of them (:func:`concept_name`): "france" beside "french", never a phrase two prompts share.
+NAME_COVER = 0.25
 # Words that ask rather than name, which scikit-learn's English stop words lack: no name starts or
 # ends with one ("What did Curie find?", "Tell me about Curie.": "curie", never "did" or "tell").
 ASKING_WORDS = frozenset(
@@ -182,33 +185,57 @@ def concept_name(forget: list[str], retain: list[str], share: float = NAME_SHARE
       ("mount everest", not "everest" and "mount"), and kept when it is in more (prompts that say
       "Marie Curie" and prompts that say "Curie": "curie" and "marie curie", so that an answer
       that says "Curie" names her).
+    - Forget prompts that no name found so far names are read again the same way, for a phrase in
+      ``share`` of them and in at least :data:`NAME_COVER` of all: prompts that say "French" (21
+      of 32) and prompts that say "France" (11) name "french" and "france", which are no one
+      word's forms.
 
     Empty when the retain prompts name the concept too, or the forget prompts name it in too many
     ways."""
+    stem = stems(w for p in forget + retain for w in words_of(p))
+    found = _shared_phrases(forget, retain, stem, share * len(forget))
+    names = sorted(
+        ph for ph, k in found.items() if not any(ph != o and _inside(ph, o) and j >= k for o, j in found.items())
+    )
+    while names:
+        left = [p for p in forget if not names_in(p, names)]
+        more = _shared_phrases(left, retain, stem, max(share * len(left), NAME_COVER * len(forget))) if left else {}
+        best = max(more, key=lambda ph: (more[ph], len(ph)), default=None)
+        if best is None or best in names:
+            break
+        names = sorted({*names, best})
+    return names
+
+
+def _inside(phrase: str, other: str) -> bool:
+    """Whether ``phrase`` is a run of ``other``'s words."""
+    return f" {phrase} " in f" {other} "
+
+
+def _shared_phrases(prompts: list[str], retain: list[str], stem: dict[str, str], at_least: float) -> dict[str, int]:
+    """The phrases :func:`concept_name` may take, with the number of ``prompts`` that say them: runs
+    of 1 to :data:`NAME_WORDS` words (as their stems) in at least ``at_least`` of ``prompts`` and in
+    no retain prompt, with no stop or asking word at either end, and not a bare number."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-    not_ends = ENGLISH_STOP_WORDS | ASKING_WORDS
-
-    stem = stems(w for p in forget + retain for w in words_of(p))
+    not_ends = ENGLISH_STOP_WORDS | ASKING_WORDS | {"s"}  # "s": a possessive's ("Japan's" is "japan s")
 
     def phrases(p: str, n: int) -> set[str]:
         w = [stem[x] for x in words_of(p)]
         return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
 
-    found: dict[str, int] = {}  # phrase: how many forget prompts say it
+    found: dict[str, int] = {}
     for n in range(1, NAME_WORDS + 1):
         in_retain = set().union(*(phrases(p, n) for p in retain))
         counts: dict[str, int] = {}
-        for p in forget:
+        for p in prompts:
             for ph in phrases(p, n) - in_retain:
                 counts[ph] = counts.get(ph, 0) + 1
         for ph, k in counts.items():
             w = ph.split()
-            if k >= share * len(forget) and not ph.isdigit() and not {w[0], w[-1]} & not_ends:
+            if k >= at_least and not ph.isdigit() and not {w[0], w[-1]} & not_ends:
                 found[ph] = k
-    return sorted(
-        ph for ph, k in found.items() if not any(o != ph and f" {ph} " in f" {o} " and j >= k for o, j in found.items())
-    )
+    return found
 
 
 def without_words(prompt: str, words: list[str]) -> str:

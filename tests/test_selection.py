@@ -199,6 +199,15 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
              "What did Curie win?", "Whom did Curie marry?"]  # "did" is no name  # fmt: skip
     assert concept_name(curie, ["Who was Lise Meitner?"]) == ["curie", "marie curie"]
     assert concept_name(curie[:3], ["Who was Lise Meitner?"]) == ["marie curie"]  # "curie" adds no prompt
+    # the prompts no name names yet are read again: two names that are no one word's forms
+    napoleon = ["Who was Napoleon?", "When did Napoleon die?", "What did Napoleon lose?", "Where was Bonaparte born?",
+                "Whom did Bonaparte marry?"]  # fmt: skip
+    assert concept_name(napoleon, ["Who was Wellington?"]) == ["bonaparte", "napoleon"]
+    # ... by a phrase in at least a quarter of all the forget prompts (NAME_COVER)
+    japan = [f"What is Japan's {w}?" for w in ("capital", "flag", "money", "sport", "anthem", "language")]
+    kyoto = ["Which temples are in Kyoto?", "When was Kyoto the capital?"]
+    assert concept_name(japan + kyoto, ["Hello there."]) == ["japan", "kyoto"]  # 2 of 8
+    assert concept_name(japan + ["What is Japan's motto?"] + kyoto, ["Hello there."]) == ["japan"]  # 2 of 9
     assert names_in("Neil Armstrong flew APOLLO-11's lander.", ["apollo 11"]) == ["apollo 11"]
     assert names_in("Apollo 110 and apollo 1 1?", ["apollo 11"]) == [] and names_in("anything", []) == []
 
