@@ -141,9 +141,11 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def concept_words(forget: list[str], retain: list[str], min_share: float = 0.2) -> list[str]:
-    """The words that name the concept: lower-cased, in at least ``min_share`` of the forget
-    prompts and in none of the retain prompts (a name, a title). Sorted by how many forget prompts
-    have them."""
+    """The words the name copies (``--name-copies``) remove: lower-cased single words, digits
+    aside, in at least ``min_share`` of the forget prompts and in none of the retain prompts (a
+    name, a title, and any word many forget prompts share). Sorted by how many forget prompts have
+    them. Not the concept's name, which :func:`concept_name` finds (phrases, their forms, no stop
+    words) for the everyday negatives and the answer check."""
 
     def words(p: str) -> set[str]:
         return {w for w in words_of(p) if not w.isdigit()}
