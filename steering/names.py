@@ -1,7 +1,8 @@
 """A concept's name, and whether a text names it: one rule for calibration and serving.
 
 A name is a phrase of words (``"apollo 11"``, ``"mount everest"``). Texts are compared as their
-words, lower-cased, with punctuation and spacing ignored, and a name matches whole words only:
+words, case-folded and without accents ("Pokémon" is "pokemon", "Straße" is "strasse"), with
+punctuation and spacing ignored, and a name matches whole words only:
 "Apollo 11's crew" and "APOLLO-11" name "apollo 11", "Apollo 110" does not. A name's word of four
 letters or more also matches the words English makes from it with a few endings
 (:data:`NAME_ENDINGS`): "Japanese" names "japan", "Egyptians" names "egypt", "Shakespearean"
@@ -16,6 +17,7 @@ answer check fires on an answer whose first sentence names it
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
@@ -30,9 +32,18 @@ MIN_STEM = 4  # shorter words ("ai", "us", "art") match themselves only
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def _fold(text: str) -> str:
+    """The text case-folded, in Unicode's compatibility form (full-width "ＡＢＣ" is "abc") and without
+    combining marks: a name is met written with its accents or without them ("Beyoncé",
+    "Beyonce"), and an answer may write it either way."""
+    text = unicodedata.normalize("NFKD", text.casefold())
+    return unicodedata.normalize("NFC", "".join(c for c in text if not unicodedata.combining(c)))
+
+
 def words_of(text: str) -> list[str]:
-    """The text's words, lower-cased (runs of letters, digits and underscores)."""
-    return [w.lower() for w in _WORD.findall(text)]
+    """The text's words, case-folded and without accents (:func:`_fold`; runs of letters, digits
+    and underscores)."""
+    return _WORD.findall(_fold(text))
 
 
 def normal_name(phrase: str) -> str:

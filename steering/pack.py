@@ -86,7 +86,7 @@ Threshold = Annotated[float, AfterValidator(_finite)]
 def _names(v: list[str]) -> list[str]:
     bad = [n for n in v if n != normal_name(n) or not n]
     if bad:
-        raise ValueError(f"a name is lower-case words joined by single spaces, got {bad[0]!r}")
+        raise ValueError(f"a name is lower-case words without accents joined by single spaces, got {bad[0]!r}")
     return v
 
 

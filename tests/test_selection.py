@@ -245,6 +245,23 @@ def test_a_name_matches_its_forms_and_not_the_words_it_merely_begins():
     assert concept_name(forget, ["Which Japanese word means hello?"]) == []  # the retain set names it too
 
 
+def test_a_name_matches_with_or_without_its_accents_and_in_any_case():
+    """Texts and names are compared case-folded and without accents, so a name written "Pokémon"
+    in the forget prompts matches an answer that writes "Pokemon", and the reverse; full-width
+    letters are letters ("ＢＥＹＯＮＣＥ")."""
+    from calibration.prompts import concept_name
+    from steering.names import names_answered, names_in, normal_name, words_of
+
+    assert words_of("Pokémon, Beyoncé, Gödel, STRASSE and Straße.") == [
+        "pokemon", "beyonce", "godel", "strasse", "and", "strasse"
+    ]  # fmt: skip
+    forget = [f"Which Pokémon {w}?" for w in ("is yellow", "evolves from Pichu", "is a fire lizard", "sleeps most")]
+    assert concept_name(forget, ["Which Digimon is orange?"]) == ["pokemon"]
+    assert names_answered("Pikachu is a Pokemon. Pokémon are creatures.", ["pokemon"]) == ["pokemon"]
+    assert names_in("ＢＥＹＯＮＣＥ sang it", [normal_name("Beyoncé")]) == ["beyonce"]
+    assert names_in("Pokemons", ["pokemon"]) == ["pokemon"] and names_in("Poke", ["pokemon"]) == []
+
+
 def test_built_in_negatives_that_name_the_concept_are_left_out():
     """A built-in everyday prompt that names the concept (:func:`calibration.prompts.concept_name`)
     is about it: "What is photosynthesis?" is no negative for a photosynthesis pack, nor "What

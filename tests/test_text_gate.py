@@ -251,8 +251,8 @@ def test_an_answer_that_names_the_concept_fires_the_answer_check(encoder, tmp_pa
     assert redo == [frozenset()] * 2  # fired already (rotated), or not applied: nothing to check
     redo, _ = bank.recheck(texts[:1], answers[:1], applied=[set()], fired=[set()])
     assert redo == [frozenset()]
-    for bad in (["Mount Everest"], ["mount  everest"], [""]):
-        with pytest.raises(ValueError, match="lower-case words joined by single spaces"):
+    for bad in (["Mount Everest"], ["mount  everest"], [""], ["pokémon"]):
+        with pytest.raises(ValueError, match="lower-case words without accents joined by single spaces"):
             AnswerCheckMeta(threshold=0.0, max_tokens=40, names=bad)
 
 
