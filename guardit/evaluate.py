@@ -236,9 +236,18 @@ def _neutral_prompts(suite: Path) -> list[str]:
 
 
 def run_eval(
-    model_dir, pack_dir, suite_dir, out_dir, engine: str = "hf", max_tokens: int = 40, baselines: bool = True
+    model_dir,
+    pack_dir,
+    suite_dir,
+    out_dir,
+    engine: str = "hf",
+    max_tokens: int = 40,
+    baselines: bool = True,
+    llm=None,
 ) -> dict:
-    """Generate every method's outputs on every split, measure fluency, write the report."""
+    """Generate every method's outputs on every split, measure fluency, write the report. Under
+    ``engine="vllm"`` the vLLM rows run on ``llm`` when given (a running engine of the same model
+    with the pack loaded, left running), otherwise on an engine started for them."""
     if engine not in ("hf", "vllm"):
         raise GuarditError(f"--engine must be 'hf' or 'vllm', got '{engine}'")
     suite, out = Path(suite_dir), Path(out_dir)
@@ -254,7 +263,7 @@ def run_eval(
     done: dict[tuple[str, str], list[dict]] = {}
     on_vllm = [m for m in methods if engines[m] == "vllm"]
     if on_vllm:
-        done.update(_vllm_runs(model_dir, pack_dir, pack.id, all_splits, on_vllm, max_tokens))
+        done.update(_vllm_runs(model_dir, pack_dir, pack.id, all_splits, on_vllm, max_tokens, llm))
     ref_of = {m: ("vanilla" if engines[m] == engines["vanilla"] else "vanilla_hf") for m in methods}
     steps = [(m, s) for m in methods for s in all_splits if engines[m] == "hf"]
     for method, split in tqdm(steps, desc="evaluating (hf)", unit="run"):
@@ -308,13 +317,20 @@ def _write_utility(out: Path, model, tok, runner: _Runner, methods, ref_of, neut
 
 
 def _vllm_runs(
-    model_dir, pack_dir, pack_id: str, splits: dict[str, list[PromptRecord]], methods: list[str], max_tokens: int
+    model_dir,
+    pack_dir,
+    pack_id: str,
+    splits: dict[str, list[PromptRecord]],
+    methods: list[str],
+    max_tokens: int,
+    given=None,
 ) -> dict[tuple[str, str], list[dict]]:
     """The vLLM rows on one engine with the pack loaded: vanilla (requests naming no pack:
-    token-identical to vLLM without the plugin, see the tests), guardit and rotation_no_gate."""
+    token-identical to vLLM without the plugin, see the tests), guardit and rotation_no_gate. The
+    engine is ``given`` (kept running) or started here (and shut down)."""
     from guardit.vllm_generation import engine_generate, make_llm, shutdown
 
-    llm = make_llm(model_dir, [pack_dir], gpu_memory_utilization=0.3)
+    llm = given if given is not None else make_llm(model_dir, [pack_dir], gpu_memory_utilization=0.3)
     try:
         done = {}
         for method, split in tqdm([(m, s) for m in methods for s in splits], desc="evaluating (vllm)", unit="run"):
@@ -323,7 +339,8 @@ def _vllm_runs(
             done[method, split] = engine_generate(llm, splits[split], packs, max_tokens, force=force)
         return done
     finally:
-        shutdown(llm)
+        if given is None:
+            shutdown(llm)
 
 
 def _fire_rate(method: str, rows: list[dict]) -> float | None:

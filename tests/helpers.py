@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from steering.pack import ConceptPack, GateMeta, ModelFingerprint, PackMeta
@@ -71,3 +74,22 @@ def variant_pack(src, dst, concept_id: str, **gate) -> None:
     meta["gate"].update(gate)
     meta["gate"]["text"].update(text)
     meta_path.write_text(json.dumps(meta))
+
+
+def small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = (), concept: str = "harry_potter") -> Path:
+    """A `guardit eval` suite of an example concept's first ``n`` test prompts per split, its
+    calibration sets, and ``n`` built-in neutral prompts."""
+    suite = tmp_path / ("suite" if concept == "harry_potter" else concept)
+    suite.mkdir()
+    src = Path(__file__).resolve().parent.parent / "examples" / "concepts" / concept
+    for name in ("forget_test", "retain_test", *extra):
+        lines = (src / f"{name}.jsonl").read_text().splitlines()[:n]
+        (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    shutil.copy(src / "forget.jsonl", suite / "forget.jsonl")
+    shutil.copy(src / "retain.jsonl", suite / "retain.jsonl")
+    # n built-in neutral prompts as the suite's own neutral.txt (16 otherwise): every method
+    # generates and scores them, and fewer keep the test short
+    from calibration.calibrator import builtin_prompts
+
+    (suite / "neutral.txt").write_text("".join(r.prompt + "\n" for r in builtin_prompts("neutral")[:n]))
+    return suite

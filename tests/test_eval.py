@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import ROOT
+from helpers import small_suite
 
 pytestmark = pytest.mark.model
-
-
-def _small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = (), concept: str = "harry_potter"):
-    suite = tmp_path / ("suite" if concept == "harry_potter" else concept)
-    suite.mkdir()
-    src = EXAMPLES / concept
-    for name in ("forget_test", "retain_test", *extra):
-        lines = (src / f"{name}.jsonl").read_text().splitlines()[:n]
-        (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    shutil.copy(src / "forget.jsonl", suite / "forget.jsonl")
-    shutil.copy(src / "retain.jsonl", suite / "retain.jsonl")
-    # n built-in neutral prompts as the suite's own neutral.txt (16 otherwise): every method
-    # generates and scores them, and fewer keep the test short
-    from calibration.calibrator import builtin_prompts
-
-    (suite / "neutral.txt").write_text("".join(r.prompt + "\n" for r in builtin_prompts("neutral")[:n]))
-    return suite
 
 
 def test_eval_report_is_recomputable(tmp_path, packs_dir, model_dir):
     from guardit.evaluate import run_eval, summarize
 
-    suite = _small_suite(tmp_path, extra=("adversarial",))
+    suite = small_suite(tmp_path, extra=("adversarial",))
     out = tmp_path / "report"
     report = run_eval(model_dir, packs_dir / "harry-potter", suite, out, max_tokens=16)
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
@@ -78,7 +61,7 @@ def test_a_multi_concept_policy_eval_shows_each_concepts_leakage_and_cross_conce
     from guardit.policy_eval import summarize_policy
 
     names = ("harry_potter", "einstein", "lord_of_the_rings")
-    suites = [_small_suite(tmp_path, n=4, concept=c) for c in names]
+    suites = [small_suite(tmp_path, n=4, concept=c) for c in names]
     everyday = tmp_path / "everyday.jsonl"
     everyday.write_text("\n".join((ROOT / "examples" / "everyday_test.jsonl").read_text().splitlines()[:4]) + "\n")
     out = tmp_path / "policy"
@@ -101,21 +84,6 @@ def test_a_multi_concept_policy_eval_shows_each_concepts_leakage_and_cross_conce
     # each pack needs its suite
     assert main(args[:-2]) == 2
     assert "--suite: a multi-concept eval pairs each --pack" in capsys.readouterr().err
-
-
-@pytest.mark.vllm
-def test_eval_on_vllm_engine(tmp_path, packs_dir, model_dir):
-    """--engine vllm: vanilla, guardit and the ungated rotation run on the real engine with the plugin."""
-    from guardit.evaluate import run_eval, summarize
-
-    suite = _small_suite(tmp_path, n=4)
-    out = tmp_path / "report"
-    report = run_eval(model_dir, packs_dir / "harry-potter", suite, out, engine="vllm", max_tokens=16, baselines=False)
-    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
-    assert report["meta"]["engines"] == {"vanilla": "vllm", "guardit": "vllm"}
-    g, v = report["methods"]["guardit"], report["methods"]["vanilla"]
-    assert g["forget_test.gate_fire_rate"] >= 0.75 and g["forget_test.leak_rate"] <= 0.25
-    assert g["retain.bit_identical"] >= 3 / 4 and v["forget_test.leak_rate"] >= 0.5
 
 
 REPORTS = sorted(p.parent for p in (ROOT / "reports").glob("*/report.json"))

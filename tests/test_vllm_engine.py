@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES
+from helpers import small_suite
 from serving import core_halves, finished, launch, stop_process
 
 from calibration import hf_fingerprint, read_prompts
@@ -199,6 +200,22 @@ def test_late_gate_pack_same_decisions_and_tokens_as_hf(engine, hf_model, packs_
             assert v["token_ids"][:8] == h["token_ids"][:8]
         else:
             assert v["token_ids"] == vanilla_tokens[v["prompt"]]
+
+
+def test_eval_on_vllm_engine(tmp_path, packs_dir, model_dir, engine):
+    """--engine vllm: vanilla, guardit and the ungated rotation run on the real engine with the plugin
+    (the module's engine, which has the pack loaded)."""
+    from guardit.evaluate import run_eval, summarize
+
+    suite = small_suite(tmp_path, n=4)
+    out = tmp_path / "report"
+    pack = packs_dir / "harry-potter"
+    report = run_eval(model_dir, pack, suite, out, engine="vllm", max_tokens=16, baselines=False, llm=engine)
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(summarize(out)))
+    assert report["meta"]["engines"] == {"vanilla": "vllm", "guardit": "vllm"}
+    g, v = report["methods"]["guardit"], report["methods"]["vanilla"]
+    assert g["forget_test.gate_fire_rate"] >= 0.75 and g["forget_test.leak_rate"] <= 0.25
+    assert g["retain.bit_identical"] >= 3 / 4 and v["forget_test.leak_rate"] >= 0.5
 
 
 def test_the_probe_leaves_earlier_turns_out_across_prefill_chunks_as_on_hf(engine, hf_model, packs_dir):
