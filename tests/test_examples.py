@@ -28,16 +28,19 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_fourteen_concepts():
+def test_the_examples_include_the_seventeen_concepts():
     assert CONCEPTS == [
         "ancient_egypt",
         "apollo_11",
+        "apple_inc",
+        "covid_19",
         "eiffel_tower",
         "einstein",
         "harry_potter",
         "japan",
         "leonardo_da_vinci",
         "lord_of_the_rings",
+        "microsoft",
         "mount_everest",
         "photosynthesis",
         "python",

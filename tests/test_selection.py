@@ -181,9 +181,10 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
         files = (EXAMPLES / concept / f"{s}.jsonl" for s in ("forget", "retain"))
         return tuple([r.prompt for r in read_prompts(str(f))] for f in files)
 
-    expected = {"ancient_egypt": ["ancient egypt", "egypt"], "apollo_11": ["apollo 11"],
-                "eiffel_tower": ["eiffel tower"], "einstein": ["einstein"], "harry_potter": [], "japan": ["japan"],
-                "leonardo_da_vinci": ["leonardo da vinci"], "lord_of_the_rings": [], "mount_everest": ["mount everest"],
+    expected = {"ancient_egypt": ["ancient egypt", "egypt"], "apollo_11": ["apollo 11"], "apple_inc": [],
+                "covid_19": ["covid 19"], "eiffel_tower": ["eiffel tower"], "einstein": ["einstein"],
+                "harry_potter": [], "japan": ["japan"], "leonardo_da_vinci": ["leonardo da vinci"],
+                "lord_of_the_rings": [], "microsoft": ["microsoft"], "mount_everest": ["mount everest"],
                 "photosynthesis": ["photosynthesis"], "python": ["python"], "shakespeare": [],
                 "star_wars": ["star wars"], "world_war_ii": []}  # fmt: skip
     assert sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir()) == sorted(expected)
@@ -288,7 +289,7 @@ def test_built_in_negatives_that_name_the_concept_are_left_out():
     assert len(left_out) == 8 and all(names_in(p, ["python"]) for p in left_out)
     named = ("photosynthesis", "japan", "python")
     others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name not in named)
-    assert len(others) == 11
+    assert len(others) == 14
     for concept in others:
         assert everyday_negatives(name(concept)) == (every, []), concept
     kept, left_out = everyday_negatives(["python"])
