@@ -3,6 +3,7 @@ launch and wait for later, and the core halves on which two engines run side by 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,28 +57,9 @@ def launch_server(d: Path, cfg: dict, env: dict[str, str], *vllm_flags: str) -> 
     (base URL, process), before it is up (:func:`wait_until_up`). Its log is ``d/server.log``."""
     (d / "policies.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "guardit.cli",
-            "serve",
-            "--config",
-            str(d / "policies.yaml"),
-            "--",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--max-num-seqs",
-            "32",
-            *vllm_flags,
-        ],  # fmt: skip
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ, GUARDIT_RUN_DIR=str(d / "run"), **env),
-    )
+    argv = ["-m", "guardit.cli", "serve", "--config", str(d / "policies.yaml"), "--",
+            "--port", str(port), "--host", "127.0.0.1", "--max-num-seqs", "32", *vllm_flags]  # fmt: skip
+    proc = launch(d, argv, {"GUARDIT_RUN_DIR": str(d / "run"), **env}, log="server.log")
     return f"http://127.0.0.1:{port}", proc
 
 
@@ -159,11 +141,16 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def launch(d: Path, argv: list[str], env: dict[str, str] | None = None, nice: int = 0) -> subprocess.Popen:
+def launch(
+    d: Path, argv: list[str], env: dict[str, str] | None = None, nice: int = 0, log: str | None = None
+) -> subprocess.Popen:
     """This Python on ``argv`` in its own process (at niceness ``nice``), its output in
-    ``d/stdout.log`` and ``d/stderr.log`` (files: a pipe read only at the end could stall a process
-    that logs a lot); wait for it with :func:`finished`."""
-    with open(d / "stdout.log", "w") as out, open(d / "stderr.log", "w") as err:
+    ``d/stdout.log`` and ``d/stderr.log``, or both in ``d/<log>`` when ``log`` names one (files: a
+    pipe read only at the end could stall a process that logs a lot); wait for it with
+    :func:`finished`."""
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(d / (log or "stdout.log"), "w"))
+        err = subprocess.STDOUT if log else files.enter_context(open(d / "stderr.log", "w"))
         return subprocess.Popen(
             [sys.executable, *argv],
             stdout=out,
