@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from conftest import EXAMPLES
 
 from steering.pack import ConceptPack, GateMeta, ModelFingerprint, PackMeta
 from steering.rotation import make_plane
@@ -81,7 +82,7 @@ def small_suite(tmp_path, n: int = 6, extra: tuple[str, ...] = (), concept: str 
     calibration sets, and ``n`` built-in neutral prompts."""
     suite = tmp_path / ("suite" if concept == "harry_potter" else concept)
     suite.mkdir()
-    src = Path(__file__).resolve().parent.parent / "examples" / "concepts" / concept
+    src = EXAMPLES / concept
     for name in ("forget_test", "retain_test", *extra):
         lines = (src / f"{name}.jsonl").read_text().splitlines()[:n]
         (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")

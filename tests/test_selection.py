@@ -267,7 +267,7 @@ def test_built_in_negatives_that_name_the_concept_are_left_out():
     """A built-in everyday prompt that names the concept (:func:`calibration.prompts.concept_name`)
     is about it: "What is photosynthesis?" is no negative for a photosynthesis pack, nor "What
     currency is used in Japan?" for a Japan pack, nor eight coding requests for a Python pack. The
-    eleven other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
+    fourteen other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
     from conftest import EXAMPLES
 
     from calibration.calibrator import builtin_prompts, everyday_negatives
