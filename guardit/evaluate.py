@@ -323,14 +323,16 @@ def _vllm_runs(
     splits: dict[str, list[PromptRecord]],
     methods: list[str],
     max_tokens: int,
-    given=None,
+    llm=None,
 ) -> dict[tuple[str, str], list[dict]]:
     """The vLLM rows on one engine with the pack loaded: vanilla (requests naming no pack:
     token-identical to vLLM without the plugin, see the tests), guardit and rotation_no_gate. The
-    engine is ``given`` (kept running) or started here (and shut down)."""
+    engine is ``llm`` when given (kept running), otherwise one started here (and shut down)."""
     from guardit.vllm_generation import engine_generate, make_llm, shutdown
 
-    llm = given if given is not None else make_llm(model_dir, [pack_dir], gpu_memory_utilization=0.3)
+    started = llm is None
+    if started:
+        llm = make_llm(model_dir, [pack_dir], gpu_memory_utilization=0.3)
     try:
         done = {}
         for method, split in tqdm([(m, s) for m in methods for s in splits], desc="evaluating (vllm)", unit="run"):
@@ -339,7 +341,7 @@ def _vllm_runs(
             done[method, split] = engine_generate(llm, splits[split], packs, max_tokens, force=force)
         return done
     finally:
-        if given is None:
+        if started:
             shutdown(llm)
 
 
