@@ -2,8 +2,8 @@
 
 A name is a phrase of words (``"apollo 11"``, ``"mount everest"``). Texts are compared as their
 words, case-folded and without accents ("Pokémon" is "pokemon", "Straße" is "strasse"), with
-punctuation and spacing ignored, and a name matches whole words only:
-"Apollo 11's crew" and "APOLLO-11" name "apollo 11", "Apollo 110" does not. A name's word of four
+punctuation and spacing ignored, and a name matches whole words only: "Apollo 11's crew",
+"APOLLO-11" and "Apollo11" name "apollo 11", "Apollo 110" does not. A name's word of four
 letters or more also matches the words English makes from it with a few endings
 (:data:`NAME_ENDINGS`): "Japanese" names "japan", "Egyptians" names "egypt", "Shakespearean"
 names "shakespeare"; "Romeo" does not name "rome", nor "mountain" "mount".
@@ -30,6 +30,9 @@ NAME_ENDINGS = ("n", "an", "ian", "ean", "ese", "ish", "ic", "ist", "ism", "esqu
 _ENDING = "(?:" + "|".join(NAME_ENDINGS) + ")?(?:e?s)?"
 MIN_STEM = 4  # shorter words ("ai", "us", "art") match themselves only
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# An answer's opening sentences up to this many words are read as its first sentence
+# (:func:`first_sentence`): "Sure! The Beatles came from Liverpool." answers with its second.
+MIN_SENTENCE_WORDS = 5
 
 
 def _fold(text: str) -> str:
@@ -61,8 +64,12 @@ def _word_pattern(word: str) -> str:
 
 @lru_cache(maxsize=1024)
 def _name_pattern(name: str) -> re.Pattern[str]:
-    """A name's whole-word pattern over :func:`normal_name` text."""
-    return re.compile(r"(?<!\S)" + " ".join(map(_word_pattern, name.split())) + r"(?!\S)")
+    """A name's whole-word pattern over :func:`normal_name` text: its words, or a name of several
+    words written as one ("covid 19" is met as "COVID19", "spider man" as "Spiderman")."""
+    words = name.split()
+    spaced = " ".join(map(_word_pattern, words))
+    joined = "".join(map(re.escape, words[:-1])) + _word_pattern(words[-1]) if len(words) > 1 else spaced
+    return re.compile(r"(?<!\S)(?:" + spaced + "|" + joined + r")(?!\S)")
 
 
 def is_form_of(word: str, stem: str) -> bool:
@@ -92,10 +99,17 @@ def names_in(text: str, names: Sequence[str]) -> list[str]:
 
 def first_sentence(answer: str) -> str:
     """The answer up to its first ".", "!" or "?" followed by a space or a line break (the whole
-    answer when it has none). What an answer says first is its answer ("The highest mountain in the
-    world is Mount Everest."); a name met later is mostly context ("A black hole is a region … It
-    is predicted by Einstein's theory"), and that is how everyday answers mention a concept."""
-    return _SENTENCE_END.split(answer.strip(), maxsplit=1)[0]
+    answer when it has none), taken on over the next sentences while it has fewer than
+    :data:`MIN_SENTENCE_WORDS` words. What an answer says first is its answer ("The highest
+    mountain in the world is Mount Everest."); a name met later is mostly context ("A black hole is
+    a region … It is predicted by Einstein's theory"), and that is how everyday answers mention a
+    concept. A short opening ("Sure!", "Great question.", "The Great White Shark.") is not yet the
+    answer: what follows it is ("… I was on the RMS Titanic")."""
+    parts = _SENTENCE_END.split(answer.strip())
+    k = 1
+    while k < len(parts) and len(words_of(" ".join(parts[:k]))) < MIN_SENTENCE_WORDS:
+        k += 1
+    return " ".join(parts[:k])
 
 
 def names_answered(answer: str, names: Sequence[str]) -> list[str]:

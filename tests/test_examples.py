@@ -28,7 +28,7 @@ def test_evaluation_prompts_are_not_calibration_prompts(concept):
     assert not [(p, evaluated[p], calib[p]) for p in evaluated if p in calib]
 
 
-def test_the_examples_include_the_seventeen_concepts():
+def test_the_examples_include_the_nineteen_concepts():
     assert CONCEPTS == [
         "ancient_egypt",
         "apollo_11",
@@ -46,5 +46,7 @@ def test_the_examples_include_the_seventeen_concepts():
         "python",
         "shakespeare",
         "star_wars",
+        "the_beatles",
+        "titanic",
         "world_war_ii",
     ]

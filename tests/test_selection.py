@@ -186,7 +186,8 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
                 "harry_potter": [], "japan": ["japan"], "leonardo_da_vinci": ["leonardo da vinci"],
                 "lord_of_the_rings": [], "microsoft": ["microsoft"], "mount_everest": ["mount everest"],
                 "photosynthesis": ["photosynthesis"], "python": ["python"], "shakespeare": [],
-                "star_wars": ["star wars"], "world_war_ii": []}  # fmt: skip
+                "star_wars": ["star wars"], "the_beatles": ["beatle"], "titanic": ["titanic"],
+                "world_war_ii": []}  # fmt: skip
     assert sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir()) == sorted(expected)
     for concept, name in expected.items():
         assert concept_name(*sets(concept)) == name, concept
@@ -211,6 +212,9 @@ def test_the_concept_name_is_the_phrase_its_forget_prompts_share_and_its_retain_
     assert concept_name(japan + ["What is Japan's motto?"] + kyoto, ["Hello there."]) == ["japan"]  # 2 of 9
     assert names_in("Neil Armstrong flew APOLLO-11's lander.", ["apollo 11"]) == ["apollo 11"]
     assert names_in("Apollo 110 and apollo 1 1?", ["apollo 11"]) == [] and names_in("anything", []) == []
+    # a name of several words written as one, with its forms; never a part of a longer word
+    assert names_in("COVID19 and Spiderman's web.", ["covid 19", "spider man"]) == ["covid 19", "spider man"]
+    assert names_in("Apollo110, apollo1 1, a spidermanly web.", ["apollo 11", "spider man"]) == []
 
 
 def test_a_name_matches_its_forms_and_not_the_words_it_merely_begins():
@@ -267,7 +271,7 @@ def test_built_in_negatives_that_name_the_concept_are_left_out():
     """A built-in everyday prompt that names the concept (:func:`calibration.prompts.concept_name`)
     is about it: "What is photosynthesis?" is no negative for a photosynthesis pack, nor "What
     currency is used in Japan?" for a Japan pack, nor eight coding requests for a Python pack. The
-    fourteen other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
+    sixteen other example concepts keep all 202 negatives (their packs are unchanged by the rule)."""
     from conftest import EXAMPLES
 
     from calibration.calibrator import builtin_prompts, everyday_negatives
@@ -289,7 +293,7 @@ def test_built_in_negatives_that_name_the_concept_are_left_out():
     assert len(left_out) == 8 and all(names_in(p, ["python"]) for p in left_out)
     named = ("photosynthesis", "japan", "python")
     others = sorted(d.name for d in EXAMPLES.iterdir() if d.is_dir() and d.name not in named)
-    assert len(others) == 14
+    assert len(others) == 16
     for concept in others:
         assert everyday_negatives(name(concept)) == (every, []), concept
     kept, left_out = everyday_negatives(["python"])

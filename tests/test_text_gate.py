@@ -224,8 +224,8 @@ def test_the_answer_check_reruns_only_rows_whose_check_fires_with_the_fired_pack
 def test_an_answer_that_names_the_concept_fires_the_answer_check(encoder, tmp_path):
     """A pack's answer check also fires when the answer's first sentence names the concept (its
     ``names``, whole words, case and punctuation aside), whatever its head scores; the request's
-    own words and a later mention do not count, and a pack that fired or did not apply is not
-    checked."""
+    own words and a later mention do not count (a short opening such as "Sure!" is read on into
+    the next sentence), and a pack that fired or did not apply is not checked."""
     from steering.names import first_sentence
     from steering.pack import AnswerCheckMeta
     from steering.text_gate import answer_text
@@ -242,11 +242,16 @@ def test_an_answer_that_names_the_concept_fires_the_answer_check(encoder, tmp_pa
     asks = ["What is the highest mountain in Canada?", "Is Mount Everest tall?", "Which peak?", "Which peak?",
             "Which peak?"]  # fmt: skip
     answers = ["It is MOUNT-Everest's neighbour, Mount Logan.", "It is tall.", "Mount Everestine.", "Everest.",
-               "It is K2! Mount Everest is higher."]  # fmt: skip
+               "It is K2, in Pakistan! Mount Everest is higher."]  # fmt: skip
     texts = [answer_text(q, a) for q, a in zip(asks, answers)]
     redo, _ = bank.recheck(texts, answers, applied=[{"a"}] * 5, fired=[set()] * 5)
     assert redo == [frozenset({"a"})] + [frozenset()] * 4  # named in the first sentence only
-    assert first_sentence(" Mount Everest. It is high.") == "Mount Everest." and first_sentence("No end") == "No end"
+    assert first_sentence(" Mount Everest is very high. It is.") == "Mount Everest is very high."
+    assert first_sentence("No end") == "No end"
+    # a short opening is not yet the answer: the sentences after it are read until five words
+    said = "Sure! Great question.\nIt is Mount Everest. Next."
+    assert first_sentence(said) == "Sure! Great question. It is Mount Everest."
+    assert first_sentence("Mount Everest. It is high. No.") == "Mount Everest. It is high."
     redo, _ = bank.recheck(texts[:2], answers[:2], applied=[{"a"}, set()], fired=[{"a"}, set()])
     assert redo == [frozenset()] * 2  # fired already (rotated), or not applied: nothing to check
     redo, _ = bank.recheck(texts[:1], answers[:1], applied=[set()], fired=[set()])
