@@ -30,7 +30,7 @@ NAME_ENDINGS = ("n", "an", "ian", "ean", "ese", "ish", "ic", "ist", "ism", "esqu
 _ENDING = "(?:" + "|".join(NAME_ENDINGS) + ")?(?:e?s)?"
 MIN_STEM = 4  # shorter words ("ai", "us", "art") match themselves only
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-# An answer's opening sentences up to this many words are read as its first sentence
+# An answer's first sentence is read on into the next ones until it has this many words
 # (:func:`first_sentence`): "Sure! The Beatles came from Liverpool." answers with its second.
 MIN_SENTENCE_WORDS = 5
 
