@@ -67,9 +67,10 @@ def _name_pattern(name: str) -> re.Pattern[str]:
     """A name's whole-word pattern over :func:`normal_name` text: its words, or a name of several
     words written as one ("covid 19" is met as "COVID19", "spider man" as "Spiderman")."""
     words = name.split()
-    spaced = " ".join(map(_word_pattern, words))
-    joined = "".join(map(re.escape, words[:-1])) + _word_pattern(words[-1]) if len(words) > 1 else spaced
-    return re.compile(r"(?<!\S)(?:" + spaced + "|" + joined + r")(?!\S)")
+    ways = [" ".join(map(_word_pattern, words))]
+    if len(words) > 1:
+        ways.append("".join(map(re.escape, words[:-1])) + _word_pattern(words[-1]))
+    return re.compile(r"(?<!\S)(?:" + "|".join(ways) + r")(?!\S)")
 
 
 def is_form_of(word: str, stem: str) -> bool:
@@ -105,11 +106,13 @@ def first_sentence(answer: str) -> str:
     a region … It is predicted by Einstein's theory"), and that is how everyday answers mention a
     concept. A short opening ("Sure!", "Great question.", "The Great White Shark.") is not yet the
     answer: what follows it is ("… I was on the RMS Titanic")."""
-    parts = _SENTENCE_END.split(answer.strip())
-    k = 1
-    while k < len(parts) and len(words_of(" ".join(parts[:k]))) < MIN_SENTENCE_WORDS:
-        k += 1
-    return " ".join(parts[:k])
+    taken, words = [], 0
+    for sentence in _SENTENCE_END.split(answer.strip()):
+        taken.append(sentence)
+        words += len(words_of(sentence))
+        if words >= MIN_SENTENCE_WORDS:
+            break
+    return " ".join(taken)
 
 
 def names_answered(answer: str, names: Sequence[str]) -> list[str]:
